@@ -1,0 +1,54 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+# Both create .venv when it is missing, install edgefed into it once (a stamp file records
+# that), and never pull CUDA builds of torch on a machine without an NVIDIA GPU.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.edgefed-installed
+# CPU-only machines get this build; the +cpu local version can never resolve to a CUDA wheel.
+# Where no index or wheel folder carries it, point pip at one, e.g.
+#   make test TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_CPU   ?= torch==2.13.0+cpu
+TORCH_CUDA  ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+
+.PHONY: demo test lint install clean
+
+demo: $(STAMP)
+	$(VENV)/bin/edgefed run
+
+test: $(STAMP)
+	@# pytest exits 5 when it collects no tests; that is a fact to report, not a failure.
+	@$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check edgefed tests benchmarks
+	$(VENV)/bin/ruff format --check edgefed tests benchmarks
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@set -e; \
+	if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+	    echo "edgefed: reusing the torch already installed for $(PYTHON)"; \
+	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else \
+	    $(PYTHON) -m venv $(VENV); \
+	  fi; \
+	fi; \
+	if ! $(PY) -c "import torch" >/dev/null 2>&1; then \
+	  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then spec="$(TORCH_CUDA)"; \
+	  else spec="$(TORCH_CPU)"; fi; \
+	  echo "edgefed: installing $$spec"; \
+	  $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$$spec"; \
+	fi; \
+	echo "torch==$$($(PY) -c 'import torch; print(torch.__version__)')" > $(VENV)/torch-constraint.txt; \
+	echo "edgefed: installing edgefed[dev,demo] (torch pinned to $$(cat $(VENV)/torch-constraint.txt))"; \
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,demo]"; \
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache edgefed.egg-info

@@ -1,0 +1,5 @@
+import sys
+
+from edgefed.cli import main
+
+sys.exit(main())

@@ -1,0 +1,58 @@
+"""The `Aggregator` interface: combine client deltas into the next global state."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from edgefed.methods.base import LowRankPair
+from edgefed.registry import Registry
+
+AGGREGATORS: Registry[Aggregator] = Registry("aggregator")
+State = dict[str, torch.Tensor]
+
+
+@dataclass
+class ClientUpdate:
+    """What one client sends back after local training."""
+
+    client_id: int
+    delta: State  # local − global, one entry per communicated tensor
+    num_examples: int  # n_k: the client's training examples; FedAvg weight p_k = n_k / Σ n_j
+    train_loss: float  # mean loss over the client's local steps
+    steps: int
+    train_s: float  # wall-clock seconds of local training on this machine
+
+
+class Aggregator(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], pairs: Sequence[LowRankPair]) -> State:
+        """The next global state. `pairs` name the low-rank factors that belong together."""
+
+
+def client_weights(updates: Sequence[ClientUpdate]) -> list[float]:
+    if not updates:
+        raise ValueError("cannot aggregate zero client updates")
+    total = sum(update.num_examples for update in updates)
+    if total <= 0:
+        raise ValueError("client updates carry no training examples")
+    return [update.num_examples / total for update in updates]
+
+
+def weighted_mean_step(global_state: State, updates: Sequence[ClientUpdate], keys: Iterable[str]) -> State:
+    """global + Σ_k p_k·δ_k for each key, accumulated in float32 (float64 stays float64)."""
+    weights = client_weights(updates)
+    result = {}
+    for key in keys:
+        base = global_state[key]
+        accumulator = base.to(torch.promote_types(base.dtype, torch.float32)).clone()
+        for weight, update in zip(weights, updates, strict=True):
+            accumulator.add_(update.delta[key].to(accumulator.dtype), alpha=weight)
+        result[key] = accumulator.to(base.dtype)
+    return result

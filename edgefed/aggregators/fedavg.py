@@ -1,0 +1,18 @@
+"""FedAvg (McMahan et al., 2017): the weighted mean of every tensor, LoRA's A and B each on their own.
+
+For LoRA factors this is what Flower, NVFlare, FedML and FeDeRA's paper do, and it is inexact:
+(Σ p_k B_k)(Σ p_k A_k) ≠ Σ p_k B_k A_k (PAPERS.md §6.2). The `product` aggregator is the exact one.
+"""
+
+from collections.abc import Sequence
+
+from edgefed.aggregators.base import AGGREGATORS, Aggregator, ClientUpdate, State, weighted_mean_step
+from edgefed.methods.base import LowRankPair
+
+
+@AGGREGATORS.register("fedavg")
+class FedAvgAggregator(Aggregator):
+    name = "fedavg"
+
+    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], pairs: Sequence[LowRankPair]) -> State:
+        return weighted_mean_step(global_state, updates, global_state.keys())

@@ -1,0 +1,182 @@
+"""Run configuration: defaults < preset < TOML file < command-line flags, all with the same keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from edgefed.errors import EdgefedError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 (JetPack 6)
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a federated run needs. The defaults are the demo."""
+
+    preset: str = "demo"
+    method: str = "federa"
+    aggregator: str = "fedavg"
+    clients: int = 4
+    rounds: int = 6
+    local_steps: int | None = 12
+    local_epochs: float | None = None
+    sample_fraction: float = 1.0
+    partition: str = "dirichlet:0.5"
+    data: str | None = None  # None: the SST-2 sample shipped in the package
+    model: str = "all-MiniLM-L6-v2"
+    target_modules: tuple[str, ...] = ("query", "value")
+    rank: int = 8
+    alpha: float = 8.0
+    lr: float | None = None  # None: the method's default learning rate
+    batch_size: int = 16
+    max_seq_len: int = 64
+    train_limit: int | None = None  # use only the first N training examples
+    eval_limit: int | None = None  # evaluate on the first N evaluation examples
+    target_accuracy: float | None = None
+    seed: int = 0
+    out: str | None = None  # None: runs/<method>-<timestamp>
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo": {},
+    # A quick end-to-end check: a slice of the data, two short rounds.
+    "smoke": {
+        "rounds": 2,
+        "local_steps": 3,
+        "max_seq_len": 32,
+        "train_limit": 400,
+        "eval_limit": 200,
+    },
+}
+
+FIELDS = {field.name: field for field in fields(RunConfig)}
+TYPES = typing.get_type_hints(RunConfig)
+# Keys not written to config.toml: where a run goes is not part of what it computes.
+NOT_RECORDED = ("out",)
+
+
+def key_of(name: str) -> str:
+    """The TOML key and flag name of a field: `local_steps` -> `local-steps`."""
+    return name.replace("_", "-")
+
+
+def resolve_config(file_path: str | None, flags: dict[str, Any]) -> RunConfig:
+    """Merge the layers and validate the result; every problem is an EdgefedError naming the key."""
+    file_values = read_config_file(file_path) if file_path else {}
+    preset = flags.get("preset") or file_values.get("preset") or "demo"
+    if preset not in PRESETS:
+        raise EdgefedError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
+    merged: dict[str, Any] = {}
+    for layer, origin in ((PRESETS[preset], f"preset {preset}"), (file_values, str(file_path)), (flags, "flags")):
+        if layer.get("local_steps") is not None and layer.get("local_epochs") is not None:
+            raise EdgefedError(f"{origin}: set local-steps or local-epochs, not both")
+        merged.update(layer)
+        if layer.get("local_epochs") is not None:
+            merged["local_steps"] = None
+        elif layer.get("local_steps") is not None:
+            merged["local_epochs"] = None
+    merged["preset"] = preset
+    config = RunConfig(**{name: coerce(name, value) for name, value in merged.items()})
+    validate(config)
+    return config
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise EdgefedError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise EdgefedError(f"{path}: invalid TOML ({error})") from None
+    values = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            valid = ", ".join(key_of(name) for name in FIELDS)
+            raise EdgefedError(f"{path}: unknown key '{key}'; valid keys: {valid}")
+        values[name] = value
+    return values
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Check a value's type against the field (TOML and flags both land here)."""
+    if value is None:
+        return None
+    kinds = set(typing.get_args(TYPES[name])) or {TYPES[name]}
+    if name == "target_modules":
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(item, str) and item for item in items):
+            raise EdgefedError(f"{key_of(name)}: expected module names like 'query,value'")
+        return tuple(item.strip() for item in items)
+    if int in kinds:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise EdgefedError(f"{key_of(name)}: expected an integer, got {value!r}")
+        return value
+    if float in kinds:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise EdgefedError(f"{key_of(name)}: expected a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise EdgefedError(f"{key_of(name)}: expected a string, got {value!r}")
+    return value
+
+
+def validate(config: RunConfig) -> None:
+    from edgefed.aggregators import AGGREGATORS
+    from edgefed.data import parse_partition
+    from edgefed.methods import METHODS
+
+    METHODS.create(config.method)
+    AGGREGATORS.create(config.aggregator)
+    parse_partition(config.partition)
+    positive = {
+        "clients": config.clients,
+        "rounds": config.rounds,
+        "rank": config.rank,
+        "alpha": config.alpha,
+        "batch_size": config.batch_size,
+        "local_steps": config.local_steps,
+        "local_epochs": config.local_epochs,
+        "lr": config.lr,
+        "train_limit": config.train_limit,
+        "eval_limit": config.eval_limit,
+    }
+    for name, value in positive.items():
+        if value is not None and value <= 0:
+            raise EdgefedError(f"{key_of(name)} must be positive, got {value}")
+    if not 0 < config.sample_fraction <= 1:
+        raise EdgefedError(f"sample-fraction must be in (0, 1], got {config.sample_fraction}")
+    if not 8 <= config.max_seq_len <= 4096:
+        raise EdgefedError(f"max-seq-len must be between 8 and 4096, got {config.max_seq_len}")
+    if config.target_accuracy is not None and not 0 < config.target_accuracy <= 1:
+        raise EdgefedError(f"target-accuracy is a fraction in (0, 1] (0.85 for 85%), got {config.target_accuracy}")
+
+
+def write_config(config: RunConfig, path: Path) -> None:
+    """config.toml: the resolved configuration, re-runnable with `edgefed run --config`."""
+    lines = ["# Resolved configuration of this run: edgefed run --config config.toml"]
+    for name, value in dataclasses.asdict(config).items():
+        if value is None or name in NOT_RECORDED:
+            continue
+        lines.append(f"{key_of(name)} = {toml_value(value)}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'

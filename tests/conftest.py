@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny random BERT (fast), small SST-2 files, and the full SST-2 in ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgefed.models import load_tokenizer, resolve_model_path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_SST2 = Path(os.environ.get("EDGEFED_SST2", ROOT.parent / "shared" / "data" / "sst2"))
+
+
+@pytest.fixture(scope="session")
+def sst2_dir() -> Path:
+    if not (SHARED_SST2 / "train.tsv").is_file():
+        pytest.fail(f"SST-2 not found at {SHARED_SST2}; set EDGEFED_SST2 to the folder with train.tsv and dev.tsv")
+    return SHARED_SST2
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    return resolve_model_path("all-MiniLM-L6-v2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, minilm_path) -> Path:
+    """A 2-layer, 32-wide random BERT with MiniLM's tokenizer, saved without a classification head."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(1234)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(folder)
+    load_tokenizer(minilm_path).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_data_dir(tmp_path_factory, sst2_dir) -> Path:
+    """400 training and 100 dev rows of SST-2, in the shared data's own format."""
+    folder = tmp_path_factory.mktemp("sst2-small")
+    for name, rows in (("train.tsv", 400), ("dev.tsv", 100)):
+        lines = (sst2_dir / name).read_text(encoding="utf-8").splitlines()[: rows + 1]
+        (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder

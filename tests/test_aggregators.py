@@ -1,0 +1,141 @@
+"""One contract, every registered aggregator; then FedAvg's error against product-space exactness."""
+
+import pytest
+import torch
+
+from edgefed.aggregators import AGGREGATORS, ClientUpdate
+from edgefed.methods import LowRankPair
+
+D_OUT, D_IN, RANK = 12, 7, 3  # non-square, so a transposed ΔW cannot pass
+PAIRS = [LowRankPair(a="layer.lora_A", b="layer.lora_B", scale=2.0)]
+
+
+def random_state(seed):
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "layer.lora_A": torch.randn(RANK, D_IN, generator=generator),
+        "layer.lora_B": torch.randn(D_OUT, RANK, generator=generator),
+        "head.weight": torch.randn(2, D_OUT, generator=generator),
+        "head.bias": torch.randn(2, generator=generator),
+    }
+
+
+def update(client, delta, examples=10):
+    return ClientUpdate(client, delta, examples, train_loss=0.5, steps=1, train_s=0.0)
+
+
+def delta_between(local, global_state):
+    return {key: local[key] - global_state[key] for key in global_state}
+
+
+def effective(state):
+    """What a state computes: the factor pair as its product s·B·A, every other tensor as is."""
+    result = {key: value.double() for key, value in state.items() if key not in ("layer.lora_A", "layer.lora_B")}
+    result["delta_w"] = 2.0 * state["layer.lora_B"].double() @ state["layer.lora_A"].double()
+    return result
+
+
+def assert_same_function(got, expected, atol=1e-5):
+    got, expected = effective(got), effective(expected)
+    assert got.keys() == expected.keys()
+    for key in got:
+        torch.testing.assert_close(got[key], expected[key], atol=atol, rtol=1e-5, msg=key)
+
+
+@pytest.fixture(params=AGGREGATORS.names())
+def aggregator(request):
+    return AGGREGATORS.create(request.param)
+
+
+def test_zero_deltas_keep_the_global_state(aggregator):
+    global_state = random_state(0)
+    zero = {key: torch.zeros_like(value) for key, value in global_state.items()}
+    result = aggregator.aggregate(global_state, [update(0, zero), update(1, zero)], PAIRS)
+    assert_same_function(result, global_state)
+
+
+def test_identical_clients_give_their_model(aggregator):
+    global_state, local = random_state(0), random_state(1)
+    delta = delta_between(local, global_state)
+    result = aggregator.aggregate(global_state, [update(0, delta, 5), update(1, delta, 50)], PAIRS)
+    assert_same_function(result, local)
+
+
+def test_shapes_and_dtypes_are_kept(aggregator):
+    global_state = random_state(0)
+    updates = [update(k, delta_between(random_state(k + 1), global_state)) for k in range(3)]
+    result = aggregator.aggregate(global_state, updates, PAIRS)
+    for key, value in global_state.items():
+        assert result[key].shape == value.shape and result[key].dtype == value.dtype, key
+
+
+def test_tensors_outside_factor_pairs_are_weighted_by_examples(aggregator):
+    global_state, one, two = random_state(0), random_state(1), random_state(2)
+    updates = [update(0, delta_between(one, global_state), 30), update(1, delta_between(two, global_state), 10)]
+    result = aggregator.aggregate(global_state, updates, PAIRS)
+    for key in ("head.weight", "head.bias"):
+        torch.testing.assert_close(result[key], 0.75 * one[key] + 0.25 * two[key])
+
+
+def test_client_order_does_not_matter(aggregator):
+    global_state = random_state(0)
+    updates = [update(k, delta_between(random_state(k + 1), global_state), 5 + k) for k in range(3)]
+    forward = aggregator.aggregate(global_state, updates, PAIRS)
+    backward = aggregator.aggregate(global_state, updates[::-1], PAIRS)
+    assert_same_function(forward, backward)
+
+
+def test_no_updates_is_an_error(aggregator):
+    with pytest.raises(ValueError, match="zero client updates"):
+        aggregator.aggregate(random_state(0), [], PAIRS)
+
+
+def disjoint_clients():
+    """Two clients whose products use different rank directions: the mean product has rank 2 ≤ r."""
+    generator = torch.Generator().manual_seed(5)
+    global_state = {"layer.lora_A": torch.zeros(RANK, D_IN), "layer.lora_B": torch.zeros(D_OUT, RANK)}
+    locals_ = []
+    for direction in (0, 1):
+        state = {key: value.clone() for key, value in global_state.items()}
+        state["layer.lora_A"][direction] = torch.randn(D_IN, generator=generator)
+        state["layer.lora_B"][:, direction] = torch.randn(D_OUT, generator=generator)
+        locals_.append(state)
+    return global_state, locals_
+
+
+def mean_product(locals_, weights):
+    return sum(w * 2.0 * s["layer.lora_B"].double() @ s["layer.lora_A"].double() for w, s in zip(weights, locals_))
+
+
+def test_product_is_exact_where_fedavg_is_not():
+    global_state, locals_ = disjoint_clients()
+    updates = [update(k, delta_between(local, global_state), n) for k, (local, n) in enumerate(zip(locals_, (3, 1)))]
+    target = mean_product(locals_, (0.75, 0.25))
+    errors = {}
+    for name in ("fedavg", "product"):
+        result = AGGREGATORS.create(name).aggregate(global_state, updates, PAIRS)
+        got = 2.0 * result["layer.lora_B"].double() @ result["layer.lora_A"].double()
+        errors[name] = ((got - target).norm() / target.norm()).item()
+    assert errors["product"] < 1e-6
+    # FedAvg gives Σ p_k² B_k A_k here: off by 1 - p_k in each direction.
+    assert errors["fedavg"] > 0.2
+
+
+def test_product_is_the_best_rank_r_approximation_of_the_mean_product():
+    global_state = random_state(0)
+    locals_ = [random_state(k + 1) for k in range(4)]
+    weights = (0.1, 0.2, 0.3, 0.4)
+    updates = [update(k, delta_between(local, global_state), int(w * 100)) for k, (local, w) in
+               enumerate(zip(locals_, weights))]
+    target = mean_product(locals_, weights)
+    u, s, vh = torch.linalg.svd(target)
+    best = (u[:, :RANK] * s[:RANK]) @ vh[:RANK]
+    product = AGGREGATORS.create("product").aggregate(global_state, updates, PAIRS)
+    fedavg = AGGREGATORS.create("fedavg").aggregate(global_state, updates, PAIRS)
+    got = 2.0 * product["layer.lora_B"].double() @ product["layer.lora_A"].double()
+    torch.testing.assert_close(got, best, atol=1e-5, rtol=1e-5)
+    fedavg_w = 2.0 * fedavg["layer.lora_B"].double() @ fedavg["layer.lora_A"].double()
+    assert (got - target).norm() <= (fedavg_w - target).norm()
+    # Balanced factors, as FeDeRA starts them: AAᵀ = BᵀB.
+    a, b = product["layer.lora_A"].double(), product["layer.lora_B"].double()
+    torch.testing.assert_close(a @ a.T, b.T @ b, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,58 @@
+"""The command line as a user meets it: bad input exits non-zero with one clear line, never a traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def edgefed(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "edgefed", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("case", "content", "expected"),
+    [
+        ("missing_column", "sentence\tscore\nfine\t1\n", "missing_column.tsv:1: no 'label' column"),
+        ("bad_label", "sentence\tlabel\nfine\t1\nawful\tbad\n", "bad_label.tsv:3: label 'bad' is not an integer"),
+        ("empty", "", "empty.tsv: the file is empty"),
+    ],
+)
+def test_bad_data_files(tmp_path, tiny_model_dir, case, content, expected):
+    data = write(tmp_path / f"{case}.tsv", content)
+    result = edgefed("run", "--data", data, "--model", str(tiny_model_dir), "--out", str(tmp_path / "run"))
+    assert_one_clear_line(result, expected)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--method", "qlora"], "unknown method 'qlora'; choose one of: adapter, bitfit, federa, fft, lora"),
+        (["--model", "/no/such/model"], "model '/no/such/model' is not a local folder, a packaged model"),
+        (["--data", "/no/such/data.tsv"], "/no/such/data.tsv: no such data file or folder"),
+        (["--partition", "dirichlet"], "partition 'dirichlet': dirichlet needs a positive alpha"),
+        (["--config", "/no/such.toml"], "/no/such.toml: no such config file"),
+    ],
+)
+def test_bad_options(tmp_path, args, expected):
+    assert_one_clear_line(edgefed("run", "--out", str(tmp_path / "run"), *args), expected)
+
+
+def assert_one_clear_line(result, expected):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("edgefed: error: ")
+    assert expected in lines[0]
+
+
+def test_help_and_version():
+    assert "run" in edgefed("--help").stdout
+    assert edgefed("--version").stdout.startswith("edgefed ")

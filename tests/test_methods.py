@@ -1,0 +1,99 @@
+"""One contract, every registered method (peft's shared-tester pattern)."""
+
+import pytest
+import torch
+
+from edgefed.methods import METHODS, AdapterSpec, load_trainable_state, trainable_state
+from edgefed.models import load_classifier
+
+SPEC = AdapterSpec(rank=4, alpha=8.0, target_modules=("query", "value"), head_modules=("classifier",))
+
+
+def fresh(model_dir, seed=0):
+    torch.manual_seed(seed)  # the same random classifier head for every copy
+    model, new_modules = load_classifier(str(model_dir), num_labels=2)
+    assert new_modules == ["classifier"]
+    return model
+
+
+def batch(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 5000, (4, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1, 0])}
+
+
+def logits(model, inputs):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+
+
+@pytest.fixture(params=METHODS.names())
+def method(request):
+    return METHODS.create(request.param)
+
+
+def test_adapting_keeps_the_pretrained_function(method, tiny_model_dir):
+    inputs = batch()
+    expected = logits(fresh(tiny_model_dir), inputs)
+    adapted, _ = method.prepare_global(fresh(tiny_model_dir), SPEC)
+    torch.testing.assert_close(logits(adapted, inputs), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_client_built_from_setup_and_global_state_matches_the_server(method, tiny_model_dir):
+    server, setup = method.prepare_global(fresh(tiny_model_dir, seed=1), SPEC)
+    client = method.adapt(fresh(tiny_model_dir, seed=2), SPEC, setup)  # its own head init differs
+    load_trainable_state(client, trainable_state(server))
+    inputs = batch()
+    torch.testing.assert_close(logits(client, inputs), logits(server, inputs), atol=1e-6, rtol=1e-6)
+
+
+def test_training_changes_exactly_the_trainable_tensors(method, tiny_model_dir):
+    model, _ = method.prepare_global(fresh(tiny_model_dir), SPEC)
+    trainable = trainable_state(model)
+    assert "classifier" in " ".join(trainable), "the new head must train"
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(2):  # two steps: LoRA's A only moves once B is non-zero
+        model(**batch(step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = model.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    trainable_names = set(trainable)
+    assert changed <= trainable_names
+    assert len(changed) >= len(trainable_names) * 0.9, sorted(trainable_names - changed)[:5]
+
+
+def test_save_then_load_reproduces_the_trained_model(method, tiny_model_dir, tmp_path):
+    model, setup = method.prepare_global(fresh(tiny_model_dir), SPEC)
+    with torch.no_grad():  # stand-in for training: move every trainable tensor
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    method.save(model, SPEC, setup, tmp_path / "adapter")
+    loaded = method.load(tmp_path / "adapter", str(tiny_model_dir), 2, SPEC)
+    inputs = batch()
+    torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_low_rank_pairs_name_factors_of_the_right_shape(method, tiny_model_dir):
+    model, _ = method.prepare_global(fresh(tiny_model_dir), SPEC)
+    pairs = method.low_rank_pairs(model)
+    state = trainable_state(model)
+    if method.name not in ("lora", "federa"):
+        assert pairs == []
+        return
+    assert len(pairs) == 2 * 2  # query and value in two layers
+    for pair in pairs:
+        assert state[pair.a].shape == (SPEC.rank, 32) and state[pair.b].shape == (32, SPEC.rank)
+        assert pair.scale == SPEC.scale
+
+
+def test_trainable_share_is_small_for_parameter_efficient_methods(method, tiny_model_dir):
+    model, _ = method.prepare_global(fresh(tiny_model_dir), SPEC)
+    share = sum(t.numel() for t in trainable_state(model).values()) / sum(p.numel() for p in model.parameters())
+    assert share == 1.0 if method.name == "fft" else share < 0.05
