@@ -30,12 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--method", help="fft, lora, federa (default), bitfit or adapter")
     add("--aggregator", help="fedavg (default: A and B averaged apart) or product (exact, in ΔW = B·A space)")
     add("--clients", type=int, help="number of clients (default 4)")
-    add("--rounds", type=int, help="federated rounds (default 6)")
-    add("--local-steps", type=int, help="local optimizer steps per client per round (default 12)")
+    add("--rounds", type=int, help="federated rounds (default 16)")
+    add("--local-steps", type=int, help="local optimizer steps per client per round (default 5)")
     add("--local-epochs", type=float, help="local passes over the client's data per round, instead of steps")
     add("--sample-fraction", type=float, help="share of clients sampled each round (default 1.0)")
     add("--partition", help="iid or dirichlet:<alpha> label skew (default dirichlet:0.5)")
-    add("--data", metavar="PATH", help="TSV/CSV/JSONL file, or a folder with train.* and dev.* (default: SST-2 sample)")
+    add(
+        "--data",
+        metavar="PATH",
+        help="TSV/CSV/JSONL file, or a folder with train.* and dev.* (default: SST-2 sample)",
+    )
     add("--model", metavar="PATH_OR_NAME", help="local model folder or all-MiniLM-L6-v2 (default)")
     add("--target-modules", help="comma-separated module names that LoRA/FeDeRA adapt (default query,value)")
     add("--rank", type=int, help="LoRA/FeDeRA rank, adapter bottleneck width (default 8)")
@@ -45,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-seq-len", type=int, help="tokens per example after truncation (default 64)")
     add("--train-limit", type=int, help="use only the first N training examples")
     add("--eval-limit", type=int, help="evaluate on the first N evaluation examples")
-    add("--target-accuracy", type=float, help="report rounds and time to this accuracy (a fraction, e.g. 0.85)")
+    add(
+        "--target-accuracy",
+        type=float,
+        help="report rounds and time to this accuracy (a fraction, e.g. 0.85)",
+    )
     add("--seed", type=int, help="seed for partitioning, sampling, initialisation and batches (default 0)")
     add("--out", metavar="DIR", help="run directory (default runs/<method>-<time>)")
     return parser

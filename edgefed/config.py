@@ -25,8 +25,8 @@ class RunConfig:
     method: str = "federa"
     aggregator: str = "fedavg"
     clients: int = 4
-    rounds: int = 6
-    local_steps: int | None = 12
+    rounds: int = 16
+    local_steps: int | None = 5
     local_epochs: float | None = None
     sample_fraction: float = 1.0
     partition: str = "dirichlet:0.5"
@@ -75,7 +75,11 @@ def resolve_config(file_path: str | None, flags: dict[str, Any]) -> RunConfig:
     if preset not in PRESETS:
         raise EdgefedError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
     merged: dict[str, Any] = {}
-    for layer, origin in ((PRESETS[preset], f"preset {preset}"), (file_values, str(file_path)), (flags, "flags")):
+    for layer, origin in (
+        (PRESETS[preset], f"preset {preset}"),
+        (file_values, str(file_path)),
+        (flags, "flags"),
+    ):
         if layer.get("local_steps") is not None and layer.get("local_epochs") is not None:
             raise EdgefedError(f"{origin}: set local-steps or local-epochs, not both")
         merged.update(layer)
@@ -158,7 +162,9 @@ def validate(config: RunConfig) -> None:
     if not 8 <= config.max_seq_len <= 4096:
         raise EdgefedError(f"max-seq-len must be between 8 and 4096, got {config.max_seq_len}")
     if config.target_accuracy is not None and not 0 < config.target_accuracy <= 1:
-        raise EdgefedError(f"target-accuracy is a fraction in (0, 1] (0.85 for 85%), got {config.target_accuracy}")
+        raise EdgefedError(
+            f"target-accuracy is a fraction in (0, 1] (0.85 for 85%), got {config.target_accuracy}"
+        )
 
 
 def write_config(config: RunConfig, path: Path) -> None:

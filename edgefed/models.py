@@ -11,8 +11,8 @@ from edgefed.errors import EdgefedError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import transformers  # noqa: E402  (the environment above must be set before the import)
-from torch import nn  # noqa: E402
+import transformers
+from torch import nn
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()

@@ -37,10 +37,8 @@ def run(config: RunConfig, echo=print) -> dict:
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)
     train, evaluation = load_splits(config.data, config.seed)
-    if config.train_limit:
-        train = train.subset(list(range(min(config.train_limit, len(train)))))
-    if config.eval_limit:
-        evaluation = evaluation.subset(list(range(min(config.eval_limit, len(evaluation)))))
+    train = train.subset(list(range(min(config.train_limit or len(train), len(train)))))
+    evaluation = evaluation.subset(list(range(min(config.eval_limit or len(evaluation), len(evaluation)))))
     num_labels = max(max(train.labels), max(evaluation.labels)) + 1
     if num_labels < 2:
         raise EdgefedError(f"{train.source}: every label is 0; classification needs at least two classes")
@@ -51,7 +49,9 @@ def run(config: RunConfig, echo=print) -> dict:
 
     # Server: the global model, adapted once (FeDeRA's SVD happens here and nowhere else).
     base, new_modules = load_classifier(model_path, num_labels)
-    spec = AdapterSpec(config.rank, config.alpha, config.target_modules, tuple(new_modules) or ("classifier",))
+    spec = AdapterSpec(
+        config.rank, config.alpha, config.target_modules, tuple(new_modules) or ("classifier",)
+    )
     global_model, setup = method.prepare_global(base, spec)
     global_model.to(device)
     # Clients: in this process they take turns on one worker model, built only from the
@@ -62,7 +62,9 @@ def run(config: RunConfig, echo=print) -> dict:
     trainer = LocalTrainer(worker, lr, config.batch_size, device)
 
     def steps_for(client: int) -> int:
-        return local_steps(len(client_examples[client]), config.batch_size, config.local_steps, config.local_epochs)
+        return local_steps(
+            len(client_examples[client]), config.batch_size, config.local_steps, config.local_epochs
+        )
 
     data = str(Path(config.data).resolve()) if config.data is not None else None  # None: the shipped sample
     resolved = dataclasses.replace(config, lr=lr, data=data)
@@ -74,15 +76,8 @@ def run(config: RunConfig, echo=print) -> dict:
         f"{config.clients} clients ({config.partition}), {config.rounds} rounds, {len(train):,} training "
         f"and {len(evaluation):,} evaluation examples, {device.type}"
     )
-    clients_per_round = max(1, round(config.sample_fraction * config.clients))
-    bar_total = config.rounds * clients_per_round * config.local_steps if config.local_steps else None
-    bar = tqdm(total=bar_total, unit="step", desc="local training", leave=False, file=sys.stderr, disable=None)
-
-    def on_step(round_number: int, client: int, loss: float) -> None:
-        bar.set_postfix_str(f"round {round_number}/{config.rounds} client {client} loss {loss:.3f}", refresh=False)
-        bar.update()
-
-    transport = InProcessTransport(trainer, client_examples, steps_for, config.seed, setup, on_step)
+    progress = StepProgress(config)
+    transport = InProcessTransport(trainer, client_examples, steps_for, config.seed, setup, progress.step)
     server = FederatedServer(
         global_model,
         aggregator,
@@ -93,10 +88,10 @@ def run(config: RunConfig, echo=print) -> dict:
         config.sample_fraction,
         config.seed,
     )
-    recorder = Recorder(run_dir, echo=lambda line: bar.write(line, file=sys.stdout) if not bar.disable else echo(line))
+    recorder = Recorder(run_dir, echo=progress.writer(echo))
     started = time.perf_counter()
     server.run(config.rounds, recorder.record)
-    bar.close()
+    progress.close()
 
     method.save(global_model.cpu(), spec, setup, run_dir / "adapter")
     tokenizer.save_pretrained(run_dir / "adapter")
@@ -141,6 +136,31 @@ def run(config: RunConfig, echo=print) -> dict:
     return summary
 
 
+class StepProgress:
+    """A progress bar over local training steps on a terminal (silent elsewhere: the table suffices)."""
+
+    def __init__(self, config: RunConfig) -> None:
+        per_round = max(1, round(config.sample_fraction * config.clients))
+        total = config.rounds * per_round * config.local_steps if config.local_steps else None
+        self.rounds = config.rounds
+        self.bar = tqdm(
+            total=total, unit="step", desc="local training", leave=False, file=sys.stderr, disable=None
+        )
+
+    def step(self, round_number: int, client: int, loss: float) -> None:
+        self.bar.set_postfix_str(
+            f"round {round_number}/{self.rounds} client {client} loss {loss:.3f}", refresh=False
+        )
+        self.bar.update()
+
+    def writer(self, echo):
+        """Where table lines go: above the bar while it is shown."""
+        return echo if self.bar.disable else lambda line: self.bar.write(line, file=sys.stdout)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def format_summary(summary: dict) -> str:
     lines = [
         f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f} at round "
@@ -162,7 +182,9 @@ def format_summary(summary: dict) -> str:
         f"{summary['bytes_up'] / 1e6:.2f} MB up, {summary['bytes_down'] / 1e6:.2f} MB down in all"
     )
     if summary["setup_bytes_per_client"]:
-        traffic += f" (down includes a one-off setup of {summary['setup_bytes_per_client'] / 1e6:.2f} MB per client)"
+        traffic += (
+            f" (down includes a one-off setup of {summary['setup_bytes_per_client'] / 1e6:.2f} MB per client)"
+        )
     lines.append(traffic)
     lines.append(f"run directory: {summary['run_dir']}")
     return "\n".join(lines)

@@ -50,7 +50,9 @@ class FederatedServer:
         record(self._metrics(0, accuracy, loss, [], 0.0, start))
         for round_number in range(1, rounds + 1):
             round_start = time.perf_counter()
-            results = [self.transport.fit(client, round_number, global_state) for client in self.sample(round_number)]
+            results = [
+                self.transport.fit(client, round_number, global_state) for client in self.sample(round_number)
+            ]
             updates = [result.update for result in results]
             global_state = self.aggregator.aggregate(global_state, updates, self.pairs)
             load_trainable_state(self.model, global_state)

@@ -17,7 +17,9 @@ SHARED_SST2 = Path(os.environ.get("EDGEFED_SST2", ROOT.parent / "shared" / "data
 @pytest.fixture(scope="session")
 def sst2_dir() -> Path:
     if not (SHARED_SST2 / "train.tsv").is_file():
-        pytest.fail(f"SST-2 not found at {SHARED_SST2}; set EDGEFED_SST2 to the folder with train.tsv and dev.tsv")
+        pytest.fail(
+            f"SST-2 not found at {SHARED_SST2}; set EDGEFED_SST2 to the folder with train.tsv and dev.tsv"
+        )
     return SHARED_SST2
 
 

@@ -30,7 +30,9 @@ def delta_between(local, global_state):
 
 def effective(state):
     """What a state computes: the factor pair as its product s·B·A, every other tensor as is."""
-    result = {key: value.double() for key, value in state.items() if key not in ("layer.lora_A", "layer.lora_B")}
+    result = {
+        key: value.double() for key, value in state.items() if key not in ("layer.lora_A", "layer.lora_B")
+    }
     result["delta_w"] = 2.0 * state["layer.lora_B"].double() @ state["layer.lora_A"].double()
     return result
 
@@ -71,7 +73,10 @@ def test_shapes_and_dtypes_are_kept(aggregator):
 
 def test_tensors_outside_factor_pairs_are_weighted_by_examples(aggregator):
     global_state, one, two = random_state(0), random_state(1), random_state(2)
-    updates = [update(0, delta_between(one, global_state), 30), update(1, delta_between(two, global_state), 10)]
+    updates = [
+        update(0, delta_between(one, global_state), 30),
+        update(1, delta_between(two, global_state), 10),
+    ]
     result = aggregator.aggregate(global_state, updates, PAIRS)
     for key in ("head.weight", "head.bias"):
         torch.testing.assert_close(result[key], 0.75 * one[key] + 0.25 * two[key])
@@ -104,12 +109,18 @@ def disjoint_clients():
 
 
 def mean_product(locals_, weights):
-    return sum(w * 2.0 * s["layer.lora_B"].double() @ s["layer.lora_A"].double() for w, s in zip(weights, locals_))
+    return sum(
+        w * 2.0 * s["layer.lora_B"].double() @ s["layer.lora_A"].double()
+        for w, s in zip(weights, locals_, strict=True)
+    )
 
 
 def test_product_is_exact_where_fedavg_is_not():
     global_state, locals_ = disjoint_clients()
-    updates = [update(k, delta_between(local, global_state), n) for k, (local, n) in enumerate(zip(locals_, (3, 1)))]
+    updates = [
+        update(k, delta_between(local, global_state), n)
+        for k, (local, n) in enumerate(zip(locals_, (3, 1), strict=True))
+    ]
     target = mean_product(locals_, (0.75, 0.25))
     errors = {}
     for name in ("fedavg", "product"):
@@ -125,8 +136,10 @@ def test_product_is_the_best_rank_r_approximation_of_the_mean_product():
     global_state = random_state(0)
     locals_ = [random_state(k + 1) for k in range(4)]
     weights = (0.1, 0.2, 0.3, 0.4)
-    updates = [update(k, delta_between(local, global_state), int(w * 100)) for k, (local, w) in
-               enumerate(zip(locals_, weights))]
+    updates = [
+        update(k, delta_between(local, global_state), int(w * 100))
+        for k, (local, w) in enumerate(zip(locals_, weights, strict=True))
+    ]
     target = mean_product(locals_, weights)
     u, s, vh = torch.linalg.svd(target)
     best = (u[:, :RANK] * s[:RANK]) @ vh[:RANK]

@@ -7,8 +7,9 @@ import pytest
 
 
 def edgefed(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "edgefed", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "edgefed", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def write(path, text):
@@ -20,7 +21,11 @@ def write(path, text):
     ("case", "content", "expected"),
     [
         ("missing_column", "sentence\tscore\nfine\t1\n", "missing_column.tsv:1: no 'label' column"),
-        ("bad_label", "sentence\tlabel\nfine\t1\nawful\tbad\n", "bad_label.tsv:3: label 'bad' is not an integer"),
+        (
+            "bad_label",
+            "sentence\tlabel\nfine\t1\nawful\tbad\n",
+            "bad_label.tsv:3: label 'bad' is not an integer",
+        ),
         ("empty", "", "empty.tsv: the file is empty"),
     ],
 )

@@ -14,7 +14,12 @@ def toml(tmp_path, text):
 
 def test_defaults_are_the_demo():
     config = resolve_config(None, {})
-    assert (config.method, config.clients, config.partition, config.preset) == ("federa", 4, "dirichlet:0.5", "demo")
+    assert (config.method, config.clients, config.partition, config.preset) == (
+        "federa",
+        4,
+        "dirichlet:0.5",
+        "demo",
+    )
 
 
 def test_flags_override_the_file_which_overrides_the_preset(tmp_path):
@@ -60,8 +65,16 @@ def test_bad_config_values_are_named(tmp_path, text, message):
 
 
 def test_written_config_resolves_to_the_same_run(tmp_path):
-    config = resolve_config(None, {"method": "lora", "local_epochs": 1.5, "target_modules": "query,key,value",
-                                   "lr": 0.001, "out": "somewhere"})
+    config = resolve_config(
+        None,
+        {
+            "method": "lora",
+            "local_epochs": 1.5,
+            "target_modules": "query,key,value",
+            "lr": 0.001,
+            "out": "somewhere",
+        },
+    )
     write_config(config, tmp_path / "config.toml")
     again = resolve_config(str(tmp_path / "config.toml"), {})
     assert again == dataclasses.replace(config, out=None)

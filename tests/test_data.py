@@ -25,16 +25,28 @@ def test_tsv_csv_and_jsonl_read_the_same_examples(tmp_path):
 @pytest.mark.parametrize(
     ("name", "content", "expected"),
     [
-        ("nolabel.tsv", "sentence\tscore\ngood\t1\n", "nolabel.tsv:1: no 'label' column; the header has: sentence, score"),
+        (
+            "nolabel.tsv",
+            "sentence\tscore\ngood\t1\n",
+            "nolabel.tsv:1: no 'label' column; the header has: sentence, score",
+        ),
         ("notext.csv", "review,label\ngood,1\n", "notext.csv:1: no 'text' or 'sentence' column"),
-        ("badlabel.tsv", "sentence\tlabel\ngood\t1\nbad\tneg\n", "badlabel.tsv:3: label 'neg' is not an integer"),
+        (
+            "badlabel.tsv",
+            "sentence\tlabel\ngood\t1\nbad\tneg\n",
+            "badlabel.tsv:3: label 'neg' is not an integer",
+        ),
         ("fields.tsv", "sentence\tlabel\ngood\t1\tx\n", "fields.tsv:2: expected 2 fields, found 3"),
         ("negative.tsv", "sentence\tlabel\ngood\t-1\n", "negative.tsv:2: label -1 is negative"),
         ("empty.tsv", "", "empty.tsv: the file is empty"),
         ("header.tsv", "sentence\tlabel\n", "header.tsv: the file holds no examples"),
         ("empty.jsonl", "\n", "empty.jsonl: the file is empty"),
         ("broken.jsonl", '{"text": "a", "label": 1}\n{"text": \n', "broken.jsonl:2: invalid JSON"),
-        ("floatlabel.jsonl", '{"text": "a", "label": 1.5}\n', "floatlabel.jsonl:1: label 1.5 is not an integer"),
+        (
+            "floatlabel.jsonl",
+            '{"text": "a", "label": 1.5}\n',
+            "floatlabel.jsonl:1: label 1.5 is not an integer",
+        ),
         ("nofield.jsonl", '{"text": "a"}\n', "nofield.jsonl:1: no a 'label' field; fields: text"),
         ("data.parquet", "x", "unsupported data file type '.parquet'"),
     ],
@@ -91,12 +103,18 @@ def test_dirichlet_partition_is_deterministic_complete_and_skewed():
     assert shards == partition(labels, 5, "dirichlet:0.1", seed=7)
     assert shards != partition(labels, 5, "dirichlet:0.1", seed=8)
     assert sorted(i for shard in shards for i in shard) == list(range(2000))
-    assert label_skew(shards, labels) > label_skew(partition(labels, 5, "dirichlet:100", seed=7), labels) + 0.1
+    assert (
+        label_skew(shards, labels) > label_skew(partition(labels, 5, "dirichlet:100", seed=7), labels) + 0.1
+    )
 
 
 @pytest.mark.parametrize(
     ("spec", "message"),
-    [("dirichlet:0", "positive alpha"), ("dirichlet:x", "positive alpha"), ("zipf", "choose iid or dirichlet")],
+    [
+        ("dirichlet:0", "positive alpha"),
+        ("dirichlet:x", "positive alpha"),
+        ("zipf", "choose iid or dirichlet"),
+    ],
 )
 def test_bad_partition_specs(spec, message):
     with pytest.raises(EdgefedError, match=message):

@@ -6,7 +6,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
 from edgefed.errors import EdgefedError
 from edgefed.methods import METHODS, AdapterSpec, trainable_state
-from edgefed.methods.federa import svd_init
+from edgefed.methods.federa import residual_from, svd_init
 from edgefed.methods.lora import lora_layers
 from edgefed.models import load_classifier, load_tokenizer
 
@@ -14,7 +14,8 @@ from edgefed.models import load_classifier, load_tokenizer
 def test_svd_init_factors_reconstruct_the_weight():
     torch.manual_seed(0)
     weight = torch.randn(48, 40)
-    a, b, residual = svd_init(weight, rank=6, scale=0.5)
+    a, b = svd_init(weight, rank=6, scale=0.5)
+    residual = residual_from(weight, a, b, scale=0.5)
     assert a.shape == (6, 40) and b.shape == (48, 6)
     torch.testing.assert_close(residual + 0.5 * b @ a, weight, atol=1e-5, rtol=0)
     u, s, vh = torch.linalg.svd(weight.double())
@@ -25,6 +26,19 @@ def test_svd_init_factors_reconstruct_the_weight():
         svd_init(weight, rank=41, scale=1.0)
 
 
+def test_residual_is_bit_identical_whatever_the_thread_count():
+    torch.manual_seed(1)
+    weight, a, b = torch.randn(300, 200), torch.randn(16, 200), torch.randn(300, 16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = residual_from(weight, a, b, 0.25)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(residual_from(weight, a, b, 0.25), single)
+    torch.testing.assert_close(single, weight - 0.25 * b @ a, atol=1e-5, rtol=0)
+
+
 def minilm(minilm_path, seed=0):
     torch.manual_seed(seed)
     return load_classifier(minilm_path, num_labels=2)[0]
@@ -33,8 +47,11 @@ def minilm(minilm_path, seed=0):
 @pytest.fixture(scope="module")
 def minilm_inputs(minilm_path):
     tokenizer = load_tokenizer(minilm_path)
-    return tokenizer(["a gorgeous , witty , seductive movie .", "the acting is dreadful ."],
-                     padding=True, return_tensors="pt")
+    return tokenizer(
+        ["a gorgeous , witty , seductive movie .", "the acting is dreadful ."],
+        padding=True,
+        return_tensors="pt",
+    )
 
 
 def test_round_zero_minilm_computes_what_the_pretrained_model_computes(minilm_path, minilm_inputs):
@@ -56,8 +73,13 @@ def test_factors_match_peft_pissa_up_to_sign(minilm_path):
     ours, setup = METHODS.create("federa").prepare_global(minilm(minilm_path), spec)
     pissa = get_peft_model(
         minilm(minilm_path),
-        LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights="pissa",
-                   task_type=TaskType.SEQ_CLS),
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            target_modules=["query", "value"],
+            init_lora_weights="pissa",
+            task_type=TaskType.SEQ_CLS,
+        ),
     )
     pissa_layers = dict(lora_layers(pissa))
     assert pissa_layers.keys() == dict(lora_layers(ours)).keys()
@@ -68,7 +90,8 @@ def test_factors_match_peft_pissa_up_to_sign(minilm_path):
         assert torch.all(signs == torch.sign((b * b_ref).sum(dim=0))), "A and B flip together"
         torch.testing.assert_close(a * signs[:, None], a_ref, atol=2e-4, rtol=1e-3)
         torch.testing.assert_close(b * signs, b_ref, atol=2e-4, rtol=1e-3)
-        torch.testing.assert_close(setup[f"{name}.residual"], layer.get_base_layer().weight, atol=2e-5, rtol=0)
+        ours_base = dict(lora_layers(ours))[name].get_base_layer().weight
+        torch.testing.assert_close(ours_base, layer.get_base_layer().weight, atol=2e-5, rtol=0)
 
 
 def test_clients_never_run_an_svd(tiny_model_dir, monkeypatch):
@@ -84,9 +107,12 @@ def test_clients_never_run_an_svd(tiny_model_dir, monkeypatch):
         monkeypatch.setattr(torch.linalg, name, no_svd, raising=False)
     monkeypatch.setattr(torch, "svd_lowrank", no_svd)
     client = federa.adapt(load_classifier(str(tiny_model_dir), 2)[0], spec, setup)
+    server_layers = dict(lora_layers(server))
     for name, layer in lora_layers(client):
         assert torch.equal(layer.lora_A["default"].weight, setup[f"{name}.lora_A"])
-        assert torch.equal(layer.get_base_layer().weight, setup[f"{name}.residual"])
+        assert torch.equal(layer.get_base_layer().weight, server_layers[name].get_base_layer().weight)
+    # The setup is the factors and a checksum, not the residual matrices themselves.
+    assert sum(t.numel() for t in setup.values()) < sum(p.numel() for p in server.parameters()) / 100
 
 
 def test_a_client_with_a_different_base_model_is_refused(tiny_model_dir, minilm_path):
@@ -96,7 +122,9 @@ def test_a_client_with_a_different_base_model_is_refused(tiny_model_dir, minilm_
     other = load_classifier(str(tiny_model_dir), 2)[0]
     with torch.no_grad():
         other.bert.encoder.layer[1].attention.self.value.weight.mul_(1.01)
-    with pytest.raises(EdgefedError, match=r"layer\.1\.attention\.self\.value: this client's pre-trained weight"):
+    with pytest.raises(
+        EdgefedError, match=r"layer\.1\.attention\.self\.value: the residual .* server's checksum"
+    ):
         federa.adapt(other, spec, setup)
 
 
@@ -114,4 +142,6 @@ def test_saved_adapter_loads_on_the_original_model_with_peft(tiny_model_dir, tmp
     assert loaded.peft_config["default"].r == 2 * spec.rank
     inputs = {"input_ids": torch.randint(1000, 3000, (3, 9))}
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**inputs).logits, model.eval()(**inputs).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            loaded(**inputs).logits, model.eval()(**inputs).logits, atol=1e-5, rtol=1e-5
+        )

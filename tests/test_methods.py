@@ -95,5 +95,7 @@ def test_low_rank_pairs_name_factors_of_the_right_shape(method, tiny_model_dir):
 
 def test_trainable_share_is_small_for_parameter_efficient_methods(method, tiny_model_dir):
     model, _ = method.prepare_global(fresh(tiny_model_dir), SPEC)
-    share = sum(t.numel() for t in trainable_state(model).values()) / sum(p.numel() for p in model.parameters())
+    share = sum(t.numel() for t in trainable_state(model).values()) / sum(
+        p.numel() for p in model.parameters()
+    )
     assert share == 1.0 if method.name == "fft" else share < 0.05

@@ -28,8 +28,21 @@ def test_federa_training_on_sst2_lowers_the_loss(minilm_path, sst2_dir):
 def test_smoke_preset_on_the_full_sst2_uses_its_dev_split(tmp_path, sst2_dir):
     out = tmp_path / "smoke"
     result = subprocess.run(
-        [sys.executable, "-m", "edgefed", "run", "--preset", "smoke", "--data", str(sst2_dir), "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "edgefed",
+            "run",
+            "--preset",
+            "smoke",
+            "--data",
+            str(sst2_dir),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     assert "final accuracy" in result.stdout

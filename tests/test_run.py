@@ -19,8 +19,19 @@ TIMING_KEYS = ("round_s", "wall_s", "slowest_client_s")
 def tiny_run(tmp_path, tiny_model_dir, data_dir, name="run", **overrides):
     """`edgefed run` on the tiny model; keyword arguments override flags (local_steps=None drops one)."""
     out = tmp_path / name
-    flags = {"model": tiny_model_dir, "data": data_dir, "clients": 3, "rounds": 3, "local_steps": 3,
-             "batch_size": 8, "max_seq_len": 24, "rank": 4, "lr": 0.01, "out": out, **overrides}
+    flags = {
+        "model": tiny_model_dir,
+        "data": data_dir,
+        "clients": 3,
+        "rounds": 3,
+        "local_steps": 3,
+        "batch_size": 8,
+        "max_seq_len": 24,
+        "rank": 4,
+        "lr": 0.01,
+        "out": out,
+        **overrides,
+    }
     argv = ["run"]
     for key, value in flags.items():
         if value is not None:
@@ -36,24 +47,44 @@ def read_metrics(run_dir):
 
 @pytest.fixture(scope="module")
 def federa_run(tmp_path_factory, tiny_model_dir, small_data_dir):
-    return tiny_run(tmp_path_factory.mktemp("runs"), tiny_model_dir, small_data_dir, "federa")
+    return tiny_run(
+        tmp_path_factory.mktemp("runs"), tiny_model_dir, small_data_dir, "federa", target_accuracy=0.5
+    )
 
 
 def test_run_directory_holds_every_output(federa_run, capsys):
     assert {p.name for p in federa_run.iterdir()} >= {
-        "config.toml", "metrics.jsonl", "summary.json", "adapter", "curves.png"}
+        "config.toml",
+        "metrics.jsonl",
+        "summary.json",
+        "adapter",
+        "curves.png",
+    }
     rows = [json.loads(line) for line in (federa_run / "metrics.jsonl").read_text().splitlines()]
     assert [row["round"] for row in rows] == [0, 1, 2, 3]
-    assert set(rows[1]) >= {"round", "accuracy", "loss", "wall_s", "bytes_up", "bytes_down", "clients", "dropped"}
+    assert set(rows[1]) >= {
+        "round",
+        "accuracy",
+        "loss",
+        "wall_s",
+        "bytes_up",
+        "bytes_down",
+        "clients",
+        "dropped",
+    }
     assert rows[1]["clients"] == [0, 1, 2] and rows[1]["bytes_up"] > 0
     # Round 1 carries FeDeRA's one-off setup (factors and residuals) on top of the global state.
     assert rows[1]["bytes_down"] > rows[2]["bytes_down"] == rows[2]["bytes_up"]
     summary = json.loads((federa_run / "summary.json").read_text())
     assert summary["method"] == "federa" and summary["final_accuracy"] == rows[-1]["accuracy"]
+    first_hit = next(row for row in rows if row["accuracy"] >= 0.5)
+    assert summary["rounds_to_target"] == first_hit["round"]
+    assert summary["time_to_target_s"]["wall"] == first_hit["wall_s"]
 
 
-def test_saved_adapter_loads_with_peft_and_reproduces_the_final_evaluation(federa_run, tiny_model_dir,
-                                                                           small_data_dir):
+def test_saved_adapter_loads_with_peft_and_reproduces_the_final_evaluation(
+    federa_run, tiny_model_dir, small_data_dir
+):
     summary = json.loads((federa_run / "summary.json").read_text())
     base, _ = load_classifier(str(tiny_model_dir), 2)
     model = PeftModel.from_pretrained(base, federa_run / "adapter")
@@ -66,10 +97,12 @@ def test_saved_adapter_loads_with_peft_and_reproduces_the_final_evaluation(feder
     assert reloaded[0] == accuracy and reloaded[1] == pytest.approx(loss, abs=1e-6)
 
 
-def test_same_seed_same_metrics_and_other_seed_other_metrics(federa_run, tmp_path, tiny_model_dir, small_data_dir):
-    again = tiny_run(tmp_path, tiny_model_dir, small_data_dir, "again")
+def test_same_seed_same_metrics_and_other_seed_other_metrics(
+    federa_run, tmp_path, tiny_model_dir, small_data_dir
+):
+    again = tiny_run(tmp_path, tiny_model_dir, small_data_dir, "again", target_accuracy=0.5)
     assert read_metrics(again) == read_metrics(federa_run)
-    other = tiny_run(tmp_path, tiny_model_dir, small_data_dir, "other", seed=1)
+    other = tiny_run(tmp_path, tiny_model_dir, small_data_dir, "other", target_accuracy=0.5, seed=1)
     assert read_metrics(other) != read_metrics(federa_run)
 
 
@@ -86,7 +119,9 @@ GOLDEN = [
 def test_golden_loss_curve(federa_run):
     rows = read_metrics(federa_run)
     got = [(row["round"], row["loss"], row["train_loss"]) for row in rows]
-    for (round_number, loss, train_loss), (golden_round, golden_loss, golden_train) in zip(got, GOLDEN, strict=True):
+    for (round_number, loss, train_loss), (golden_round, golden_loss, golden_train) in zip(
+        got, GOLDEN, strict=True
+    ):
         assert round_number == golden_round
         assert loss == pytest.approx(golden_loss, abs=1e-5)
         if golden_train is not None:
@@ -101,9 +136,20 @@ def test_config_toml_reruns_the_same_federation(federa_run, tmp_path):
 
 @pytest.mark.parametrize("method", METHODS.names())
 @pytest.mark.parametrize("aggregator", ["fedavg", "product"])
-def test_every_method_and_aggregator_runs_and_saves(method, aggregator, tmp_path, tiny_model_dir, small_data_dir):
-    out = tiny_run(tmp_path, tiny_model_dir, small_data_dir, method=method, aggregator=aggregator, rounds=1,
-                   local_steps=None, local_epochs=0.1, sample_fraction=0.67)
+def test_every_method_and_aggregator_runs_and_saves(
+    method, aggregator, tmp_path, tiny_model_dir, small_data_dir
+):
+    out = tiny_run(
+        tmp_path,
+        tiny_model_dir,
+        small_data_dir,
+        method=method,
+        aggregator=aggregator,
+        rounds=1,
+        local_steps=None,
+        local_epochs=0.1,
+        sample_fraction=0.67,
+    )
     rows = read_metrics(out)
     assert len(rows) == 2 and len(rows[1]["clients"]) == 2
     assert load_trained(out) is not None
@@ -111,6 +157,9 @@ def test_every_method_and_aggregator_runs_and_saves(method, aggregator, tmp_path
 
 def test_existing_run_directory_is_not_overwritten(federa_run, tiny_model_dir, small_data_dir, capsys):
     before = (federa_run / "metrics.jsonl").read_text()
-    assert main(["run", "--model", str(tiny_model_dir), "--data", str(small_data_dir), "--out", str(federa_run)]) == 2
+    assert (
+        main(["run", "--model", str(tiny_model_dir), "--data", str(small_data_dir), "--out", str(federa_run)])
+        == 2
+    )
     assert "exists and is not empty" in capsys.readouterr().err
     assert (federa_run / "metrics.jsonl").read_text() == before

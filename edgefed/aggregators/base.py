@@ -32,7 +32,9 @@ class Aggregator(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], pairs: Sequence[LowRankPair]) -> State:
+    def aggregate(
+        self, global_state: State, updates: Sequence[ClientUpdate], pairs: Sequence[LowRankPair]
+    ) -> State:
         """The next global state. `pairs` name the low-rank factors that belong together."""
 
 

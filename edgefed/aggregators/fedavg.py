@@ -14,5 +14,7 @@ from edgefed.methods.base import LowRankPair
 class FedAvgAggregator(Aggregator):
     name = "fedavg"
 
-    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], pairs: Sequence[LowRankPair]) -> State:
+    def aggregate(
+        self, global_state: State, updates: Sequence[ClientUpdate], pairs: Sequence[LowRankPair]
+    ) -> State:
         return weighted_mean_step(global_state, updates, global_state.keys())

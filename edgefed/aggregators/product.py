@@ -32,7 +32,9 @@ from edgefed.methods.base import LowRankPair
 class ProductAggregator(Aggregator):
     name = "product"
 
-    def aggregate(self, global_state: State, updates: Sequence[ClientUpdate], pairs: Sequence[LowRankPair]) -> State:
+    def aggregate(
+        self, global_state: State, updates: Sequence[ClientUpdate], pairs: Sequence[LowRankPair]
+    ) -> State:
         paired = {key for pair in pairs for key in (pair.a, pair.b)}
         result = weighted_mean_step(global_state, updates, [key for key in global_state if key not in paired])
         weights = client_weights(updates)
@@ -46,7 +48,10 @@ class ProductAggregator(Aggregator):
 
 
 def refactor_mean_product(
-    a_clients: Sequence[torch.Tensor], b_clients: Sequence[torch.Tensor], weights: Sequence[float], scale: float
+    a_clients: Sequence[torch.Tensor],
+    b_clients: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A [r, d_in], B [d_out, r]) with s·B·A the best rank-r approximation of Σ_k w_k·s·B_k·A_k."""
     rank, d_in = a_clients[0].shape

@@ -22,7 +22,9 @@ class EncodedExamples:
         return len(self.labels)
 
     def subset(self, indices: list[int]) -> EncodedExamples:
-        return EncodedExamples([self.input_ids[i] for i in indices], [self.labels[i] for i in indices], self.pad_id)
+        return EncodedExamples(
+            [self.input_ids[i] for i in indices], [self.labels[i] for i in indices], self.pad_id
+        )
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         width = max(len(self.input_ids[i]) for i in indices)
@@ -32,7 +34,11 @@ class EncodedExamples:
             sequence = self.input_ids[i]
             ids[row, : len(sequence)] = torch.tensor(sequence)
             mask[row, : len(sequence)] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([self.labels[i] for i in indices])}
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": torch.tensor([self.labels[i] for i in indices]),
+        }
 
 
 def encode(data: LabeledTexts, tokenizer, max_seq_len: int) -> EncodedExamples:

@@ -63,24 +63,30 @@ class BottleneckAdapters(Method):
     def adapt(self, model: nn.Module, spec: AdapterSpec, setup: SetupState) -> nn.Module:
         targets = [name for name, module in model.named_modules() if OUTPUT_PROJECTION.search(name)]
         if not targets:
-            raise EdgefedError("the model has no layer.N.attention.output.dense / layer.N.output.dense to adapt")
+            raise EdgefedError(
+                "the model has no layer.N.attention.output.dense / layer.N.output.dense to adapt"
+            )
         for name in targets:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             setattr(parent, child, BottleneckAdapter(getattr(parent, child), spec.rank))
         return freeze_all_but(
             model,
-            lambda name: ".down." in name
-            or ".up." in name
-            or "LayerNorm" in name
-            or in_modules(name, spec.head_modules),
+            lambda name: (
+                ".down." in name
+                or ".up." in name
+                or "LayerNorm" in name
+                or in_modules(name, spec.head_modules)
+            ),
         )
 
     def save(self, model: nn.Module, spec: AdapterSpec, setup: SetupState, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, out_dir / STATE_FILE)
         (out_dir / CONFIG_FILE).write_text(
-            json.dumps({"method": self.name, "bottleneck": spec.rank, "head_modules": list(spec.head_modules)})
+            json.dumps(
+                {"method": self.name, "bottleneck": spec.rank, "head_modules": list(spec.head_modules)}
+            )
         )
 
     def load(self, out_dir: Path, base_model_path: str, num_labels: int, spec: AdapterSpec) -> nn.Module:

@@ -80,11 +80,15 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     if params.keys() != state.keys():
         unknown = sorted(state.keys() - params.keys())[:3]
         absent = sorted(params.keys() - state.keys())[:3]
-        raise ValueError(f"state does not match the model's trainable tensors (unknown {unknown}, absent {absent})")
+        raise ValueError(
+            f"state does not match the model's trainable tensors (unknown {unknown}, absent {absent})"
+        )
     with torch.no_grad():
         for name, tensor in state.items():
             if params[name].shape != tensor.shape:
-                raise ValueError(f"{name}: shape {tuple(tensor.shape)} != model's {tuple(params[name].shape)}")
+                raise ValueError(
+                    f"{name}: shape {tuple(tensor.shape)} != model's {tuple(params[name].shape)}"
+                )
             params[name].copy_(tensor)
 
 

@@ -7,9 +7,13 @@ Per adapted weight W₀ [d_out, d_in], with s = α/r (PAPERS.md §2.2):
     W_res = W₀ − s·B₀·A₀                     frozen base during federated training
 
 so at round 0 the adapted layer computes W_res·x + s·B₀·A₀·x = W₀·x. Singular vectors are defined
-only up to sign, so clients never run an SVD: the server ships A₀, B₀ and W_res (the setup state)
-and every client installs exactly those tensors (PAPERS.md §6.1). The server also fixes the signs
-(largest-magnitude entry of each left singular vector positive) so that its output is canonical.
+only up to sign, so clients never run an SVD (PAPERS.md §6.1): the server fixes the signs (the
+largest-magnitude entry of each left singular vector positive) and ships A₀ and B₀ with the sha256
+of W_res. Each client forms W_res from its own copy of W₀ with `residual_from`, whose float64
+element-wise arithmetic in a fixed order is correctly rounded on every IEEE machine, and checks the
+digest, so every client trains on bit-identical frozen weights — or learns at once that it loaded a
+different model. Shipping the recipe instead of W_res itself keeps the one-off setup at
+2·r·(d_in + d_out) values per layer instead of d_in·d_out.
 
 This is peft's PiSSA initialisation (`init_lora_weights="pissa"`): same factors up to the sign of
 each singular pair (tests/test_federa.py checks it). FeDeRA's contribution is the federated setting.
@@ -22,6 +26,7 @@ LoRA of rank 2r on the original W₀ — B' = [B | −B₀], A' = [A ; A₀], α
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import torch
@@ -33,67 +38,79 @@ from edgefed.errors import EdgefedError
 from edgefed.methods.base import METHODS, AdapterSpec, SetupState
 from edgefed.methods.lora import ADAPTER_NAME, LoRA, lora_layers
 
-# A client's own pre-trained weight must agree with the server's W_res + s·B₀·A₀ this closely
-# (relative to the weight's largest entry); more means the client loaded a different model.
-BASE_MISMATCH_TOLERANCE = 1e-4
 
-
-def svd_init(weight: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A₀ [r, d_in], B₀ [d_out, r], W_res [d_out, d_in]) in the weight's dtype."""
+def svd_init(weight: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A₀ [r, d_in], B₀ [d_out, r]) in the weight's dtype: the top-r singular triplets, split evenly."""
     if rank > min(weight.shape):
         raise EdgefedError(f"rank {rank} exceeds the smaller dimension of a {tuple(weight.shape)} weight")
-    exact = weight.detach().to(torch.float64)
-    u, s, vh = torch.linalg.svd(exact, full_matrices=False)
+    u, s, vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
     u, s, vh = u[:, :rank], s[:rank], vh[:rank]
     pivots = u.abs().argmax(dim=0)
     signs = torch.sign(u[pivots, torch.arange(rank)])
     u, vh = u * signs, vh * signs[:, None]
     root = torch.sqrt(s / scale)
-    b = u * root
-    a = root[:, None] * vh
-    residual = exact - scale * (b @ a)
-    return a.to(weight.dtype), b.to(weight.dtype), residual.to(weight.dtype)
+    return (root[:, None] * vh).to(weight.dtype), (u * root).to(weight.dtype)
+
+
+def residual_from(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W₀ − s·B₀·A₀, bit-identical on every machine: rank-1 terms added in float64 in a fixed order.
+
+    A matmul would let each BLAS choose its own summation order (and FMA), so two clients could
+    disagree in the last bit; element-wise IEEE operations are correctly rounded everywhere.
+    """
+    product = torch.zeros(weight.shape, dtype=torch.float64, device=weight.device)
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    for k in range(a.shape[0]):
+        product += b64[:, k, None] * a64[None, k, :]
+    return (weight.detach().to(torch.float64) - scale * product).to(weight.dtype)
+
+
+def digest(tensor: torch.Tensor) -> torch.Tensor:
+    """sha256 of a tensor's bytes, as a uint8 tensor so that it travels with the setup state."""
+    data = tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    return torch.frombuffer(bytearray(hashlib.sha256(data).digest()), dtype=torch.uint8)
 
 
 @METHODS.register("federa")
 class FeDeRA(LoRA):
     name = "federa"
-    default_lr = 2e-3
+    default_lr = 3e-3
 
     def prepare_global(self, model: nn.Module, spec: AdapterSpec) -> tuple[nn.Module, SetupState]:
         peft_model = super().adapt(model, spec, {})
         setup: SetupState = {}
         for name, layer in lora_layers(peft_model):
-            a, b, residual = svd_init(layer.get_base_layer().weight, spec.rank, spec.scale)
-            setup.update({f"{name}.lora_A": a, f"{name}.lora_B": b, f"{name}.residual": residual})
-        self._install(peft_model, setup, spec, check_base=False)
+            weight = layer.get_base_layer().weight
+            a, b = svd_init(weight, spec.rank, spec.scale)
+            residual = residual_from(weight, a, b, spec.scale)
+            setup.update(
+                {f"{name}.lora_A": a, f"{name}.lora_B": b, f"{name}.residual_sha256": digest(residual)}
+            )
+        self.adapt_model(peft_model, setup, spec)
         return peft_model, setup
 
     def adapt(self, model: nn.Module, spec: AdapterSpec, setup: SetupState) -> nn.Module:
-        peft_model = super().adapt(model, spec, {})
-        self._install(peft_model, setup, spec, check_base=True)
-        return peft_model
+        return self.adapt_model(super().adapt(model, spec, {}), setup, spec)
 
-    def _install(self, model: nn.Module, setup: SetupState, spec: AdapterSpec, check_base: bool) -> None:
+    def adapt_model(self, model: nn.Module, setup: SetupState, spec: AdapterSpec) -> nn.Module:
+        """Install A₀, B₀ and W_res, formed here from this model's own W₀ and checked against the digest."""
         for name, layer in lora_layers(model):
             try:
-                a, b, residual = (setup[f"{name}.{part}"] for part in ("lora_A", "lora_B", "residual"))
+                a, b, expected = (setup[f"{name}.{part}"] for part in ("lora_A", "lora_B", "residual_sha256"))
             except KeyError:
                 raise ValueError(f"FeDeRA setup state lacks the factors of {name}") from None
             base = layer.get_base_layer().weight
-            if check_base:
-                own = base.detach().double()
-                shipped = residual.double() + spec.scale * (b.double() @ a.double())
-                error = (own - shipped).abs().max() / own.abs().max().clamp_min(1e-12)
-                if error > BASE_MISMATCH_TOLERANCE:
-                    raise EdgefedError(
-                        f"{name}: this client's pre-trained weight differs from the server's "
-                        f"(relative error {error:.2e}); both must load the same model"
-                    )
+            residual = residual_from(base, a, b, spec.scale)
+            if not torch.equal(digest(residual), expected.cpu()):
+                raise EdgefedError(
+                    f"{name}: the residual W₀ − s·B₀·A₀ formed from this client's pre-trained weight does "
+                    "not match the server's checksum; server and clients must load the same model"
+                )
             with torch.no_grad():
                 layer.lora_A[ADAPTER_NAME].weight.copy_(a)
                 layer.lora_B[ADAPTER_NAME].weight.copy_(b)
                 base.copy_(residual)
+        return model
 
     def save(self, model: nn.Module, spec: AdapterSpec, setup: SetupState, out_dir: Path) -> None:
         state = get_peft_model_state_dict(model)
@@ -104,8 +121,14 @@ class FeDeRA(LoRA):
             state[a_key] = torch.cat([state[a_key], setup[f"{name}.lora_A"]], dim=0).contiguous()
             state[b_key] = torch.cat([state[b_key], -setup[f"{name}.lora_B"]], dim=1).contiguous()
         config = dataclasses.replace(
-            model.peft_config[ADAPTER_NAME], r=2 * spec.rank, lora_alpha=2 * spec.alpha, init_lora_weights=True
+            model.peft_config[ADAPTER_NAME],
+            r=2 * spec.rank,
+            lora_alpha=2 * spec.alpha,
+            init_lora_weights=True,
         )
         out_dir.mkdir(parents=True, exist_ok=True)
         config.save_pretrained(out_dir)
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, out_dir / "adapter_model.safetensors")
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in state.items()},
+            out_dir / "adapter_model.safetensors",
+        )

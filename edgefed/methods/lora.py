@@ -17,7 +17,7 @@ ADAPTER_NAME = "default"
 @METHODS.register("lora")
 class LoRA(Method):
     name = "lora"
-    default_lr = 2e-3
+    default_lr = 3e-3
 
     def lora_config(self, spec: AdapterSpec) -> LoraConfig:
         return LoraConfig(
