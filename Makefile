@@ -45,7 +45,7 @@ $(STAMP): pyproject.toml
 	  echo "edgefed: installing $$spec"; \
 	  $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$$spec"; \
 	fi; \
-	echo "torch==$$($(PY) -c 'import torch; print(torch.__version__)')" > $(VENV)/torch-constraint.txt; \
+	echo "torch==$$($(PY) -W ignore -c 'import torch; print(torch.__version__)' 2>/dev/null)" > $(VENV)/torch-constraint.txt; \
 	echo "edgefed: installing edgefed[dev,demo] (torch pinned to $$(cat $(VENV)/torch-constraint.txt))"; \
 	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,demo]"; \
 	touch $(STAMP)

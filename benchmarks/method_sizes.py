@@ -101,6 +101,7 @@ def main() -> None:
     print(table)
     if args.out:
         command = "python benchmarks/method_sizes.py " + " ".join(sys.argv[1:])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(f"# Method sizes\n\nCommand: `{command}`\n\n{table}\n", encoding="utf-8")
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
@@ -71,6 +72,13 @@ def digest(tensor: torch.Tensor) -> torch.Tensor:
     return torch.frombuffer(bytearray(hashlib.sha256(data).digest()), dtype=torch.uint8)
 
 
+@torch.no_grad()
+def install(layer: LoraLayer, a: torch.Tensor, b: torch.Tensor, residual: torch.Tensor) -> None:
+    layer.lora_A[ADAPTER_NAME].weight.copy_(a)
+    layer.lora_B[ADAPTER_NAME].weight.copy_(b)
+    layer.get_base_layer().weight.copy_(residual)
+
+
 @METHODS.register("federa")
 class FeDeRA(LoRA):
     name = "federa"
@@ -86,15 +94,13 @@ class FeDeRA(LoRA):
             setup.update(
                 {f"{name}.lora_A": a, f"{name}.lora_B": b, f"{name}.residual_sha256": digest(residual)}
             )
-        self.adapt_model(peft_model, setup, spec)
+            install(layer, a, b, residual)
         return peft_model, setup
 
     def adapt(self, model: nn.Module, spec: AdapterSpec, setup: SetupState) -> nn.Module:
-        return self.adapt_model(super().adapt(model, spec, {}), setup, spec)
-
-    def adapt_model(self, model: nn.Module, setup: SetupState, spec: AdapterSpec) -> nn.Module:
         """Install A₀, B₀ and W_res, formed here from this model's own W₀ and checked against the digest."""
-        for name, layer in lora_layers(model):
+        peft_model = super().adapt(model, spec, {})
+        for name, layer in lora_layers(peft_model):
             try:
                 a, b, expected = (setup[f"{name}.{part}"] for part in ("lora_A", "lora_B", "residual_sha256"))
             except KeyError:
@@ -106,11 +112,8 @@ class FeDeRA(LoRA):
                     f"{name}: the residual W₀ − s·B₀·A₀ formed from this client's pre-trained weight does "
                     "not match the server's checksum; server and clients must load the same model"
                 )
-            with torch.no_grad():
-                layer.lora_A[ADAPTER_NAME].weight.copy_(a)
-                layer.lora_B[ADAPTER_NAME].weight.copy_(b)
-                base.copy_(residual)
-        return model
+            install(layer, a, b, residual)
+        return peft_model
 
     def save(self, model: nn.Module, spec: AdapterSpec, setup: SetupState, out_dir: Path) -> None:
         state = get_peft_model_state_dict(model)
