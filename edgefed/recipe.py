@@ -29,7 +29,7 @@ from edgefed.transport import InProcessTransport, payload_bytes
 def run(config: RunConfig, echo=print) -> dict:
     """Run a federation in this process and write its run directory; returns the summary."""
     set_seed(config.seed)
-    run_dir = make_run_dir(config)
+    run_dir = choose_run_dir(config)
     method = METHODS.create(config.method)
     aggregator = AGGREGATORS.create(config.aggregator)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -49,6 +49,9 @@ def run(config: RunConfig, echo=print) -> dict:
 
     # Server: the global model, adapted once (FeDeRA's SVD happens here and nowhere else).
     base, new_modules = load_classifier(model_path, num_labels)
+    positions = getattr(base.config, "max_position_embeddings", None)
+    if positions is not None and config.max_seq_len > positions:
+        raise EdgefedError(f"max-seq-len {config.max_seq_len} exceeds the model's {positions} positions")
     spec = AdapterSpec(
         config.rank, config.alpha, config.target_modules, tuple(new_modules) or ("classifier",)
     )
@@ -68,6 +71,7 @@ def run(config: RunConfig, echo=print) -> dict:
 
     data = str(Path(config.data).resolve()) if config.data is not None else None  # None: the shipped sample
     resolved = dataclasses.replace(config, lr=lr, data=data)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves no directory behind
     write_config(resolved, run_dir / "config.toml")
     trainable = count_trainable(global_model)
     total = sum(p.numel() for p in global_model.parameters())
@@ -190,7 +194,8 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def make_run_dir(config: RunConfig) -> Path:
+def choose_run_dir(config: RunConfig) -> Path:
+    """`--out`, which must not hold a run already, or a fresh runs/<method>-<time>."""
     if config.out is not None:
         run_dir = Path(config.out)
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -202,7 +207,6 @@ def make_run_dir(config: RunConfig) -> Path:
         while run_dir.exists():
             suffix += 1
             run_dir = Path("runs") / f"{config.method}-{stamp}-{suffix}"
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 

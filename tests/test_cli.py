@@ -33,6 +33,7 @@ def test_bad_data_files(tmp_path, tiny_model_dir, case, content, expected):
     data = write(tmp_path / f"{case}.tsv", content)
     result = edgefed("run", "--data", data, "--model", str(tiny_model_dir), "--out", str(tmp_path / "run"))
     assert_one_clear_line(result, expected)
+    assert not (tmp_path / "run").exists(), "bad input must not leave a run directory behind"
 
 
 @pytest.mark.parametrize(
@@ -43,6 +44,10 @@ def test_bad_data_files(tmp_path, tiny_model_dir, case, content, expected):
         (["--data", "/no/such/data.tsv"], "/no/such/data.tsv: no such data file or folder"),
         (["--partition", "dirichlet"], "partition 'dirichlet': dirichlet needs a positive alpha"),
         (["--config", "/no/such.toml"], "/no/such.toml: no such config file"),
+        (
+            ["--max-seq-len", "1024", "--preset", "smoke"],
+            "max-seq-len 1024 exceeds the model's 512 positions",
+        ),
     ],
 )
 def test_bad_options(tmp_path, args, expected):
