@@ -24,8 +24,8 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check edgefed tests benchmarks
-	$(VENV)/bin/ruff format --check edgefed tests benchmarks
+	$(VENV)/bin/ruff check edgefed kernels tests benchmarks
+	$(VENV)/bin/ruff format --check edgefed kernels tests benchmarks
 
 install: $(STAMP)
 

@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="report rounds and time to this accuracy (a fraction, e.g. 0.85)",
     )
+    add(
+        "--fused-kernels",
+        action=argparse.BooleanOptionalAction,
+        help="LoRA/FeDeRA layers run edgefed's fused Triton kernel on CUDA (default on; off for comparison)",
+    )
     add("--seed", type=int, help="seed for partitioning, sampling, initialisation and batches (default 0)")
     add("--out", metavar="DIR", help="run directory (default runs/<method>-<time>)")
     return parser

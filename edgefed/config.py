@@ -41,6 +41,7 @@ class RunConfig:
     train_limit: int | None = None  # use only the first N training examples
     eval_limit: int | None = None  # evaluate on the first N evaluation examples
     target_accuracy: float | None = None
+    fused_kernels: bool = True  # LoRA/FeDeRA layers use edgefed.kernels.lora_linear on CUDA
     seed: int = 0
     out: str | None = None  # None: runs/<method>-<timestamp>
 
@@ -121,6 +122,10 @@ def coerce(name: str, value: Any) -> Any:
         if not isinstance(items, list | tuple) or not all(isinstance(item, str) and item for item in items):
             raise EdgefedError(f"{key_of(name)}: expected module names like 'query,value'")
         return tuple(item.strip() for item in items)
+    if bool in kinds:
+        if not isinstance(value, bool):
+            raise EdgefedError(f"{key_of(name)}: expected true or false, got {value!r}")
+        return value
     if int in kinds:
         if isinstance(value, bool) or not isinstance(value, int):
             raise EdgefedError(f"{key_of(name)}: expected an integer, got {value!r}")

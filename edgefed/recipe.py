@@ -19,6 +19,7 @@ from edgefed.config import RunConfig, resolve_config, write_config
 from edgefed.data import encode, load_splits, partition
 from edgefed.errors import EdgefedError
 from edgefed.methods import METHODS, AdapterSpec, count_trainable
+from edgefed.methods.lora import use_fused_kernels
 from edgefed.models import load_classifier, load_tokenizer, resolve_model_path
 from edgefed.recorder import Recorder, plot_curves, time_to_target
 from edgefed.server import FederatedServer
@@ -57,10 +58,14 @@ def run(config: RunConfig, echo=print) -> dict:
     )
     global_model, setup = method.prepare_global(base, spec)
     global_model.to(device)
+    if config.fused_kernels:
+        use_fused_kernels(global_model)
     # Clients: in this process they take turns on one worker model, built only from the
     # pre-trained files and the server's setup state, as a remote client would build it.
     worker_base, _ = load_classifier(model_path, num_labels)
     worker = method.adapt(worker_base, spec, setup)
+    if config.fused_kernels:
+        use_fused_kernels(worker)
     lr = config.lr if config.lr is not None else method.default_lr
     trainer = LocalTrainer(worker, lr, config.batch_size, device)
 

@@ -5,8 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 import torch
+
+# Without a GPU, the Triton kernels run in Triton's interpreter; it must be chosen before triton loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 from edgefed.models import load_tokenizer, resolve_model_path
 

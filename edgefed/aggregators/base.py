@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import torch
 
+from edgefed.kernels import weighted_sum
 from edgefed.methods.base import LowRankPair
 from edgefed.registry import Registry
 
@@ -48,13 +49,11 @@ def client_weights(updates: Sequence[ClientUpdate]) -> list[float]:
 
 
 def weighted_mean_step(global_state: State, updates: Sequence[ClientUpdate], keys: Iterable[str]) -> State:
-    """global + Σ_k p_k·δ_k for each key, accumulated in float32 (float64 stays float64)."""
+    """global + Σ_k p_k·δ_k for each key, the sum fused and accumulated in float32 (`weighted_sum`)."""
     weights = client_weights(updates)
     result = {}
     for key in keys:
         base = global_state[key]
-        accumulator = base.to(torch.promote_types(base.dtype, torch.float32)).clone()
-        for weight, update in zip(weights, updates, strict=True):
-            accumulator.add_(update.delta[key].to(accumulator.dtype), alpha=weight)
-        result[key] = accumulator.to(base.dtype)
+        step = weighted_sum([update.delta[key] for update in updates], weights).view(base.shape)
+        result[key] = (base.to(torch.float32) + step).to(base.dtype)
     return result

@@ -55,6 +55,54 @@ class LoRA(Method):
         return PeftModel.from_pretrained(base, out_dir)
 
 
+def use_fused_kernels(model: nn.Module, backend: str = "auto") -> int:
+    """Route each peft LoRA Linear through `edgefed.kernels.lora_linear` (fused Triton on CUDA).
+
+    Falls back to peft's own forward wherever the fused kernel does not apply (CPU tensors with
+    backend "auto", adapter dropout, DoRA, merged or several active adapters). Returns the number
+    of layers routed.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+
+    routed = 0
+    for _, layer in lora_layers(model):
+        if isinstance(layer, LoraLinear):
+            layer.forward = _fused_forward(layer, layer.forward, backend)
+            routed += 1
+    return routed
+
+
+def _fused_forward(layer, peft_forward, backend: str):
+    from edgefed.kernels import lora_linear
+
+    def forward(x, *args, **kwargs):
+        name = ADAPTER_NAME
+        applies = (
+            (x.is_cuda or backend == "triton")
+            and not args
+            and not kwargs
+            and not layer.disable_adapters
+            and not layer.merged
+            and list(layer.active_adapters) == [name]
+            and isinstance(layer.lora_dropout[name], nn.Identity)
+            and not layer.use_dora.get(name, False)
+        )
+        if not applies:
+            return peft_forward(x, *args, **kwargs)
+        base = layer.get_base_layer()
+        return lora_linear(
+            x,
+            base.weight,
+            layer.lora_A[name].weight,
+            layer.lora_B[name].weight,
+            layer.scaling[name],
+            base.bias,
+            backend=backend,
+        )
+
+    return forward
+
+
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
     return [
         (name, module)
