@@ -20,8 +20,9 @@ def lora_linear(
 ) -> torch.Tensor:
     """x [..., d_in], weight [d_out, d_in], lora_A [r, d_in], lora_B [d_out, r] -> [..., d_out].
 
-    `backend="auto"` runs the fused Triton kernels on CUDA and torch elsewhere; "triton" forces the
-    kernels (CUDA, or the CPU under TRITON_INTERPRET=1), "torch" the reference path.
+    `backend="auto"` runs the fused Triton kernels on CUDA when x and weight share a dtype (A and B
+    may be float32 adapters on a half-precision layer), torch elsewhere; "triton" forces the kernels
+    (CUDA, or the CPU under TRITON_INTERPRET=1), "torch" the reference path.
     """
     d_out, d_in = weight.shape
     rank = lora_A.shape[0]
@@ -30,7 +31,11 @@ def lora_linear(
             f"shapes do not chain: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
             f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}"
         )
-    if not use_triton(backend, x, weight, lora_A, lora_B):
+    if x.dtype != weight.dtype and backend == "triton":
+        raise ValueError(
+            f"the fused kernel needs x and weight in one dtype, got {x.dtype} and {weight.dtype}"
+        )
+    if x.dtype != weight.dtype or not use_triton(backend, x, weight, lora_A, lora_B):
         return functional.linear(x, weight, bias) + scale * (
             (x @ lora_A.to(x.dtype).T) @ lora_B.to(x.dtype).T
         )
