@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--preset", help="demo (default) or smoke (a small slice, two short rounds)")
     add("--method", help="fft, lora, federa (default), bitfit or adapter")
     add("--aggregator", help="fedavg (default: A and B averaged apart) or product (exact, in ΔW = B·A space)")
+    add("--codec", help="how client deltas travel: none (default), fp16, int8, int4 or topk:<fraction>")
     add("--clients", type=int, help="number of clients (default 4)")
     add("--rounds", type=int, help="federated rounds (default 16)")
     add("--local-steps", type=int, help="local optimizer steps per client per round (default 5)")

@@ -24,6 +24,7 @@ class RunConfig:
     preset: str = "demo"
     method: str = "federa"
     aggregator: str = "fedavg"
+    codec: str = "none"  # how client deltas travel: none, fp16, int8, int4, topk:<fraction>
     clients: int = 4
     rounds: int = 16
     local_steps: int | None = 5
@@ -141,11 +142,13 @@ def coerce(name: str, value: Any) -> Any:
 
 def validate(config: RunConfig) -> None:
     from edgefed.aggregators import AGGREGATORS
+    from edgefed.codecs import make_codec
     from edgefed.data import parse_partition
     from edgefed.methods import METHODS
 
     METHODS.create(config.method)
     AGGREGATORS.create(config.aggregator)
+    make_codec(config.codec)
     parse_partition(config.partition)
     positive = {
         "clients": config.clients,

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from edgefed.aggregators import AGGREGATORS
+from edgefed.codecs import make_codec
 from edgefed.config import RunConfig, resolve_config, write_config
 from edgefed.data import encode, load_splits, partition
 from edgefed.errors import EdgefedError
@@ -86,7 +87,9 @@ def run(config: RunConfig, echo=print) -> dict:
         f"and {len(evaluation):,} evaluation examples, {device.type}"
     )
     progress = StepProgress(config)
-    transport = InProcessTransport(trainer, client_examples, steps_for, config.seed, setup, progress.step)
+    transport = InProcessTransport(
+        trainer, client_examples, steps_for, config.seed, setup, make_codec(config.codec), progress.step
+    )
     server = FederatedServer(
         global_model,
         aggregator,
@@ -110,7 +113,7 @@ def run(config: RunConfig, echo=print) -> dict:
     summary = {
         "method": config.method,
         "aggregator": config.aggregator,
-        "codec": "none",
+        "codec": config.codec,
         "model": config.model,
         "clients": config.clients,
         "rounds": config.rounds,

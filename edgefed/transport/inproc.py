@@ -2,8 +2,9 @@
 
 Each client's frozen parameters are identical (they came from the same pre-trained files and the
 server's setup state), and each round starts by loading the global trainable state, so one worker
-model serves every client without any client seeing another's weights. Bytes are counted as the
-uncompressed tensor payload that a wire would carry.
+model serves every client without any client seeing another's weights. Each client encodes its
+delta with the run's codec, keeping its own error-feedback residual, and the server decodes what
+arrives: bytes up are the encoded sizes. The global state goes down uncompressed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from edgefed.aggregators.base import State
+from edgefed.codecs import Codec, ErrorFeedback, decode_state
 from edgefed.data import EncodedExamples
 from edgefed.methods.base import SetupState
 from edgefed.training import LocalTrainer
@@ -25,6 +27,7 @@ class InProcessTransport(Transport):
         steps_for: Callable[[int], int],
         seed: int,
         setup: SetupState,
+        codec: Codec,
         on_step: Callable[[int, int, float], None] = lambda round_number, client_id, loss: None,
     ) -> None:
         self.trainer = trainer
@@ -33,6 +36,8 @@ class InProcessTransport(Transport):
         self.seed = seed
         self.setup_bytes = payload_bytes(setup)
         self.on_step = on_step
+        self.codec = codec
+        self.feedback = {client: ErrorFeedback(codec) for client in range(len(client_examples))}
         self._set_up: set[int] = set()
 
     def fit(self, client_id: int, round_number: int, global_state: State) -> FitResult:
@@ -48,7 +53,10 @@ class InProcessTransport(Transport):
             seed=client_round_seed(self.seed, round_number, client_id),
             on_step=lambda loss: self.on_step(round_number, client_id, loss),
         )
-        return FitResult(update, bytes_down, payload_bytes(update.delta))
+        encoded = self.feedback[client_id].compress(update.delta)
+        device = next(iter(update.delta.values())).device
+        update.delta = {name: tensor.to(device) for name, tensor in decode_state(self.codec, encoded).items()}
+        return FitResult(update, bytes_down, sum(item.nbytes for item in encoded))
 
 
 def client_round_seed(seed: int, round_number: int, client_id: int) -> int:

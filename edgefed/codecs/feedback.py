@@ -1,0 +1,32 @@
+"""Error feedback (EF-SGD): a client adds what its codec dropped last round to this round's delta."""
+
+from __future__ import annotations
+
+import torch
+
+from edgefed.codecs.base import Codec, EncodedTensor, State, encode_state
+
+
+class ErrorFeedback:
+    """Per-client residuals of a lossy codec; lossless codecs keep none."""
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        self.residual: State = {}
+
+    def compress(self, delta: State) -> list[EncodedTensor]:
+        if self.codec.lossless:
+            return encode_state(self.codec, delta)
+        compensated = {name: tensor + self.residual.get(name, 0.0) for name, tensor in delta.items()}
+        encoded = encode_state(self.codec, compensated)
+        for item in encoded:
+            sent = self.codec.decode(item).to(compensated[item.name].device)
+            self.residual[item.name] = (compensated[item.name] - sent).detach()
+        return encoded
+
+    def residual_norm(self) -> float:
+        return (
+            float(torch.sqrt(sum((r.double() ** 2).sum() for r in self.residual.values())))
+            if self.residual
+            else 0.0
+        )
