@@ -1,0 +1,140 @@
+"""The wire format: generated modules are current, states survive chunking, and bad streams are refused."""
+
+import dataclasses
+import filecmp
+
+import pytest
+import torch
+
+from edgefed.codecs import encode_state, make_codec
+from edgefed.wire.framing import (
+    Expected,
+    WireError,
+    chunk_stream,
+    parse_state,
+    reassemble,
+    serialize_state,
+)
+from edgefed.wire.generate import ROOT, generate
+from edgefed.wire.v1 import federation_pb2 as pb
+
+
+def test_generated_modules_match_the_proto(tmp_path):
+    for fresh in generate(tmp_path):
+        committed = ROOT / fresh.relative_to(tmp_path)
+        assert committed.is_file(), f"{committed} is missing: run python -m edgefed.wire.generate"
+        assert filecmp.cmp(fresh, committed, shallow=False), (
+            f"{committed} is stale: run python -m edgefed.wire.generate"
+        )
+
+
+def state(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "lora_A": 0.01 * torch.randn(8, 300, generator=generator),
+        "head": torch.randn(2, 30, generator=generator),
+    }
+
+
+def expected_for(values, **overrides):
+    shapes = {name: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in values.items()}
+    return Expected(**{"run_id": "run-1", "round": 3, "shapes": shapes, "client_id": "c0", **overrides})
+
+
+def stream(values, codec, chunk_bytes=1000, **fields):
+    payload = serialize_state(encode_state(codec, values))
+    chunks = list(
+        chunk_stream(payload, "run-1", 3, "c0", chunk_bytes=chunk_bytes, num_examples=42, train_loss=0.5)
+    )
+    for name, value in fields.items():
+        setattr(chunks[0], name, value)
+    return chunks
+
+
+@pytest.mark.parametrize("spec", ["none", "fp16", "int8", "int4", "topk:0.1"])
+def test_a_state_survives_chunking_with_every_codec(spec):
+    codec, values = make_codec(spec), state()
+    chunks = stream(values, codec)
+    assert len(chunks) > 1 and all(len(chunk.SerializeToString()) <= 1000 + 200 for chunk in chunks)
+    payload, first = reassemble(iter(chunks), expected_for(values))
+    assert (first.num_examples, first.train_loss) == (42, 0.5)
+    decoded = parse_state(payload, codec, expected_for(values))
+    reference = {
+        name: codec.decode(item) for name, item in zip(values, encode_state(codec, values), strict=True)
+    }
+    for name in values:
+        assert torch.equal(decoded[name], reference[name])
+
+
+def test_default_chunks_are_at_most_one_mebibyte():
+    codec = make_codec("none")
+    big = {"w": torch.randn(3 * 2**18)}  # 3 MiB of float32
+    chunks = list(chunk_stream(serialize_state(encode_state(codec, big)), "r", 1))
+    assert len(chunks) == 4 and max(len(chunk.data) for chunk in chunks) == 2**20
+
+
+def refused(chunks, expected, message, codec=None):
+    with pytest.raises(WireError, match=message):
+        payload, _ = reassemble(iter(chunks), expected)
+        parse_state(payload, codec or make_codec("none"), expected)
+
+
+def test_truncated_reordered_and_tampered_streams_are_refused():
+    values = state()
+    chunks = stream(values, make_codec("none"))
+    refused(chunks[:-1], expected_for(values), "without its last one")
+    refused([chunks[1], chunks[0], *chunks[2:]], expected_for(values), "arrived where chunk 0 was due")
+    tampered = [pb.Chunk.FromString(chunk.SerializeToString()) for chunk in chunks]
+    tampered[1].data = bytes([tampered[1].data[0] ^ 1]) + tampered[1].data[1:]
+    refused(tampered, expected_for(values), "payload sha256 mismatch")
+
+
+def test_wrong_run_round_client_and_size_are_refused():
+    values = state()
+    chunks = stream(values, make_codec("none"))
+    refused(chunks, expected_for(values, run_id="run-2"), "wrong run id")
+    refused(chunks, expected_for(values, round=4), "round 3 is not the current round 4")
+    refused(chunks, expected_for(values, client_id="c1"), "chunk from 'c0' in the stream of 'c1'")
+    refused(chunks, expected_for(values, max_bytes=5000), "over the 5000-byte limit")
+
+
+def test_garbage_and_mismatching_tensors_are_refused():
+    values = state()
+    garbage = list(chunk_stream(b"\xff\xfe not protobuf \x00" * 10, "run-1", 3, "c0"))
+    refused(garbage, expected_for(values), "not a StatePayload")
+    codec = make_codec("none")
+    renamed = {"lora_B" if name == "lora_A" else name: t for name, t in values.items()}
+    refused(stream(renamed, codec), expected_for(values), "unknown \\['lora_B'\\], missing \\['lora_A'\\]")
+    reshaped = {**values, "head": values["head"].reshape(30, 2)}
+    refused(
+        stream(reshaped, codec), expected_for(values), r"tensor head: float32\[30, 2\] where float32\[2, 30\]"
+    )
+    halved = {**values, "head": values["head"].half()}
+    refused(stream(halved, codec), expected_for(values), r"tensor head: float16\[2, 30\] where float32")
+    refused(stream(values, make_codec("fp16")), expected_for(values), "codec 'fp16', this run uses 'none'")
+
+
+def test_tampered_tensor_digest_nan_and_norm_bound_are_refused():
+    values, codec = state(), make_codec("none")
+    payload = serialize_state(encode_state(codec, values))
+    message = pb.StatePayload.FromString(payload)
+    message.tensors[0].sha256 = b"\x00" * 32
+    refused(
+        list(chunk_stream(message.SerializeToString(), "run-1", 3, "c0")),
+        expected_for(values),
+        "tensor lora_A: sha256 mismatch",
+    )
+    poisoned = {**values, "head": values["head"].clone()}
+    poisoned["head"][0, 0] = float("nan")
+    refused(stream(poisoned, codec), expected_for(values), "tensor head: NaN or Inf")
+    norm = float(torch.sqrt(sum((t.double() ** 2).sum() for t in values.values())))
+    refused(stream(values, codec), expected_for(values, max_norm=norm * 0.99), "over the bound")
+    payload, _ = reassemble(iter(stream(values, codec)), expected_for(values, max_norm=norm * 1.01))
+    assert parse_state(payload, codec, expected_for(values, max_norm=norm * 1.01)).keys() == values.keys()
+
+
+def test_corrupt_codec_fields_are_a_wire_error():
+    values, codec = state(), make_codec("int8")
+    encoded = [dataclasses.replace(item, scales=item.scales[:-4]) for item in encode_state(codec, values)]
+    chunks = list(chunk_stream(serialize_state(encoded), "run-1", 3, "c0"))
+    refused(chunks, expected_for(values), "scales holds", codec=codec)
