@@ -1,7 +1,8 @@
 """Trainable parameters, bytes per client per round, and local step time of each method on one model.
 
-Every figure is measured in this one run, side by side: sizes from the adapted model itself (the
-same `payload_bytes` the federation records), step times on this machine's clock.
+Every figure is measured in this one run, side by side: sizes are the adapted model's own tensor
+bytes (benchmarks/comm.py measures what each codec and the wire format make of them), step times
+on this machine's clock.
 
     python benchmarks/method_sizes.py [--model all-MiniLM-L6-v2] [--out benchmarks/results/method_sizes.md]
 """
@@ -19,9 +20,12 @@ import torch
 
 from edgefed.methods import METHODS, AdapterSpec, trainable_state
 from edgefed.models import load_classifier, load_tokenizer, resolve_model_path
-from edgefed.transport import payload_bytes
 
 SENTENCE = "a gorgeous , witty , seductive movie that is also , at times , deeply and uncomfortably sad ."
+
+
+def payload_bytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in state.values())
 
 
 def step_times_ms(model: torch.nn.Module, batch: dict, steps: int = 5, warmup: int = 2) -> float:

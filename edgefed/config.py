@@ -24,7 +24,7 @@ class RunConfig:
     preset: str = "demo"
     method: str = "federa"
     aggregator: str = "fedavg"
-    codec: str = "none"  # how client deltas travel: none, fp16, int8, int4, topk:<fraction>
+    codec: str = "none"  # how client deltas travel: none, fp16, bf16, int8, int4, topk:<fraction>
     clients: int = 4
     rounds: int = 16
     local_steps: int | None = 5
@@ -43,6 +43,11 @@ class RunConfig:
     eval_limit: int | None = None  # evaluate on the first N evaluation examples
     target_accuracy: float | None = None
     fused_kernels: bool = True  # LoRA/FeDeRA layers use edgefed.kernels.lora_linear on CUDA
+    transport: str = "inproc"  # inproc: clients in this process; grpc: client processes on loopback
+    min_clients: int | None = None  # None: all; connected clients a round needs, and updates it counts
+    round_deadline_s: float = 600.0  # a sampled client that has not pushed by then is dropped
+    max_update_norm: float | None = None  # reject client updates whose L2 norm exceeds this
+    chunk_bytes: int = 1 << 20  # largest slice of a state in one gRPC message
     seed: int = 0
     out: str | None = None  # None: runs/<method>-<timestamp>
 
@@ -59,6 +64,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+TRANSPORTS = ("inproc", "grpc")
 FIELDS = {field.name: field for field in fields(RunConfig)}
 TYPES = typing.get_type_hints(RunConfig)
 # Keys not written to config.toml: where a run goes is not part of what it computes.
@@ -95,20 +101,36 @@ def resolve_config(file_path: str | None, flags: dict[str, Any]) -> RunConfig:
     return config
 
 
+def config_from_text(text: str, origin: str) -> RunConfig:
+    """A resolved configuration as `config_text` wrote it (a run's config.toml, a server's Join reply)."""
+    values = config_values(text, origin)
+    if values.get("local_epochs") is not None:
+        values["local_steps"] = None
+    config = RunConfig(**{name: coerce(name, value) for name, value in values.items()})
+    validate(config)
+    return config
+
+
 def read_config_file(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:
-            raw = tomllib.load(handle)
+            return config_values(handle.read().decode("utf-8"), path)
     except FileNotFoundError:
         raise EdgefedError(f"{path}: no such config file") from None
+
+
+def config_values(text: str, origin: str) -> dict[str, Any]:
+    """The keys of a TOML text (a file, or the configuration a server sends its clients)."""
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise EdgefedError(f"{path}: invalid TOML ({error})") from None
+        raise EdgefedError(f"{origin}: invalid TOML ({error})") from None
     values = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in FIELDS:
             valid = ", ".join(key_of(name) for name in FIELDS)
-            raise EdgefedError(f"{path}: unknown key '{key}'; valid keys: {valid}")
+            raise EdgefedError(f"{origin}: unknown key '{key}'; valid keys: {valid}")
         values[name] = value
     return values
 
@@ -161,10 +183,19 @@ def validate(config: RunConfig) -> None:
         "lr": config.lr,
         "train_limit": config.train_limit,
         "eval_limit": config.eval_limit,
+        "min_clients": config.min_clients,
+        "round_deadline_s": config.round_deadline_s,
+        "max_update_norm": config.max_update_norm,
     }
     for name, value in positive.items():
         if value is not None and value <= 0:
             raise EdgefedError(f"{key_of(name)} must be positive, got {value}")
+    if config.transport not in TRANSPORTS:
+        raise EdgefedError(f"unknown transport '{config.transport}'; choose one of: {', '.join(TRANSPORTS)}")
+    if config.min_clients is not None and config.min_clients > config.clients:
+        raise EdgefedError(f"min-clients {config.min_clients} exceeds clients {config.clients}")
+    if not 1024 <= config.chunk_bytes <= 4 << 20:
+        raise EdgefedError(f"chunk-bytes must be between 1024 and 4194304 (4 MiB), got {config.chunk_bytes}")
     if not 0 < config.sample_fraction <= 1:
         raise EdgefedError(f"sample-fraction must be in (0, 1], got {config.sample_fraction}")
     if not 8 <= config.max_seq_len <= 4096:
@@ -177,12 +208,16 @@ def validate(config: RunConfig) -> None:
 
 def write_config(config: RunConfig, path: Path) -> None:
     """config.toml: the resolved configuration, re-runnable with `edgefed run --config`."""
+    path.write_text(config_text(config), encoding="utf-8")
+
+
+def config_text(config: RunConfig) -> str:
     lines = ["# Resolved configuration of this run: edgefed run --config config.toml"]
     for name, value in dataclasses.asdict(config).items():
         if value is None or name in NOT_RECORDED:
             continue
         lines.append(f"{key_of(name)} = {toml_value(value)}")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return "\n".join(lines) + "\n"
 
 
 def toml_value(value: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -11,6 +12,7 @@ from edgefed.errors import EdgefedError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch
 import transformers
 from torch import nn
 
@@ -69,3 +71,19 @@ def load_classifier(model_path: str, num_labels: int) -> tuple[nn.Module, list[s
     missing = sorted(info["missing_keys"])
     new_modules = sorted({key.rsplit(".", 1)[0] for key in missing})
     return model, new_modules
+
+
+def model_fingerprint(model: nn.Module, new_modules: list[str]) -> str:
+    """sha256 over the pre-trained tensors (names, dtypes, shapes, bytes), newly initialised modules excluded.
+
+    A client checks it against the server's before training, so a different base model is refused
+    with a clear error instead of producing meaningless updates.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if any(name.startswith(f"{module}.") for module in new_modules):
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)};".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()

@@ -7,6 +7,8 @@ import json
 import random
 import sys
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,27 +17,46 @@ from torch import nn
 from tqdm import tqdm
 
 from edgefed.aggregators import AGGREGATORS
+from edgefed.checkpoint import Checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from edgefed.client import FederatedClient
 from edgefed.codecs import make_codec
-from edgefed.config import RunConfig, resolve_config, write_config
-from edgefed.data import encode, load_splits, partition
+from edgefed.config import RunConfig, config_from_text, resolve_config, write_config
+from edgefed.data import EncodedExamples, LabeledTexts, encode, load_splits, partition
 from edgefed.errors import EdgefedError
-from edgefed.methods import METHODS, AdapterSpec, count_trainable
+from edgefed.methods import METHODS, AdapterSpec, Method, count_trainable
+from edgefed.methods.base import SetupState, load_trainable_state
 from edgefed.methods.lora import use_fused_kernels
-from edgefed.models import load_classifier, load_tokenizer, resolve_model_path
+from edgefed.models import load_classifier, load_tokenizer, model_fingerprint, resolve_model_path
 from edgefed.recorder import Recorder, plot_curves, time_to_target
 from edgefed.server import FederatedServer
 from edgefed.training import LocalTrainer, evaluate, local_steps
-from edgefed.transport import InProcessTransport, payload_bytes
+from edgefed.transport import InProcessTransport, state_payload
+from edgefed.transport.auth import TokenBook
+from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, RunDescription
+from edgefed.transport.loopback import LoopbackFleet
 
 
-def run(config: RunConfig, echo=print) -> dict:
-    """Run a federation in this process and write its run directory; returns the summary."""
-    set_seed(config.seed)
-    run_dir = choose_run_dir(config)
+@dataclass
+class ServerSide:
+    """What a server builds from a configuration: data, the global model and the clients' setup state."""
+
+    config: RunConfig
+    method: Method
+    spec: AdapterSpec
+    global_model: nn.Module
+    setup: SetupState
+    tokenizer: object
+    train: LabeledTexts
+    evaluation: LabeledTexts
+    eval_examples: EncodedExamples
+    num_labels: int
+    fingerprint: str
+    device: torch.device
+
+
+def prepare(config: RunConfig) -> ServerSide:
     method = METHODS.create(config.method)
-    aggregator = AGGREGATORS.create(config.aggregator)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)
     train, evaluation = load_splits(config.data, config.seed)
@@ -44,16 +65,12 @@ def run(config: RunConfig, echo=print) -> dict:
     num_labels = max(max(train.labels), max(evaluation.labels)) + 1
     if num_labels < 2:
         raise EdgefedError(f"{train.source}: every label is 0; classification needs at least two classes")
-    shards = partition(train.labels, config.clients, config.partition, config.seed)
-    encoded_train = encode(train, tokenizer, config.max_seq_len)
-    client_examples = [encoded_train.subset(shard) for shard in shards]
-    eval_examples = encode(evaluation, tokenizer, config.max_seq_len)
-
-    # Server: the global model, adapted once (FeDeRA's SVD happens here and nowhere else).
+    # The global model, adapted once (FeDeRA's SVD happens here and nowhere else).
     base, new_modules = load_classifier(model_path, num_labels)
     positions = getattr(base.config, "max_position_embeddings", None)
     if positions is not None and config.max_seq_len > positions:
         raise EdgefedError(f"max-seq-len {config.max_seq_len} exceeds the model's {positions} positions")
+    fingerprint = model_fingerprint(base, new_modules)
     spec = AdapterSpec(
         config.rank, config.alpha, config.target_modules, tuple(new_modules) or ("classifier",)
     )
@@ -61,70 +78,200 @@ def run(config: RunConfig, echo=print) -> dict:
     global_model.to(device)
     if config.fused_kernels:
         use_fused_kernels(global_model)
-    # Clients: in this process they take turns on one worker model, built only from the
-    # pre-trained files and the server's setup state, as a remote client would build it.
-    worker_base, _ = load_classifier(model_path, num_labels)
-    worker = method.adapt(worker_base, spec, setup)
+    eval_examples = encode(evaluation, tokenizer, config.max_seq_len)
+    return ServerSide(
+        config,
+        method,
+        spec,
+        global_model,
+        setup,
+        tokenizer,
+        train,
+        evaluation,
+        eval_examples,
+        num_labels,
+        fingerprint,
+        device,
+    )
+
+
+def in_process_clients(side: ServerSide, on_step) -> list[FederatedClient]:
+    """The clients of a simulation, taking turns on one worker model built only from the pre-trained
+    files and the server's setup state, as a remote client would build it."""
+    config = side.config
+    shards = partition(side.train.labels, config.clients, config.partition, config.seed)
+    encoded_train = encode(side.train, side.tokenizer, config.max_seq_len)
+    worker_base, _ = load_classifier(resolve_model_path(config.model), side.num_labels)
+    worker = side.method.adapt(worker_base, side.spec, side.setup)
     if config.fused_kernels:
         use_fused_kernels(worker)
-    lr = config.lr if config.lr is not None else method.default_lr
-    trainer = LocalTrainer(worker, lr, config.batch_size, device)
+    trainer = LocalTrainer(worker, config.lr, config.batch_size, side.device)
+    clients = []
+    for index, shard in enumerate(shards):
+        examples = encoded_train.subset(shard)
+        steps = local_steps(len(examples), config.batch_size, config.local_steps, config.local_epochs)
+        codec = make_codec(config.codec)
+        clients.append(FederatedClient(index, trainer, examples, steps, config.seed, codec, on_step))
+    return clients
 
-    def steps_for(client: int) -> int:
-        return local_steps(
-            len(client_examples[client]), config.batch_size, config.local_steps, config.local_epochs
+
+def run(config: RunConfig, echo=print, resume: bool = False) -> dict:
+    """`edgefed run`: a whole federation from one command; clients in this process or in processes."""
+
+    def transport(side: ServerSide, run_id: str, run_dir: Path, slots: dict[str, int], progress, log):
+        if side.config.transport == "inproc":
+            clients = in_process_clients(side, progress.step)
+            return InProcessTransport(
+                clients,
+                side.setup,
+                make_codec(side.config.codec),
+                run_id,
+                side.config.chunk_bytes,
+                side.config.max_update_norm,
+                side.device,
+            )
+        return LoopbackFleet.start(side, run_id, run_dir, slots, log)
+
+    return federate(config, transport, echo, resume)
+
+
+def serve(
+    config: RunConfig,
+    address: str,
+    tokens: TokenBook | None = None,
+    tls: tuple[bytes, bytes] | None = None,
+    resume: bool = False,
+    heartbeat_s: float = 1.0,
+    echo=print,
+) -> dict:
+    """`edgefed server`: serve the federation on `address` to `edgefed client`s; returns the summary."""
+    if tokens is not None and len(tokens.clients) != config.clients:
+        raise EdgefedError(
+            f"the token file lists {len(tokens.clients)} clients, the run has {config.clients}"
         )
+    host = address.rsplit(":", 1)[0]
+    if tokens is None and host not in ("127.0.0.1", "localhost", "[::1]"):
+        echo(f"edgefed: warning: serving {address} without --tokens: anyone who reaches it can join")
 
+    def transport(side: ServerSide, run_id: str, run_dir: Path, slots: dict[str, int], progress, log):
+        description = RunDescription(
+            run_id,
+            side.config,
+            side.num_labels,
+            side.spec.head_modules,
+            side.fingerprint,
+            state_payload(side.setup),
+        )
+        servicer = FederationServicer(description, tokens, slots, heartbeat_s, side.device, log)
+        grpc_transport = GrpcTransport(
+            servicer,
+            address,
+            side.config.min_clients or side.config.clients,
+            side.config.round_deadline_s,
+            tls,
+        )
+        log(f"edgefed: serving run {run_id} on {grpc_transport.address}")
+        return grpc_transport
+
+    return federate(dataclasses.replace(config, transport="grpc"), transport, echo, resume)
+
+
+def federate(config: RunConfig, make_transport, echo, resume: bool) -> dict:
+    """The server's side of any run: build, (resume,) run the rounds with checkpoints, save, summarise."""
+    set_seed(config.seed)
+    run_dir = choose_run_dir(config, resume)
+    side = prepare(config)
+    lr = config.lr if config.lr is not None else side.method.default_lr
     data = str(Path(config.data).resolve()) if config.data is not None else None  # None: the shipped sample
-    resolved = dataclasses.replace(config, lr=lr, data=data)
-    run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves no directory behind
-    write_config(resolved, run_dir / "config.toml")
-    trainable = count_trainable(global_model)
-    total = sum(p.numel() for p in global_model.parameters())
+    side.config = config = dataclasses.replace(config, lr=lr, data=data)
+    aggregator = AGGREGATORS.create(config.aggregator)
+    checkpoint = load_checkpoint(run_dir) if resume else None
+    if checkpoint is None:
+        run_id = uuid.uuid4().hex[:16]
+        run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves no directory behind
+        write_config(config, run_dir / "config.toml")
+    else:
+        run_id = checkpoint.run_id
+        recorded = config_from_text((run_dir / "config.toml").read_text(encoding="utf-8"), "config.toml")
+        if dataclasses.replace(recorded, transport=config.transport, out=config.out) != config:
+            raise EdgefedError(f"{run_dir}: the configuration differs from the one the run started with")
+        load_trainable_state(
+            side.global_model, {k: v.to(side.device) for k, v in checkpoint.global_state.items()}
+        )
+        aggregator.load_state_dict(checkpoint.aggregator_state)
+        restore_rng(checkpoint.rng)
+        echo(f"edgefed: resuming run {run_id} after round {checkpoint.round} from {run_dir / 'checkpoint'}")
+    trainable = count_trainable(side.global_model)
+    total = sum(p.numel() for p in side.global_model.parameters())
     echo(
         f"edgefed: {config.method} on {config.model} ({trainable:,} of {total:,} parameters train), "
-        f"{config.clients} clients ({config.partition}), {config.rounds} rounds, {len(train):,} training "
-        f"and {len(evaluation):,} evaluation examples, {device.type}"
+        f"{config.clients} clients ({config.partition}), {config.rounds} rounds, "
+        f"{len(side.train):,} training and {len(side.evaluation):,} evaluation examples, "
+        f"{side.device.type}, {config.transport} transport"
     )
     progress = StepProgress(config)
-    transport = InProcessTransport(
-        trainer, client_examples, steps_for, config.seed, setup, make_codec(config.codec), progress.step
-    )
+    log = progress.writer(echo)
+    slots = checkpoint.clients if checkpoint else {}
+    transport = make_transport(side, run_id, run_dir, slots, progress, log)
     server = FederatedServer(
-        global_model,
+        side.global_model,
         aggregator,
-        method.low_rank_pairs(global_model),
+        side.method.low_rank_pairs(side.global_model),
         transport,
-        lambda model: evaluate(model, eval_examples, device),
+        lambda model: evaluate(model, side.eval_examples, side.device),
         config.clients,
         config.sample_fraction,
         config.seed,
+        config.min_clients,
+        log,
     )
-    recorder = Recorder(run_dir, echo=progress.writer(echo))
-    started = time.perf_counter()
-    server.run(config.rounds, recorder.record)
-    progress.close()
+    recorder = Recorder(run_dir, log, resume_after=checkpoint.round if checkpoint else None)
 
-    method.save(global_model.cpu(), spec, setup, run_dir / "adapter")
-    tokenizer.save_pretrained(run_dir / "adapter")
-    rounds = recorder.rounds
+    def save_round(round_number: int, state, wall_s: float) -> None:
+        checkpoint = Checkpoint(
+            round_number, run_id, state, wall_s, aggregator.state_dict(), transport.slots(), rng_state()
+        )
+        save_checkpoint(run_dir, checkpoint)
+
+    started = time.perf_counter()
+    try:
+        server.run(
+            config.rounds,
+            recorder.record,
+            save_round,
+            first_round=checkpoint.round + 1 if checkpoint else 1,
+            wall_offset=checkpoint.wall_s if checkpoint else 0.0,
+        )
+    finally:
+        progress.close()
+        transport.close()
+    return finish_run(side, run_dir, recorder.rounds, time.perf_counter() - started, echo)
+
+
+def finish_run(side: ServerSide, run_dir: Path, rounds: list[dict], total_s: float, echo) -> dict:
+    """The trained adapter, summary.json, curves.png and the closing lines."""
+    config, global_model = side.config, side.global_model
+    side.method.save(global_model.cpu(), side.spec, side.setup, run_dir / "adapter")
+    side.tokenizer.save_pretrained(run_dir / "adapter")
     target_round, target_wall = time_to_target(rounds, config.target_accuracy)
     best = max(rounds, key=lambda metrics: metrics["accuracy"])
+    trainable = count_trainable(global_model)
     summary = {
         "method": config.method,
         "aggregator": config.aggregator,
         "codec": config.codec,
+        "transport": config.transport,
         "model": config.model,
         "clients": config.clients,
         "rounds": config.rounds,
-        "train_source": train.source,
-        "eval_source": evaluation.source,
-        "train_examples": len(train),
-        "eval_examples": len(evaluation),
-        "num_labels": num_labels,
-        "head_modules": list(spec.head_modules),
+        "train_source": side.train.source,
+        "eval_source": side.evaluation.source,
+        "train_examples": len(side.train),
+        "eval_examples": len(side.evaluation),
+        "num_labels": side.num_labels,
+        "head_modules": list(side.spec.head_modules),
         "trainable_parameters": trainable,
-        "total_parameters": total,
+        "total_parameters": sum(p.numel() for p in global_model.parameters()),
         "final_accuracy": rounds[-1]["accuracy"],
         "final_loss": rounds[-1]["loss"],
         "best_accuracy": best["accuracy"],
@@ -135,9 +282,9 @@ def run(config: RunConfig, echo=print) -> dict:
         "time_to_target_s": {"wall": target_wall},
         "bytes_up": sum(metrics["bytes_up"] for metrics in rounds),
         "bytes_down": sum(metrics["bytes_down"] for metrics in rounds),
-        "setup_bytes_per_client": payload_bytes(setup),
+        "setup_bytes_per_client": len(state_payload(side.setup)),
         "wall_s": rounds[-1]["wall_s"],
-        "total_s": time.perf_counter() - started,
+        "total_s": total_s,
         "run_dir": str(run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -149,14 +296,20 @@ def run(config: RunConfig, echo=print) -> dict:
 
 
 class StepProgress:
-    """A progress bar over local training steps on a terminal (silent elsewhere: the table suffices)."""
+    """A progress bar over in-process local training steps on a terminal (silent elsewhere: the table
+    and, over gRPC, the clients' own logs suffice)."""
 
     def __init__(self, config: RunConfig) -> None:
         per_round = max(1, round(config.sample_fraction * config.clients))
         total = config.rounds * per_round * config.local_steps if config.local_steps else None
         self.rounds = config.rounds
         self.bar = tqdm(
-            total=total, unit="step", desc="local training", leave=False, file=sys.stderr, disable=None
+            total=total,
+            unit="step",
+            desc="local training",
+            leave=False,
+            file=sys.stderr,
+            disable=None if config.transport == "inproc" else True,
         )
 
     def step(self, round_number: int, client: int, loss: float) -> None:
@@ -202,12 +355,18 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def choose_run_dir(config: RunConfig) -> Path:
-    """`--out`, which must not hold a run already, or a fresh runs/<method>-<time>."""
+def choose_run_dir(config: RunConfig, resume: bool = False) -> Path:
+    """`--out`, which must not hold a run already (unless resuming it), or a fresh runs/<method>-<time>."""
+    if resume:
+        if config.out is None:
+            raise EdgefedError("--resume needs --out DIR, the directory of the run to resume")
+        return Path(config.out)
     if config.out is not None:
         run_dir = Path(config.out)
         if run_dir.exists() and any(run_dir.iterdir()):
-            raise EdgefedError(f"{run_dir}: the run directory exists and is not empty; choose another --out")
+            raise EdgefedError(
+                f"{run_dir}: the run directory exists and is not empty; choose another --out (or --resume it)"
+            )
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / f"{config.method}-{stamp}"

@@ -14,10 +14,22 @@ HEADER = (
 
 
 class Recorder:
-    def __init__(self, run_dir: Path, echo: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, run_dir: Path, echo: Callable[[str], None] = print, resume_after: int | None = None
+    ) -> None:
+        """`resume_after`: keep the recorded rounds up to that one (a resumed run's checkpoint) and go on."""
         self.metrics_path = run_dir / "metrics.jsonl"
         self.echo = echo
         self.rounds: list[dict] = []
+        if resume_after is not None:
+            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    metrics = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by the kill: after the checkpoint
+                    break
+                if metrics["round"] <= resume_after:
+                    self.rounds.append(metrics)
+            self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in self.rounds), encoding="utf-8")
 
     def record(self, metrics: dict) -> None:
         if not self.rounds:

@@ -1,4 +1,4 @@
-"""The federated server's round loop: sample, broadcast, collect, aggregate, evaluate, record."""
+"""The federated server's round loop: sample, broadcast, collect, aggregate, evaluate, record, checkpoint."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from torch import nn
 
 from edgefed.aggregators.base import Aggregator, State
 from edgefed.methods.base import LowRankPair, load_trainable_state, trainable_state
-from edgefed.transport.base import Transport
+from edgefed.transport.base import RoundResult, Transport
 
 # (accuracy, loss) of the global model on the evaluation set.
 Evaluator = Callable[[nn.Module], tuple[float, float]]
+# Called after each completed round with (round, global state, wall seconds so far).
+RoundHook = Callable[[int, State, float], None]
 
 
 class FederatedServer:
@@ -27,55 +29,80 @@ class FederatedServer:
         num_clients: int,
         sample_fraction: float,
         seed: int,
+        min_clients: int | None = None,
+        echo: Callable[[str], None] = print,
     ) -> None:
         self.model = model
         self.aggregator = aggregator
         self.pairs = pairs
         self.transport = transport
         self.evaluator = evaluator
-        self.num_clients = num_clients
         self.clients_per_round = max(1, round(sample_fraction * num_clients))
+        self.min_clients = num_clients if min_clients is None else min_clients
         self.seed = seed
+        self.echo = echo
 
-    def sample(self, round_number: int) -> list[int]:
+    def sample(self, round_number: int, available: list[int]) -> list[int]:
+        """A reproducible sample of the connected clients (of all of them, when all are connected)."""
         rng = np.random.default_rng([self.seed, round_number])
-        chosen = rng.choice(self.num_clients, size=self.clients_per_round, replace=False)
-        return sorted(int(client) for client in chosen)
+        size = min(self.clients_per_round, len(available))
+        return sorted(int(client) for client in rng.choice(np.array(available), size=size, replace=False))
 
-    def run(self, rounds: int, record: Callable[[dict], None]) -> State:
-        """Run the rounds; `record` receives each round's metrics (round 0: the starting model)."""
-        start = time.perf_counter()
+    def run(
+        self,
+        rounds: int,
+        record: Callable[[dict], None],
+        after_round: RoundHook = lambda round_number, state, wall_s: None,
+        first_round: int = 1,
+        wall_offset: float = 0.0,
+    ) -> State:
+        """Run rounds `first_round`..`rounds` (round 0, the starting model, is evaluated on a fresh run).
+
+        A round that gets fewer than min(min-clients, sampled) updates by its deadline is discarded
+        and run again: the global state only ever moves by a round with enough clients in it.
+        """
+        start = time.perf_counter() - wall_offset
         global_state = trainable_state(self.model)
-        accuracy, loss = self.evaluator(self.model)
-        record(self._metrics(0, accuracy, loss, [], 0.0, start))
-        for round_number in range(1, rounds + 1):
+        if first_round == 1:
+            accuracy, loss = self.evaluator(self.model)
+            record(self._metrics(0, accuracy, loss, RoundResult([]), time.perf_counter(), start))
+        round_number = first_round
+        while round_number <= rounds:
+            clients = self.sample(round_number, self.transport.wait_for_clients())
             round_start = time.perf_counter()
-            results = [
-                self.transport.fit(client, round_number, global_state) for client in self.sample(round_number)
-            ]
-            updates = [result.update for result in results]
-            global_state = self.aggregator.aggregate(global_state, updates, self.pairs)
+            result = self.transport.fit_round(round_number, clients, global_state)
+            needed = min(self.min_clients, len(clients))
+            if len(result.updates) < needed:
+                self.echo(
+                    f"edgefed: round {round_number}: {len(result.updates)} of the {needed} updates it needs "
+                    f"arrived (dropped clients {result.dropped}); running the round again"
+                )
+                continue
+            global_state = self.aggregator.aggregate(global_state, result.updates, self.pairs)
             load_trainable_state(self.model, global_state)
             accuracy, loss = self.evaluator(self.model)
-            metrics = self._metrics(round_number, accuracy, loss, results, round_start, start)
+            metrics = self._metrics(round_number, accuracy, loss, result, round_start, start)
             record(metrics)
+            after_round(round_number, global_state, metrics["wall_s"])
+            round_number += 1
+        self.transport.finish()
         return global_state
 
     @staticmethod
-    def _metrics(round_number, accuracy, loss, results, round_start, start) -> dict:
+    def _metrics(round_number, accuracy, loss, result: RoundResult, round_start, start) -> dict:
         now = time.perf_counter()
-        updates = [result.update for result in results]
+        updates = result.updates
         examples = sum(update.num_examples for update in updates)
         return {
             "round": round_number,
             "accuracy": accuracy,
             "loss": loss,
             "train_loss": sum(u.train_loss * u.num_examples for u in updates) / examples if updates else None,
-            "bytes_up": sum(result.bytes_up for result in results),
-            "bytes_down": sum(result.bytes_down for result in results),
+            "bytes_up": result.bytes_up,
+            "bytes_down": result.bytes_down,
             "clients": [update.client_id for update in updates],
-            "dropped": [],
+            "dropped": result.dropped,
             "slowest_client_s": max((update.train_s for update in updates), default=0.0),
-            "round_s": now - round_start if results else now - start,
+            "round_s": now - round_start if round_number else now - start,
             "wall_s": now - start,
         }

@@ -66,3 +66,35 @@ def assert_one_clear_line(result, expected):
 def test_help_and_version():
     assert "run" in edgefed("--help").stdout
     assert edgefed("--version").stdout.startswith("edgefed ")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["server", "--address", "127.0.0.1:0", "--tls-cert", "cert.pem"],
+            "--tls-cert and --tls-key go together",
+        ),
+        (
+            ["server", "--address", "127.0.0.1:0", "--tokens", "tokens.txt"],
+            "tokens.txt:2: expected `client-id token`",
+        ),
+        (["server", "--address", "127.0.0.1:0", "--resume"], "--resume needs --out DIR"),
+        (
+            ["server", "--address", "127.0.0.1:0", "--resume", "--out", "nothing"],
+            "nothing/config.toml: no such config",
+        ),
+        (
+            ["run", "--transport", "carrier-pigeon"],
+            "unknown transport 'carrier-pigeon'; choose one of: inproc, grpc",
+        ),
+        (["run", "--clients", "2", "--min-clients", "3"], "min-clients 3 exceeds clients 2"),
+        (
+            ["client", "--server", "127.0.0.1:9", "--data", "d.tsv", "--retry-s", "0.5"],
+            "server 127.0.0.1:9 unreachable for 0.5 s",
+        ),
+    ],
+)
+def test_bad_federation_options(tmp_path, args, expected):
+    write(tmp_path / "tokens.txt", "client-0 0123456789abcdef0123\nclient-1 short\n")
+    assert_one_clear_line(edgefed(*args, cwd=tmp_path), expected)

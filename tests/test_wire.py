@@ -86,7 +86,7 @@ def test_truncated_reordered_and_tampered_streams_are_refused():
     refused([chunks[1], chunks[0], *chunks[2:]], expected_for(values), "arrived where chunk 0 was due")
     tampered = [pb.Chunk.FromString(chunk.SerializeToString()) for chunk in chunks]
     tampered[1].data = bytes([tampered[1].data[0] ^ 1]) + tampered[1].data[1:]
-    refused(tampered, expected_for(values), "payload sha256 mismatch")
+    refused(tampered, expected_for(values), "tensor lora_A: sha256 mismatch")
 
 
 def test_wrong_run_round_client_and_size_are_refused():

@@ -38,6 +38,14 @@ class Aggregator(ABC):
     ) -> State:
         """The next global state. `pairs` name the low-rank factors that belong together."""
 
+    def state_dict(self) -> State:
+        """What the aggregator carries between rounds (a server optimiser's moments); checkpointed."""
+        return {}
+
+    def load_state_dict(self, state: State) -> None:
+        if state:
+            raise ValueError(f"aggregator '{self.name}' keeps no state, got {sorted(state)[:3]}")
+
 
 def client_weights(updates: Sequence[ClientUpdate]) -> list[float]:
     if not updates:

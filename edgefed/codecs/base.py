@@ -23,6 +23,7 @@ DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
+    "uint8": torch.uint8,  # checksums in FeDeRA's setup state (always the lossless `none` codec)
 }
 
 

@@ -8,15 +8,24 @@ from edgefed.codecs.base import Codec, EncodedTensor, State, encode_state
 
 
 class ErrorFeedback:
-    """Per-client residuals of a lossy codec; lossless codecs keep none."""
+    """Per-client residuals of a lossy codec; lossless codecs keep none.
+
+    A round can be run twice (the server discarded it, or restarted from its checkpoint); the residual
+    from before a round's first attempt is kept so the second attempt encodes exactly what the first did.
+    """
 
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
         self.residual: State = {}
+        self._round: int | None = None
+        self._before: State = {}
 
-    def compress(self, delta: State) -> list[EncodedTensor]:
+    def compress(self, delta: State, round_number: int) -> list[EncodedTensor]:
         if self.codec.lossless:
             return encode_state(self.codec, delta)
+        if round_number == self._round:
+            self.residual = dict(self._before)
+        self._round, self._before = round_number, dict(self.residual)
         compensated = {name: tensor + self.residual.get(name, 0.0) for name, tensor in delta.items()}
         encoded = encode_state(self.codec, compensated)
         for item in encoded:

@@ -48,3 +48,13 @@ def _hold_out(data: LabeledTexts, seed: int) -> tuple[LabeledTexts, LabeledTexts
     order = np.random.default_rng(seed).permutation(len(data)).tolist()
     held = min(HOLDOUT_MAX, max(1, int(len(data) * HOLDOUT_FRACTION)))
     return data.subset(sorted(order[held:])), data.subset(sorted(order[:held]))
+
+
+def load_train(data: str | Path) -> LabeledTexts:
+    """A client's own training data: every row of a file, or a folder's `train.*` file."""
+    path = Path(data)
+    if path.is_dir():
+        return read_labeled_file(_find_split(path, ("train",), required=True))
+    if path.is_file():
+        return read_labeled_file(path)
+    raise EdgefedError(f"{path}: no such data file or folder")

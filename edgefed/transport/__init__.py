@@ -1,6 +1,6 @@
-"""Transports: how the server's round reaches its clients."""
+"""Transports: how the server's round reaches its clients (in this process, or over gRPC)."""
 
-from edgefed.transport.base import FitResult, Transport, payload_bytes
+from edgefed.transport.base import RoundResult, Transport, state_payload
 from edgefed.transport.inproc import InProcessTransport
 
-__all__ = ["FitResult", "InProcessTransport", "Transport", "payload_bytes"]
+__all__ = ["InProcessTransport", "RoundResult", "Transport", "state_payload"]

@@ -1,26 +1,89 @@
-"""The `Transport` interface: how the server reaches its clients (in-process now, gRPC later)."""
+"""The `Transport` interface: how a server's round reaches its clients, and what comes back.
+
+Every transport moves states through the same wire format (edgefed/wire): the in-process one
+serialises and checks exactly what the gRPC one sends, so both count the same bytes and refuse the
+same malformed updates.
+"""
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
 
 from edgefed.aggregators.base import ClientUpdate, State
+from edgefed.codecs import Codec, encode_state, make_codec
+from edgefed.wire.framing import Expected, WireError, parse_state, reassemble, serialize_state
+from edgefed.wire.v1 import federation_pb2 as pb
+
+# The global state and the setup go down losslessly; only client deltas use the run's codec.
+LOSSLESS = make_codec("none")
 
 
 @dataclass
-class FitResult:
-    update: ClientUpdate
-    bytes_down: int  # what the client received this round (the global state; the setup once)
-    bytes_up: int  # what it sent back (its delta)
+class RoundResult:
+    updates: list[ClientUpdate]
+    dropped: list[int] = field(default_factory=list)  # sampled clients that died, stalled or were refused
+    bytes_up: int = 0  # gRPC message bytes of the state streams, as sent
+    bytes_down: int = 0
 
 
 class Transport(ABC):
     @abstractmethod
-    def fit(self, client_id: int, round_number: int, global_state: State) -> FitResult:
-        """Send the global state to one client, let it train, and return its update."""
+    def wait_for_clients(self) -> list[int]:
+        """The clients a round may sample from (blocking until enough are connected)."""
+
+    @abstractmethod
+    def fit_round(self, round_number: int, clients: list[int], global_state: State) -> RoundResult:
+        """Send the global state to the sampled clients, let them train, and collect their updates."""
+
+    def finish(self) -> None:  # noqa: B027 - a hook: only transports with remote clients need it
+        """Tell the clients the run is over."""
+
+    def close(self) -> None:  # noqa: B027 - a hook: only transports holding resources need it
+        """Release what the transport holds (servers, processes), also after an error."""
+
+    def slots(self) -> dict[str, int]:
+        """Client id -> slot of every client that joined; checkpointed so that restarts keep them."""
+        return {}
 
 
-def payload_bytes(state: State) -> int:
-    """Bytes of a state's tensor data, uncompressed (the `none` codec), without framing."""
-    return sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+def state_payload(state: State) -> bytes:
+    """A state serialised losslessly (the global model each round, the one-off setup)."""
+    return serialize_state(encode_state(LOSSLESS, state))
+
+
+def state_shapes(state: State) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {name: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in state.items()}
+
+
+def max_update_bytes(global_state: State) -> int:
+    """Room for any codec's encoding of a delta (top-k at fraction 1 doubles it) plus framing."""
+    return 2 * sum(t.numel() * t.element_size() for t in global_state.values()) + (1 << 20)
+
+
+def receive_update(
+    chunks: Iterable[pb.Chunk],
+    expected: Expected,
+    codec: Codec,
+    client_index: int,
+    device: torch.device,
+) -> ClientUpdate:
+    """Reassemble, check and decode one client's pushed delta; raises WireError, applying nothing."""
+    payload, first = reassemble(chunks, expected)
+    delta = parse_state(payload, codec, expected)
+    if first.num_examples <= 0 or first.steps <= 0:
+        raise WireError("an update must report its examples and local steps (first chunk)")
+    if not math.isfinite(first.train_loss) or not math.isfinite(first.train_s):
+        raise WireError("an update's training loss and time must be finite")
+    return ClientUpdate(
+        client_index,
+        {name: tensor.to(device) for name, tensor in delta.items()},
+        first.num_examples,
+        first.train_loss,
+        first.steps,
+        first.train_s,
+    )

@@ -1,64 +1,81 @@
-"""In-process transport: clients live in this process and take turns on one worker model.
+"""In-process transport: the clients live in this process and take turns, through the real wire format.
 
-Each client's frozen parameters are identical (they came from the same pre-trained files and the
-server's setup state), and each round starts by loading the global trainable state, so one worker
-model serves every client without any client seeing another's weights. Each client encodes its
-delta with the run's codec, keeping its own error-feedback residual, and the server decodes what
-arrives: bytes up are the encoded sizes. The global state goes down uncompressed.
+Each round the global state is serialised and chunked exactly as the gRPC server streams it, each
+client decodes it, trains, and its encoded delta is chunked, reassembled and checked as the gRPC
+server would; so the bytes counted here are the bytes `--transport grpc` sends. The clients may
+share one worker model: every fit starts by loading the global state into it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import torch
 
 from edgefed.aggregators.base import State
-from edgefed.codecs import Codec, ErrorFeedback, decode_state
-from edgefed.data import EncodedExamples
+from edgefed.client import FederatedClient, client_name
+from edgefed.codecs import Codec
 from edgefed.methods.base import SetupState
-from edgefed.training import LocalTrainer
-from edgefed.transport.base import FitResult, Transport, payload_bytes
+from edgefed.transport.base import (
+    LOSSLESS,
+    RoundResult,
+    Transport,
+    max_update_bytes,
+    receive_update,
+    state_payload,
+    state_shapes,
+)
+from edgefed.wire.framing import Expected, chunk_stream, parse_state, reassemble, wire_size
 
 
 class InProcessTransport(Transport):
     def __init__(
         self,
-        trainer: LocalTrainer,
-        client_examples: list[EncodedExamples],
-        steps_for: Callable[[int], int],
-        seed: int,
+        clients: list[FederatedClient],
         setup: SetupState,
         codec: Codec,
-        on_step: Callable[[int, int, float], None] = lambda round_number, client_id, loss: None,
+        run_id: str,
+        chunk_bytes: int,
+        max_update_norm: float | None,
+        device: torch.device,
     ) -> None:
-        self.trainer = trainer
-        self.client_examples = client_examples
-        self.steps_for = steps_for
-        self.seed = seed
-        self.setup_bytes = payload_bytes(setup)
-        self.on_step = on_step
+        self.clients = clients
+        self.setup_payload = state_payload(setup)
         self.codec = codec
-        self.feedback = {client: ErrorFeedback(codec) for client in range(len(client_examples))}
+        self.run_id = run_id
+        self.chunk_bytes = chunk_bytes
+        self.max_update_norm = max_update_norm
+        self.device = device
         self._set_up: set[int] = set()
 
-    def fit(self, client_id: int, round_number: int, global_state: State) -> FitResult:
-        bytes_down = payload_bytes(global_state)
-        if client_id not in self._set_up:  # the one-off setup state, at a client's first round
-            bytes_down += self.setup_bytes
-            self._set_up.add(client_id)
-        update = self.trainer.fit(
-            client_id,
-            global_state,
-            self.client_examples[client_id],
-            self.steps_for(client_id),
-            seed=client_round_seed(self.seed, round_number, client_id),
-            on_step=lambda loss: self.on_step(round_number, client_id, loss),
-        )
-        encoded = self.feedback[client_id].compress(update.delta)
-        device = next(iter(update.delta.values())).device
-        update.delta = {name: tensor.to(device) for name, tensor in decode_state(self.codec, encoded).items()}
-        return FitResult(update, bytes_down, sum(item.nbytes for item in encoded))
+    def wait_for_clients(self) -> list[int]:
+        return list(range(len(self.clients)))
 
+    def fit_round(self, round_number: int, clients: list[int], global_state: State) -> RoundResult:
+        result = RoundResult([])
+        payload, shapes = state_payload(global_state), state_shapes(global_state)
+        for index in clients:
+            name = client_name(index)
+            if index not in self._set_up:  # the one-off setup state, at a client's first round
+                result.bytes_down += sum(map(wire_size, self._stream(self.setup_payload, 0, name)))
+                self._set_up.add(index)
+            chunks = list(self._stream(payload, round_number, name))
+            result.bytes_down += sum(map(wire_size, chunks))
+            expected = Expected(self.run_id, round_number, shapes, name)
+            received = parse_state(reassemble(chunks, expected)[0], LOSSLESS, expected)
+            update = self.clients[index].fit(
+                round_number, {key: value.to(self.device) for key, value in received.items()}
+            )
+            chunks = list(update.chunks(self.run_id, round_number, name, self.chunk_bytes))
+            result.bytes_up += sum(map(wire_size, chunks))
+            expected = Expected(
+                self.run_id,
+                round_number,
+                shapes,
+                name,
+                max_bytes=max_update_bytes(global_state),
+                max_norm=self.max_update_norm,
+            )
+            result.updates.append(receive_update(chunks, expected, self.codec, index, self.device))
+        return result
 
-def client_round_seed(seed: int, round_number: int, client_id: int) -> int:
-    """Distinct, reproducible randomness (batch order, dropout) per run, round and client."""
-    return (seed * 1_000_003 + round_number * 10_007 + client_id) % (2**63)
+    def _stream(self, payload: bytes, round_number: int, name: str):
+        return chunk_stream(payload, self.run_id, round_number, name, self.chunk_bytes)

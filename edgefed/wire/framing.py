@@ -1,9 +1,10 @@
 """States on the wire: encoded tensors → one StatePayload → a stream of ≤ 1 MiB Chunks, and back.
 
 Everything that arrives is checked before it can touch a server's state: chunk order and
-completeness, the run, round and client it claims, the size limit, the whole payload's sha256,
-each tensor's sha256, its name, shape and dtype against what is expected, finiteness, and the
-update's norm. A failed check raises `WireError`, whose text is meant for the sender.
+completeness, the run, round and client it claims, the size limit, each tensor's sha256 (which
+covers every byte of tensor data; the rest of the payload is checked field by field), its name,
+shape and dtype against what is expected, finiteness, and the update's norm. A failed check raises
+`WireError`, whose text is meant for the sender.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from edgefed.wire.v1 import federation_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
 MAX_PAYLOAD_BYTES = 256 << 20
+# gRPC frames every message with a 1-byte compression flag and a 4-byte length.
+GRPC_PREFIX_BYTES = 5
 
 
 class WireError(Exception):
@@ -33,31 +36,56 @@ class Expected:
 
     run_id: str
     round: int
-    shapes: dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype)
+    shapes: dict[str, tuple[tuple[int, ...], str]] | None  # name -> (shape, dtype); None: any (setup)
     client_id: str | None = None
     max_bytes: int = MAX_PAYLOAD_BYTES
     max_norm: float | None = None  # L2 bound over the whole update
 
 
+def wire_size(message) -> int:
+    """Bytes a protobuf message costs as a gRPC message (HTTP/2 and TLS framing not included)."""
+    return message.ByteSize() + GRPC_PREFIX_BYTES
+
+
 def tensor_digest(tensor: EncodedTensor) -> bytes:
-    return hashlib.sha256(tensor.data + tensor.scales + tensor.indices).digest()
+    digest = hashlib.sha256(tensor.data)  # field by field: concatenating would copy the tensor
+    digest.update(tensor.scales)
+    digest.update(tensor.indices)
+    return digest.digest()
+
+
+def tensor_message(tensor: EncodedTensor) -> pb.Tensor:
+    """The wire form of an encoded tensor, with the sha256 of its bytes."""
+    return pb.Tensor(
+        name=tensor.name,
+        shape=list(tensor.shape),
+        dtype=tensor.dtype,
+        codec=tensor.codec,
+        data=tensor.data,
+        scales=tensor.scales,
+        indices=tensor.indices,
+        sha256=tensor_digest(tensor),
+    )
+
+
+def encoded_from_message(message: pb.Tensor) -> EncodedTensor:
+    """The encoded tensor a message carries; WireError when its bytes do not match its sha256."""
+    encoded = EncodedTensor(
+        message.name,
+        tuple(message.shape),
+        message.dtype,
+        message.codec,
+        message.data,
+        message.scales,
+        message.indices,
+    )
+    if tensor_digest(encoded) != message.sha256:
+        raise WireError(f"tensor {message.name}: sha256 mismatch")
+    return encoded
 
 
 def serialize_state(tensors: Iterable[EncodedTensor]) -> bytes:
-    messages = [
-        pb.Tensor(
-            name=t.name,
-            shape=list(t.shape),
-            dtype=t.dtype,
-            codec=t.codec,
-            data=t.data,
-            scales=t.scales,
-            indices=t.indices,
-            sha256=tensor_digest(t),
-        )
-        for t in tensors
-    ]
-    return pb.StatePayload(tensors=messages).SerializeToString()
+    return pb.StatePayload(tensors=[tensor_message(t) for t in tensors]).SerializeToString()
 
 
 def chunk_stream(
@@ -66,11 +94,10 @@ def chunk_stream(
     round_number: int,
     client_id: str = "",
     chunk_bytes: int = CHUNK_BYTES,
-    num_examples: int = 0,
-    train_loss: float = 0.0,
+    **first_chunk: float,
 ) -> Iterator[pb.Chunk]:
+    """The payload in order; `first_chunk` fields (num_examples, train_loss, steps, train_s) go on chunk 0."""
     count = max(1, math.ceil(len(payload) / chunk_bytes))
-    digest = hashlib.sha256(payload).digest()
     for index in range(count):
         last = index == count - 1
         yield pb.Chunk(
@@ -80,9 +107,7 @@ def chunk_stream(
             index=index,
             last=last,
             data=payload[index * chunk_bytes : (index + 1) * chunk_bytes],
-            payload_sha256=digest if last else b"",
-            num_examples=num_examples if index == 0 else 0,
-            train_loss=train_loss if index == 0 else 0.0,
+            **(first_chunk if index == 0 else {}),
         )
 
 
@@ -98,16 +123,14 @@ def reassemble(chunks: Iterable[pb.Chunk], expected: Expected) -> tuple[bytes, p
             raise WireError(f"round {chunk.round} is not the current round {expected.round}")
         if expected.client_id is not None and chunk.client_id != expected.client_id:
             raise WireError(f"chunk from '{chunk.client_id}' in the stream of '{expected.client_id}'")
-        size += len(chunk.data)
+        data = chunk.data  # each access to a bytes field copies it
+        size += len(data)
         if size > expected.max_bytes:
             raise WireError(f"payload over the {expected.max_bytes}-byte limit")
         first = first or chunk
-        parts.append(chunk.data)
+        parts.append(data)
         if chunk.last:
-            payload = b"".join(parts)
-            if hashlib.sha256(payload).digest() != chunk.payload_sha256:
-                raise WireError("payload sha256 mismatch")
-            return payload, first
+            return b"".join(parts), first
     raise WireError(f"stream ended after {len(parts)} chunks without its last one (truncated)")
 
 
@@ -121,7 +144,7 @@ def parse_state(payload: bytes, codec: Codec, expected: Expected) -> dict[str, t
     names = [tensor.name for tensor in message.tensors]
     if len(set(names)) != len(names):
         raise WireError("a tensor name appears twice")
-    if set(names) != set(expected.shapes):
+    if expected.shapes is not None and set(names) != set(expected.shapes):
         unknown, missing = (
             sorted(set(names) - set(expected.shapes)),
             sorted(set(expected.shapes) - set(names)),
@@ -129,18 +152,10 @@ def parse_state(payload: bytes, codec: Codec, expected: Expected) -> dict[str, t
         raise WireError(f"tensors do not match the model: unknown {unknown[:3]}, missing {missing[:3]}")
     state, squares = {}, 0.0
     for tensor in message.tensors:
-        encoded = EncodedTensor(
-            tensor.name,
-            tuple(tensor.shape),
-            tensor.dtype,
-            tensor.codec,
-            tensor.data,
-            tensor.scales,
-            tensor.indices,
+        encoded = encoded_from_message(tensor)
+        shape, dtype = (
+            expected.shapes[tensor.name] if expected.shapes is not None else (encoded.shape, encoded.dtype)
         )
-        if tensor_digest(encoded) != tensor.sha256:
-            raise WireError(f"tensor {tensor.name}: sha256 mismatch")
-        shape, dtype = expected.shapes[tensor.name]
         if encoded.shape != tuple(shape) or encoded.dtype != dtype:
             raise WireError(
                 f"tensor {tensor.name}: {encoded.dtype}{list(encoded.shape)} where "
@@ -152,9 +167,13 @@ def parse_state(payload: bytes, codec: Codec, expected: Expected) -> dict[str, t
             value = codec.decode(encoded)
         except ValueError as error:
             raise WireError(str(error)) from None
-        if not torch.isfinite(value).all():
-            raise WireError(f"tensor {tensor.name}: NaN or Inf values")
-        squares += float(value.double().pow(2).sum())
+        flat = value.reshape(-1).float()
+        square_sum = float(torch.dot(flat, flat))  # one BLAS pass; NaN and Inf propagate into it
+        if not math.isfinite(square_sum):
+            if not torch.isfinite(value).all():
+                raise WireError(f"tensor {tensor.name}: NaN or Inf values")
+            square_sum = float(flat.double().square().sum())  # finite, but squares beyond float32
+        squares += square_sum
         state[tensor.name] = value
     if expected.max_norm is not None and math.sqrt(squares) > expected.max_norm:
         raise WireError(f"update norm {math.sqrt(squares):.4g} over the bound {expected.max_norm:.4g}")

@@ -39,6 +39,11 @@ class FederationStub:
                 request_serializer=edgefed_dot_wire_dot_v1_dot_federation__pb2.JoinRequest.SerializeToString,
                 response_deserializer=edgefed_dot_wire_dot_v1_dot_federation__pb2.JoinReply.FromString,
                 _registered_method=True)
+        self.FetchSetup = channel.unary_stream(
+                '/edgefed.v1.Federation/FetchSetup',
+                request_serializer=edgefed_dot_wire_dot_v1_dot_federation__pb2.FetchRequest.SerializeToString,
+                response_deserializer=edgefed_dot_wire_dot_v1_dot_federation__pb2.Chunk.FromString,
+                _registered_method=True)
         self.FetchGlobal = channel.unary_stream(
                 '/edgefed.v1.Federation/FetchGlobal',
                 request_serializer=edgefed_dot_wire_dot_v1_dot_federation__pb2.FetchRequest.SerializeToString,
@@ -61,6 +66,13 @@ class FederationServicer:
 
     def Join(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchSetup(self, request, context):
+        """The one-off setup state (FeDeRA's factors and residual checksums); round is 0.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -90,6 +102,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.Join,
                     request_deserializer=edgefed_dot_wire_dot_v1_dot_federation__pb2.JoinRequest.FromString,
                     response_serializer=edgefed_dot_wire_dot_v1_dot_federation__pb2.JoinReply.SerializeToString,
+            ),
+            'FetchSetup': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchSetup,
+                    request_deserializer=edgefed_dot_wire_dot_v1_dot_federation__pb2.FetchRequest.FromString,
+                    response_serializer=edgefed_dot_wire_dot_v1_dot_federation__pb2.Chunk.SerializeToString,
             ),
             'FetchGlobal': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchGlobal,
@@ -134,6 +151,33 @@ class Federation:
             '/edgefed.v1.Federation/Join',
             edgefed_dot_wire_dot_v1_dot_federation__pb2.JoinRequest.SerializeToString,
             edgefed_dot_wire_dot_v1_dot_federation__pb2.JoinReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchSetup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgefed.v1.Federation/FetchSetup',
+            edgefed_dot_wire_dot_v1_dot_federation__pb2.FetchRequest.SerializeToString,
+            edgefed_dot_wire_dot_v1_dot_federation__pb2.Chunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,117 @@
+"""Bearer tokens: one per client, listed in a token file, sent as `authorization: Bearer <token>`.
+
+The token file has one `client-id token` pair per line (`#` starts a comment). A client's line
+number is its slot: which shard it trains in a simulation, and where it returns after a restart.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from edgefed.errors import EdgefedError
+
+HEADER = "authorization"
+# Where `edgefed client` finds its token when --token is not given (kept off the command line).
+TOKEN_ENV = "EDGEFED_TOKEN"
+
+
+class TokenBook:
+    def __init__(self, pairs: Sequence[tuple[str, str]]) -> None:
+        self.clients = [client for client, _ in pairs]
+        self._tokens = dict(pairs)
+        if len(self._tokens) != len(pairs):
+            raise EdgefedError("token file: a client id appears twice")
+
+    @classmethod
+    def read(cls, path: str | Path) -> TokenBook:
+        pairs = []
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise EdgefedError(f"{path}: cannot read the token file ({error})") from None
+        for number, line in enumerate(lines, start=1):
+            fields = line.split("#", 1)[0].split()
+            if not fields:
+                continue
+            if len(fields) != 2 or len(fields[1]) < 16:
+                raise EdgefedError(
+                    f"{path}:{number}: expected `client-id token` with a token of 16+ characters"
+                )
+            pairs.append((fields[0], fields[1]))
+        if not pairs:
+            raise EdgefedError(f"{path}: the token file lists no clients")
+        return cls(pairs)
+
+    @classmethod
+    def generate(cls, clients: Sequence[str]) -> TokenBook:
+        return cls([(client, secrets.token_urlsafe(24)) for client in clients])
+
+    def write(self, path: Path) -> None:
+        path.write_text("".join(f"{c} {self._tokens[c]}\n" for c in self.clients), encoding="utf-8")
+        path.chmod(0o600)
+
+    def token_for(self, client: str) -> str:
+        return self._tokens[client]
+
+    def client_of(self, token: str) -> str | None:
+        """The client a token belongs to (compared in constant time), or None."""
+        found = None
+        for client, known in self._tokens.items():
+            if hmac.compare_digest(known.encode(), token.encode()):
+                found = client
+        return found
+
+
+def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    for key, value in metadata or ():
+        if key == HEADER and isinstance(value, str) and value.startswith("Bearer "):
+            return value.removeprefix("Bearer ")
+    return None
+
+
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return ((HEADER, f"Bearer {token}"),) if token else ()
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    """Refuses, before any handler runs, every call of every service without a known token."""
+
+    def __init__(self, tokens: TokenBook) -> None:
+        self.tokens = tokens
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        token = bearer_token(handler_call_details.invocation_metadata)
+        if token is not None and self.tokens.client_of(token) is not None:
+            return handler
+        message = "missing bearer token" if token is None else "unknown bearer token"
+        return _refusing(handler, message)
+
+
+def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    def refuse(request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    def refuse_stream(request, context):
+        refuse(request, context)
+        yield from ()
+
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    behaviour = refuse_stream if handler.response_streaming else refuse
+    return make(
+        behaviour,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

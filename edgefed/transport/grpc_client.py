@@ -1,0 +1,200 @@
+"""`edgefed client`: join a Federation server, build the model it names, train the rounds it asks for.
+
+The client's data never leaves it. It survives a server restart: while the server is unreachable it
+retries (up to `retry_s`), and a server resumed from its checkpoint keeps the run id and the
+client's slot, so the client carries on from the round the server asks for.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import torch
+
+from edgefed.client import FederatedClient
+from edgefed.codecs import make_codec
+from edgefed.config import config_from_text
+from edgefed.data import encode
+from edgefed.data.splits import load_train
+from edgefed.errors import EdgefedError
+from edgefed.methods import METHODS, AdapterSpec, trainable_state
+from edgefed.methods.lora import use_fused_kernels
+from edgefed.models import load_classifier, load_tokenizer, model_fingerprint, resolve_model_path
+from edgefed.training import LocalTrainer, local_steps
+from edgefed.transport.auth import bearer_metadata
+from edgefed.transport.base import LOSSLESS, state_shapes
+from edgefed.transport.grpc_server import MESSAGE_HEADROOM
+from edgefed.wire.framing import Expected, parse_state, reassemble
+from edgefed.wire.v1 import federation_pb2 as pb
+from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
+
+Code = grpc.StatusCode
+# Refusals of one round's fetch or push: the client reports them and waits for the next round.
+ROUND_REFUSALS = (
+    Code.FAILED_PRECONDITION,
+    Code.ALREADY_EXISTS,
+    Code.INVALID_ARGUMENT,
+    Code.RESOURCE_EXHAUSTED,
+)
+
+
+def open_channel(address: str, tls_ca: bytes | None, chunk_bytes: int = 4 << 20) -> grpc.Channel:
+    limit = chunk_bytes + MESSAGE_HEADROOM
+    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    if tls_ca is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(
+        address, grpc.ssl_channel_credentials(root_certificates=tls_ca), options=options
+    )
+
+
+class GrpcClient:
+    def __init__(
+        self,
+        server: str,
+        data: str,
+        client_id: str,
+        token: str | None = None,
+        profile: str = "",
+        model: str | None = None,
+        tls_ca: bytes | None = None,
+        retry_s: float = 120.0,
+        echo: Callable[[str], None] = print,
+    ) -> None:
+        self.server = server
+        self.data = data
+        self.client_id = client_id
+        self.metadata = bearer_metadata(token)
+        self.profile = profile
+        self.model = model
+        self.retry_s = retry_s
+        self.echo = echo
+        self.stub = pb_grpc.FederationStub(open_channel(server, tls_ca))
+        self.run_id = ""
+        self.finished = threading.Event()  # a heartbeat said DONE
+
+    def run(self) -> int:
+        """Train every round the server asks for until it says DONE; returns the rounds trained."""
+        joined = self._call(self.stub.Join, pb.JoinRequest(client_id=self.client_id, profile=self.profile))
+        self.run_id = joined.run_id
+        self._build(joined)
+        threading.Thread(target=self._keep_alive, args=(joined.heartbeat_s,), daemon=True).start()
+        trained, poll_s = 0, min(0.2, joined.heartbeat_s / 2)
+        request = pb.HeartbeatRequest(run_id=self.run_id, client_id=self.client_id)
+        while not self.finished.is_set():
+            try:
+                beat = self._call(self.stub.Heartbeat, request)
+            except RunFinished:
+                break
+            if beat.action == pb.HeartbeatReply.DONE:
+                break
+            if beat.action == pb.HeartbeatReply.TRAIN:
+                trained += self._train(beat.round)
+            else:
+                time.sleep(poll_s)
+        self.echo(f"edgefed: {self.client_id}: the run is finished ({trained} rounds trained)")
+        return trained
+
+    def _build(self, joined: pb.JoinReply) -> None:
+        config = config_from_text(joined.config_toml, f"{self.server} (the run's configuration)")
+        model_path = resolve_model_path(self.model or config.model)
+        base, new_modules = load_classifier(model_path, joined.num_labels)
+        mine = model_fingerprint(base, new_modules)
+        if mine != joined.model_fingerprint:
+            raise EdgefedError(
+                f"the model at {model_path} differs from the server's (fingerprint {mine[:12]} vs "
+                f"{joined.model_fingerprint[:12]}); load the same pre-trained model (--model PATH)"
+            )
+        tokenizer = load_tokenizer(model_path)
+        examples = encode(load_train(self.data), tokenizer, config.max_seq_len)
+        request = pb.FetchRequest(run_id=self.run_id, round=0, client_id=self.client_id)
+        chunks = self._call(lambda r, **kw: list(self.stub.FetchSetup(r, **kw)), request)
+        expected = Expected(self.run_id, 0, None, self.client_id)
+        setup = parse_state(reassemble(chunks, expected)[0], LOSSLESS, expected)
+        method = METHODS.create(config.method)
+        spec = AdapterSpec(config.rank, config.alpha, config.target_modules, tuple(joined.head_modules))
+        worker = method.adapt(base, spec, setup)
+        if config.fused_kernels:
+            use_fused_kernels(worker)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        lr = config.lr if config.lr is not None else method.default_lr
+        steps = local_steps(len(examples), config.batch_size, config.local_steps, config.local_epochs)
+        trainer = LocalTrainer(worker, lr, config.batch_size, self.device)
+        self.shapes = state_shapes(trainable_state(worker))
+        self.chunk_bytes = config.chunk_bytes
+        self.client = FederatedClient(
+            joined.client_index, trainer, examples, steps, config.seed, make_codec(config.codec)
+        )
+        self.echo(
+            f"edgefed: {self.client_id} is client {joined.client_index} of run {self.run_id}: "
+            f"{config.method} on {len(examples):,} examples from {Path(self.data).name}, "
+            f"{steps} local steps, {self.device.type}"
+        )
+
+    def _train(self, round_number: int) -> int:
+        request = pb.FetchRequest(run_id=self.run_id, round=round_number, client_id=self.client_id)
+        try:
+            chunks = self._call(lambda r, **kw: list(self.stub.FetchGlobal(r, **kw)), request)
+            expected = Expected(self.run_id, round_number, self.shapes, self.client_id)
+            state = parse_state(reassemble(chunks, expected)[0], LOSSLESS, expected)
+            update = self.client.fit(round_number, {k: v.to(self.device) for k, v in state.items()})
+            self.stub.PushUpdate(
+                update.chunks(self.run_id, round_number, self.client_id, self.chunk_bytes),
+                metadata=self.metadata,
+            )
+        except grpc.RpcError as error:
+            if error.code() not in (*ROUND_REFUSALS, Code.UNAVAILABLE):
+                raise
+            self.echo(f"edgefed: {self.client_id}: round {round_number}: {error.details()}")
+            return 0
+        self.echo(
+            f"edgefed: {self.client_id}: round {round_number}: {update.steps} steps, loss "
+            f"{update.train_loss:.4f}, {update.train_s:.1f} s, sent {len(update.payload) / 1e6:.2f} MB"
+        )
+        return 1
+
+    def _call(self, method, request):
+        """An RPC, retried while the server is unreachable; a refusal becomes a clear error."""
+        unreachable_since = None
+        while True:
+            try:
+                return method(request, metadata=self.metadata)
+            except grpc.RpcError as error:
+                if error.code() == Code.UNAVAILABLE:
+                    if self.finished.is_set():  # the server stopped after saying DONE
+                        raise RunFinished from None
+                    unreachable_since = unreachable_since or time.monotonic()
+                    if time.monotonic() - unreachable_since > self.retry_s:
+                        raise EdgefedError(
+                            f"server {self.server} unreachable for {self.retry_s:g} s"
+                        ) from None
+                    time.sleep(0.5)
+                    continue
+                if error.code() in ROUND_REFUSALS and not isinstance(
+                    request, pb.JoinRequest | pb.HeartbeatRequest
+                ):
+                    raise
+                raise EdgefedError(
+                    f"server {self.server} refused {self.client_id}: {error.details()}"
+                ) from None
+
+    def _keep_alive(self, interval_s: float) -> None:
+        """Heartbeats while the main thread trains, so the server does not take it for dead."""
+        request = pb.HeartbeatRequest(run_id=self.run_id, client_id=self.client_id)
+        while True:
+            time.sleep(interval_s)
+            try:
+                beat = self.stub.Heartbeat(request, metadata=self.metadata, timeout=interval_s * 2)
+            except grpc.RpcError:
+                continue  # the main thread reports an unreachable server
+            if beat.action == pb.HeartbeatReply.DONE:
+                self.finished.set()
+                return
+
+
+class RunFinished(Exception):
+    """The server said DONE and stopped serving."""

@@ -1,0 +1,381 @@
+"""The gRPC transport: a Federation server that clients in other processes (or on other devices) join.
+
+Clients poll `Heartbeat` (also from a background thread while they train). When a round opens for
+them they `FetchGlobal`, train, and `PushUpdate`; the round ends when every sampled client has
+pushed, died (no heartbeat for `MISSED_HEARTBEATS` intervals) or missed the round's deadline. Every
+pushed stream is reassembled and checked (edgefed/wire) before it can touch the round; a bad one is
+refused with a status and a message for the sender, and the server carries on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from edgefed.aggregators.base import ClientUpdate, State
+from edgefed.codecs import make_codec
+from edgefed.config import RunConfig, config_text
+from edgefed.errors import EdgefedError
+from edgefed.transport.auth import BearerTokenInterceptor, TokenBook, bearer_token
+from edgefed.transport.base import (
+    RoundResult,
+    Transport,
+    max_update_bytes,
+    receive_update,
+    state_payload,
+    state_shapes,
+)
+from edgefed.wire.framing import Expected, WireError, chunk_stream, wire_size
+from edgefed.wire.v1 import federation_pb2 as pb
+from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
+
+MISSED_HEARTBEATS = 3
+# Room above the chunk size for a chunk's other fields; anything larger is refused by gRPC itself.
+MESSAGE_HEADROOM = 64 << 10
+Code = grpc.StatusCode
+
+
+@dataclass(frozen=True)
+class RunDescription:
+    """What a joining client learns about the run."""
+
+    run_id: str
+    config: RunConfig
+    num_labels: int
+    head_modules: tuple[str, ...]
+    model_fingerprint: str
+    setup_payload: bytes
+
+
+@dataclass
+class OpenRound:
+    number: int
+    sampled: set[int]
+    payload: bytes
+    expected: Expected
+    deadline: float  # time.monotonic()
+    updates: dict[int, ClientUpdate] = field(default_factory=dict)
+    dropped: dict[int, str] = field(default_factory=dict)  # slot -> why
+
+    def waiting_for(self, slot: int) -> bool:
+        return slot in self.sampled and slot not in self.updates and slot not in self.dropped
+
+
+class FederationServicer(pb_grpc.FederationServicer):
+    def __init__(
+        self,
+        run: RunDescription,
+        tokens: TokenBook | None = None,
+        slots: dict[str, int] | None = None,
+        heartbeat_s: float = 1.0,
+        device: torch.device | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.run = run
+        self.tokens = tokens
+        self.codec = make_codec(run.config.codec)
+        self.num_clients = run.config.clients
+        self.heartbeat_s = heartbeat_s
+        self.device = device or torch.device("cpu")
+        self._log, self._log_lock = log, threading.Lock()
+        self.condition = threading.Condition()
+        self.slots = dict(slots or {})  # client id -> slot
+        self.last_seen: dict[int, float] = {}
+        self.told_done: set[int] = set()
+        self.round: OpenRound | None = None
+        self.finished = False
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+    # -- RPCs ------------------------------------------------------------------------------------
+
+    def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
+        self._check_token(request.client_id, context)
+        if not request.client_id:
+            context.abort(Code.INVALID_ARGUMENT, "a client id is required")
+        with self.condition:
+            slot = self.slots.get(request.client_id)
+            if slot is None:
+                slot = self._free_slot(request.client_id, context)
+                self.slots[request.client_id] = slot
+            self._seen(slot)
+        profile = f", profile {request.profile}" if request.profile else ""
+        self.log(f"edgefed: {request.client_id} joined as client {slot}{profile}")
+        return pb.JoinReply(
+            run_id=self.run.run_id,
+            config_toml=config_text(self.run.config),
+            client_index=slot,
+            num_labels=self.run.num_labels,
+            head_modules=list(self.run.head_modules),
+            heartbeat_s=self.heartbeat_s,
+            model_fingerprint=self.run.model_fingerprint,
+        )
+
+    def FetchSetup(self, request: pb.FetchRequest, context) -> Iterator[pb.Chunk]:
+        self._slot(request.client_id, request.run_id, context)
+        yield from self._stream_down(self.run.setup_payload, 0, request.client_id)
+
+    def FetchGlobal(self, request: pb.FetchRequest, context) -> Iterator[pb.Chunk]:
+        slot = self._slot(request.client_id, request.run_id, context)
+        with self.condition:
+            current = self._round_for(slot, request.round, context)
+            payload = current.payload
+        yield from self._stream_down(payload, request.round, request.client_id)
+
+    def PushUpdate(self, request_iterator: Iterator[pb.Chunk], context) -> pb.PushReply:
+        first = next(request_iterator, None)
+        if first is None:
+            context.abort(Code.INVALID_ARGUMENT, "empty update stream")
+        slot = self._slot(first.client_id, first.run_id, context)
+        with self.condition:
+            current = self._round_for(slot, first.round, context)
+        try:
+            update = receive_update(
+                self._count_up(itertools.chain([first], request_iterator)),
+                current.expected,
+                self.codec,
+                slot,
+                self.device,
+            )
+        except WireError as error:
+            self._refuse(context, Code.INVALID_ARGUMENT, f"{first.client_id}: {error}")
+        except grpc.RpcError:  # the client went away mid-stream: nothing was applied
+            return pb.PushReply()
+        with self.condition:
+            if self.round is not current or not current.waiting_for(slot):
+                self._refuse(
+                    context, Code.FAILED_PRECONDITION, f"round {first.round} closed before the update"
+                )
+            current.updates[slot] = update
+            self._seen(slot)
+        return pb.PushReply(message=f"round {first.round} update accepted")
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
+        slot = self._slot(request.client_id, request.run_id, context)
+        with self.condition:
+            self._seen(slot)
+            if self.finished:
+                self.told_done.add(slot)
+                self.condition.notify_all()
+                return pb.HeartbeatReply(action=pb.HeartbeatReply.DONE)
+            current = self.round
+            if current is not None and current.waiting_for(slot):
+                left = current.deadline - time.monotonic()
+                return pb.HeartbeatReply(
+                    action=pb.HeartbeatReply.TRAIN, round=current.number, deadline_s=left
+                )
+        return pb.HeartbeatReply(action=pb.HeartbeatReply.WAIT)
+
+    # -- the server's side -------------------------------------------------------------------------
+
+    def connected(self) -> list[int]:
+        """Slots heard from within the last MISSED_HEARTBEATS intervals (call under the condition)."""
+        horizon = time.monotonic() - MISSED_HEARTBEATS * self.heartbeat_s
+        return sorted(slot for slot, seen in self.last_seen.items() if seen >= horizon)
+
+    def open_round(self, number: int, sampled: list[int], global_state: State, deadline_s: float) -> None:
+        expected = Expected(
+            self.run.run_id,
+            number,
+            state_shapes(global_state),
+            max_bytes=max_update_bytes(global_state),
+            max_norm=self.run.config.max_update_norm,
+        )
+        with self.condition:
+            self.round = OpenRound(
+                number, set(sampled), state_payload(global_state), expected, time.monotonic() + deadline_s
+            )
+            self.condition.notify_all()
+
+    def close_round(self) -> RoundResult:
+        with self.condition:
+            current, self.round = self.round, None
+            result = RoundResult(
+                [current.updates[slot] for slot in sorted(current.updates)],
+                sorted(current.dropped),
+                self.bytes_up,
+                self.bytes_down,
+            )
+            self.bytes_up = self.bytes_down = 0
+        return result
+
+    def drop_missing(self) -> bool:
+        """Drop sampled clients that died or missed the deadline; True when nobody is left to wait for."""
+        now = time.monotonic()
+        alive = set(self.connected())
+        current = self.round
+        for slot in sorted(current.sampled):
+            if not current.waiting_for(slot):
+                continue
+            if now > current.deadline:
+                current.dropped[slot] = "missed the round's deadline"
+            elif slot not in alive:
+                current.dropped[slot] = f"no heartbeat for {MISSED_HEARTBEATS * self.heartbeat_s:.1f} s"
+            if slot in current.dropped:
+                self.log(f"edgefed: round {current.number}: dropped client {slot} ({current.dropped[slot]})")
+        return not any(current.waiting_for(slot) for slot in current.sampled)
+
+    # -- checks ------------------------------------------------------------------------------------
+
+    def _check_token(self, client_id: str, context) -> None:
+        if self.tokens is None:
+            return
+        token = bearer_token(context.invocation_metadata())
+        owner = self.tokens.client_of(token) if token else None
+        if owner is None:
+            self._refuse(context, Code.UNAUTHENTICATED, "missing or unknown bearer token")
+        if owner != client_id:
+            self._refuse(
+                context, Code.PERMISSION_DENIED, f"the token belongs to '{owner}', not '{client_id}'"
+            )
+
+    def _slot(self, client_id: str, run_id: str, context) -> int:
+        self._check_token(client_id, context)
+        if run_id != self.run.run_id:
+            self._refuse(context, Code.FAILED_PRECONDITION, f"wrong run id '{run_id}'; join again")
+        slot = self.slots.get(client_id)
+        if slot is None:
+            self._refuse(context, Code.FAILED_PRECONDITION, f"'{client_id}' has not joined this run")
+        return slot
+
+    def _free_slot(self, client_id: str, context) -> int:
+        if self.tokens is not None:
+            return self.tokens.clients.index(client_id)
+        taken = set(self.slots.values())
+        free = [slot for slot in range(self.num_clients) if slot not in taken]
+        if not free:
+            self._refuse(
+                context, Code.RESOURCE_EXHAUSTED, f"the run has its {self.num_clients} clients already"
+            )
+        return free[0]
+
+    def _round_for(self, slot: int, number: int, context) -> OpenRound:
+        current = self.round
+        if current is None or current.number != number:
+            open_now = "no round is open" if current is None else f"round {current.number} is open"
+            self._refuse(context, Code.FAILED_PRECONDITION, f"round {number} is not open ({open_now})")
+        if slot in current.updates:
+            self._refuse(context, Code.ALREADY_EXISTS, f"client {slot} already pushed round {number}")
+        if slot in current.dropped:
+            self._refuse(
+                context,
+                Code.FAILED_PRECONDITION,
+                f"client {slot} was dropped from round {number}: "
+                f"{current.dropped[slot]}; wait for the next round",
+            )
+        if slot not in current.sampled:
+            self._refuse(context, Code.FAILED_PRECONDITION, f"client {slot} is not sampled in round {number}")
+        return current
+
+    def _refuse(self, context, code: grpc.StatusCode, message: str):
+        self.log(f"edgefed: refused: {message}")
+        context.abort(code, message)
+
+    def log(self, message: str) -> None:
+        with self._log_lock:  # RPC threads log too; keep lines whole
+            self._log(message)
+
+    def _seen(self, slot: int) -> None:
+        self.last_seen[slot] = time.monotonic()
+        self.condition.notify_all()
+
+    def _stream_down(self, payload: bytes, round_number: int, client_id: str) -> Iterator[pb.Chunk]:
+        for chunk in chunk_stream(
+            payload, self.run.run_id, round_number, client_id, self.run.config.chunk_bytes
+        ):
+            with self.condition:
+                self.bytes_down += wire_size(chunk)
+            yield chunk
+
+    def _count_up(self, chunks: Iterator[pb.Chunk]) -> Iterator[pb.Chunk]:
+        for chunk in chunks:
+            with self.condition:
+                self.bytes_up += wire_size(chunk)
+            yield chunk
+
+
+class GrpcTransport(Transport):
+    """Serves a FederationServicer on an address and runs its rounds for a FederatedServer."""
+
+    def __init__(
+        self,
+        servicer: FederationServicer,
+        address: str,
+        min_clients: int,
+        deadline_s: float,
+        tls: tuple[bytes, bytes] | None = None,
+        watchdog: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.servicer = servicer
+        self.min_clients = min_clients
+        self.deadline_s = deadline_s
+        self.watchdog = watchdog
+        workers = 2 * servicer.num_clients + 8
+        limit = servicer.run.config.chunk_bytes + MESSAGE_HEADROOM
+        self.server = grpc.server(
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edgefed-rpc"),
+            interceptors=[BearerTokenInterceptor(servicer.tokens)] if servicer.tokens else [],
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            maximum_concurrent_rpcs=4 * workers,
+        )
+        pb_grpc.add_FederationServicer_to_server(servicer, self.server)
+        host = address.rsplit(":", 1)[0]
+        try:
+            if tls is None:
+                port = self.server.add_insecure_port(address)
+            else:
+                port = self.server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise EdgefedError(f"cannot listen on {address} (in use, or not an address of this machine)")
+        self.address = f"{host}:{port}"
+        self.server.start()
+
+    def wait_for_clients(self) -> list[int]:
+        servicer, announced = self.servicer, None
+        with servicer.condition:
+            while len(connected := servicer.connected()) < self.min_clients:
+                if announced != len(connected):
+                    servicer.log(
+                        f"edgefed: waiting for clients on {self.address}: {len(connected)} connected, "
+                        f"{self.min_clients} needed"
+                    )
+                    announced = len(connected)
+                servicer.condition.wait(timeout=0.5)
+                self.watchdog()
+        return connected
+
+    def fit_round(self, round_number: int, clients: list[int], global_state: State) -> RoundResult:
+        servicer = self.servicer
+        servicer.open_round(round_number, clients, global_state, self.deadline_s)
+        with servicer.condition:
+            while not servicer.drop_missing():
+                servicer.condition.wait(timeout=min(0.5, servicer.heartbeat_s))
+                self.watchdog()
+        return servicer.close_round()
+
+    def finish(self) -> None:
+        """Tell connected clients the run is DONE (on their next heartbeat), then stop serving."""
+        servicer = self.servicer
+        give_up = time.monotonic() + MISSED_HEARTBEATS * servicer.heartbeat_s
+        with servicer.condition:
+            servicer.finished = True
+            while not set(servicer.connected()) <= servicer.told_done and time.monotonic() < give_up:
+                servicer.condition.wait(timeout=0.1)
+        time.sleep(min(1.0, servicer.heartbeat_s))  # answer DONE to calls already on their way
+        self.close()
+
+    def close(self) -> None:
+        self.server.stop(grace=1.0).wait()
+
+    def slots(self) -> dict[str, int]:
+        with self.servicer.condition:
+            return dict(self.servicer.slots)

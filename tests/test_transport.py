@@ -1,0 +1,191 @@
+"""One suite over both transports: clients in this process, and client processes over gRPC on loopback.
+
+For the same seed the two must compute the same run: the same clients, the same bytes (both count
+the gRPC messages of the same wire format) and the same metrics, up to float summation order
+(client processes train with one thread, the in-process clients with two).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgefed import recipe
+from edgefed.checkpoint import load_checkpoint
+from edgefed.cli import main
+from edgefed.config import resolve_config
+from edgefed.data import load_splits
+from edgefed.transport.auth import TOKEN_ENV, TokenBook
+from edgefed.transport.loopback import write_shards
+
+TRANSPORTS = ["inproc", "grpc"]
+EXACT_KEYS = ("round", "clients", "dropped", "bytes_up", "bytes_down", "accuracy")
+
+
+def run_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    flags = {
+        "--model": model,
+        "--data": data,
+        "--clients": 2,
+        "--rounds": 3,
+        "--local-steps": 2,
+        "--batch-size": 8,
+        "--max-seq-len": 16,
+        "--rank": 4,
+        "--out": out,
+    }
+    return [item for flag, value in flags.items() for item in (flag, str(value))] + list(extra)
+
+
+def rows_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir).global_state
+
+
+def assert_same_run(a: Path, b: Path, setup_resent_in: int | None = None) -> None:
+    """`setup_resent_in`: the round in which `b`'s restarted clients fetched the setup state again."""
+    for row_a, row_b in zip(rows_of(a), rows_of(b), strict=True):
+        keys = [k for k in EXACT_KEYS if not (k == "bytes_down" and row_a["round"] == setup_resent_in)]
+        assert {k: row_a[k] for k in keys} == {k: row_b[k] for k in keys}
+        for key in ("loss", "train_loss"):
+            assert row_a[key] == (None if row_b[key] is None else pytest.approx(row_b[key], rel=1e-5))
+    torch.testing.assert_close(final_state(a), final_state(b), rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir, small_data_dir):
+    """Each transport's run with the int8 codec (error feedback on the clients), made once."""
+    made: dict[str, Path] = {}
+
+    def get(transport: str) -> Path:
+        if transport not in made:
+            out = tmp_path_factory.mktemp("runs") / transport
+            argv = ["run", *run_args(tiny_model_dir, small_data_dir, out, "--codec", "int8")]
+            assert main([*argv, "--transport", transport]) == 0
+            made[transport] = out
+        return made[transport]
+
+    return get
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_run_records_each_round_and_checkpoints_it(runs, transport):
+    run_dir = runs(transport)
+    rows = rows_of(run_dir)
+    assert [row["round"] for row in rows] == [0, 1, 2, 3]
+    assert all(row["clients"] == [0, 1] and row["dropped"] == [] for row in rows[1:])
+    assert rows[1]["bytes_down"] > rows[2]["bytes_down"] > 0  # round 1 carries the setup
+    assert 0 < rows[2]["bytes_up"] < 0.5 * rows[2]["bytes_down"]  # int8 deltas, fp32 state
+    checkpoint = load_checkpoint(run_dir)
+    assert checkpoint.round == 3 and checkpoint.wall_s == rows[-1]["wall_s"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["transport"] == transport and summary["final_accuracy"] == rows[-1]["accuracy"]
+
+
+def test_grpc_computes_the_in_process_run(runs):
+    assert_same_run(runs("inproc"), runs("grpc"))
+    logs = sorted((runs("grpc") / "clients").glob("*.log"))
+    assert [log.name for log in logs] == ["client-0.log", "client-1.log"]
+    assert all("the run is finished (3 rounds trained)" in log.read_text() for log in logs)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_crashed_run_resumes_to_the_uninterrupted_result(
+    runs, transport, tmp_path, tiny_model_dir, small_data_dir, monkeypatch
+):
+    """The run dies right after round 2's checkpoint; `--resume` redoes round 3 only, and ends where the
+    uninterrupted run ended (codec none: a restarted client process has no error-feedback residual)."""
+    uninterrupted, resumed = tmp_path / "whole", tmp_path / "resumed"
+    base = ["run", "--transport", transport]
+    assert main([*base, *run_args(tiny_model_dir, small_data_dir, uninterrupted)]) == 0
+    save = recipe.save_checkpoint
+
+    def save_then_die(run_dir, checkpoint):
+        save(run_dir, checkpoint)
+        if checkpoint.round == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe, "save_checkpoint", save_then_die)
+    assert main([*base, *run_args(tiny_model_dir, small_data_dir, resumed)]) == 130
+    assert load_checkpoint(resumed).round == 2 and not (resumed / "summary.json").exists()
+    monkeypatch.undo()
+    assert main(["run", "--out", str(resumed), "--resume"]) == 0
+    assert_same_run(uninterrupted, resumed, setup_resent_in=3)
+    assert rows_of(resumed)[3]["bytes_down"] > rows_of(uninterrupted)[3]["bytes_down"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_a_killed_server_resumes_and_its_clients_carry_on(tmp_path, tiny_model_dir, small_data_dir, runs):
+    """`edgefed server` and two `edgefed client` processes; the server is killed with SIGKILL after
+    round 2, restarted with --resume, and the run ends exactly as the uninterrupted one."""
+    args = run_args(tiny_model_dir, small_data_dir, tmp_path / "served", "--codec", "int8")
+    config = resolve_config(None, {"model": str(tiny_model_dir), "data": str(small_data_dir), "clients": 2})
+    shards = write_shards(load_splits(str(small_data_dir), 0)[0], config, tmp_path)
+    tokens = TokenBook.generate(["client-0", "client-1"])
+    tokens.write(tmp_path / "tokens.txt")
+    address = f"127.0.0.1:{free_port()}"
+    server_args = [sys.executable, "-m", "edgefed", "server", "--address", address, *args]
+    server_args += ["--tokens", str(tmp_path / "tokens.txt"), "--heartbeat-s", "0.5"]
+    logs = {
+        name: (tmp_path / f"{name}.log").open("wb") for name in ("server", "server2", "client-0", "client-1")
+    }
+    server = subprocess.Popen(server_args, stdout=logs["server"], stderr=subprocess.STDOUT)
+
+    def client_command(name: str, shard: Path) -> list[str]:
+        flags = {"--server": address, "--data": shard, "--name": name, "--threads": 1, "--retry-s": 60}
+        return [sys.executable, "-m", "edgefed", "client", *(str(x) for pair in flags.items() for x in pair)]
+
+    clients = [
+        subprocess.Popen(
+            client_command(name, shard),
+            stdout=logs[name],
+            stderr=subprocess.STDOUT,
+            env={**os.environ, TOKEN_ENV: tokens.token_for(name)},
+        )
+        for name, shard in zip(("client-0", "client-1"), shards, strict=True)
+    ]
+    try:
+        checkpoint = tmp_path / "served" / "checkpoint" / "meta.json"
+        wait_for(
+            lambda: checkpoint.is_file() and json.loads(checkpoint.read_text())["round"] >= 2, 120, "round 2"
+        )
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        server = subprocess.Popen(
+            [*server_args, "--resume"], stdout=logs["server2"], stderr=subprocess.STDOUT
+        )
+        assert server.wait(timeout=120) == 0, (tmp_path / "server2.log").read_text()
+        for client in clients:
+            assert client.wait(timeout=30) == 0
+    finally:
+        for process in (server, *clients):
+            process.kill()
+        for log in logs.values():
+            log.close()
+    assert "resuming run" in (tmp_path / "server2.log").read_text()
+    assert_same_run(runs("inproc"), tmp_path / "served")
