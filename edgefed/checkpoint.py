@@ -33,6 +33,7 @@ class Checkpoint:
     aggregator_state: State = field(default_factory=dict)
     clients: dict[str, int] = field(default_factory=dict)  # client id -> slot, so rejoining keeps it
     rng: dict = field(default_factory=dict)
+    sim_s: float | None = None  # the simulated device clock up to that round (fleets with profiles)
 
 
 def rng_state() -> dict:
@@ -70,6 +71,7 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:
         "round": checkpoint.round,
         "run_id": checkpoint.run_id,
         "wall_s": checkpoint.wall_s,
+        "sim_s": checkpoint.sim_s,
         "clients": checkpoint.clients,
         "rng": checkpoint.rng,
     }
@@ -105,4 +107,5 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         },
         clients=meta["clients"],
         rng=meta["rng"],
+        sim_s=meta.get("sim_s"),
     )

@@ -64,13 +64,48 @@ def build_parser() -> argparse.ArgumentParser:
         "--name", default=socket.gethostname(), help="client id, stable across restarts (default: host name)"
     )
     client.add_argument("--token", help=f"bearer token (default: ${TOKEN_ENV})")
-    client.add_argument("--profile", default="", help="device profile name, reported to the server")
+    client.add_argument(
+        "--profile",
+        default="",
+        help="this device's profile (a name from `edgefed plan --list` or a file from `edgefed profile`); "
+        "the server plans what this client trains from it",
+    )
     client.add_argument("--model", metavar="PATH", help="pre-trained model (default: the one the run names)")
     client.add_argument("--tls-ca", metavar="FILE", help="PEM certificate(s) to trust: connect over TLS")
     client.add_argument("--threads", type=int, help="CPU threads for training (default: torch's)")
     client.add_argument(
         "--retry-s", type=float, default=120.0, help="how long to retry an unreachable server (default 120)"
     )
+    profile = commands.add_parser(
+        "profile",
+        help="measure this machine and write its device profile",
+        description="Measure this machine (cores and memory through psutil; timed forward and backward "
+        "of reference layers; memory bandwidth; operator overhead) and write a calibrated device profile.",
+    )
+    profile.add_argument("--out", metavar="FILE", help="write the profile here (default: print it)")
+    profile.add_argument("--name", help="the profile's name (default measured-<host name>)")
+    profile.add_argument("--quick", action="store_true", help="fewer, smaller measurements (seconds)")
+    plan = commands.add_parser(
+        "plan",
+        help="print the plan a device profile gets: frozen layers, adapter layers, rank, exit, batch, length",
+        description="Plan what a client on this device trains, with its predicted step time and peak memory, "
+        "and say why. The run's settings are the request; the plan departs from them only where the "
+        "device's memory or the time budget forces it.",
+    )
+    plan.add_argument("--profile", help="a shipped profile name or a profile file")
+    plan.add_argument("--list", action="store_true", help="list the shipped profiles")
+    plan.add_argument(
+        "--model", default="all-MiniLM-L6-v2", metavar="PATH_OR_NAME", help="(all-MiniLM-L6-v2)"
+    )
+    plan.add_argument("--method", default="federa", help="fine-tuning method (federa)")
+    plan.add_argument("--budget-s", type=float, help="a round's local steps and transfers must fit in this")
+    plan.add_argument("--memory-gb", type=float, help="use at most this much memory (besides the profile's)")
+    plan.add_argument("--rank", type=int, default=8, help="the run's rank (8)")
+    plan.add_argument("--batch-size", type=int, default=16, help="the run's batch size (16)")
+    plan.add_argument("--max-seq-len", type=int, default=64, help="the run's sequence length (64)")
+    plan.add_argument("--local-steps", type=int, default=5, help="local steps per round (5)")
+    plan.add_argument("--codec", default="none", help="how deltas travel, for the upload time (none)")
+    plan.add_argument("--num-labels", type=int, default=2, help="classes of the head (2)")
     return parser
 
 
@@ -78,8 +113,12 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--config", metavar="FILE", help="TOML file with the same keys as these flags")
     add("--preset", help="demo (default) or smoke (a small slice, two short rounds)")
-    add("--method", help="fft, lora, federa (default), bitfit or adapter")
-    add("--aggregator", help="fedavg (default: A and B averaged apart) or product (exact, in ΔW = B·A space)")
+    add("--method", help="fft, lora, federa (default), bitfit, adapter or ee-adapter (early exits)")
+    add(
+        "--aggregator",
+        help="fedavg (default: A and B averaged apart), product (exact, in ΔW = B·A space) or hetero "
+        "(clients with different plans: each element averaged over the clients that trained it)",
+    )
     add("--codec", help="how client deltas travel: none (default), fp16, bf16, int8, int4 or topk:<fraction>")
     add("--clients", type=int, help="number of clients (default 4)")
     add("--rounds", type=int, help="federated rounds (default 16)")
@@ -125,6 +164,21 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         help="refuse client updates with a larger L2 norm (default: no bound)",
     )
     add("--chunk-bytes", type=int, help="largest slice of a state in one gRPC message (default 1 MiB)")
+    add(
+        "--profiles",
+        help="device profiles of the clients, comma-separated, assigned in turn (client k gets the k-th); "
+        "each client trains its own plan and metrics gain the SIMULATED device clock sim_s",
+    )
+    add(
+        "--budget-s",
+        type=float,
+        help="with --profiles: a client's round (steps + transfers) must fit in this",
+    )
+    add(
+        "--host-profile",
+        metavar="FILE",
+        help="this machine's profile for the simulated clock (default: measured when the run starts)",
+    )
     add("--seed", type=int, help="seed for partitioning, sampling, initialisation and batches (default 0)")
     add("--out", metavar="DIR", help="run directory (default runs/<method>-<time>)")
     add("--resume", action="store_true", help="continue the run in --out from its last completed round")
@@ -213,4 +267,61 @@ def read_bytes(path: str) -> bytes:
         raise EdgefedError(f"{path}: {error.strerror}") from None
 
 
-COMMANDS = {"run": run_command, "server": server_command, "client": client_command}
+def profile_command(args: dict[str, Any]) -> int:
+    from edgefed.calibrate import measure_machine, profile_header, write_profile
+    from edgefed.profiles import profile_toml
+
+    profile = measure_machine(
+        args["name"], quick=args["quick"], echo=lambda line: print(line, file=sys.stderr)
+    )
+    if args["out"]:
+        path = write_profile(profile, args["out"])
+        print(f"edgefed: wrote {path}; use it with `edgefed plan --profile {path}`", file=sys.stderr)
+    else:
+        print(profile_toml(profile, profile_header(profile)), end="")
+    return 0
+
+
+def plan_command(args: dict[str, Any]) -> int:
+    from edgefed.fleet import adapt_and_measure, codec_bytes_per_value
+    from edgefed.methods import METHODS, AdapterSpec
+    from edgefed.models import load_classifier, resolve_model_path
+    from edgefed.planner import Request, format_plan, plan_for
+    from edgefed.profiles import load_profile, profile_names
+
+    if args["list"]:
+        for name in profile_names():
+            profile = load_profile(name)
+            print(f"{name:<28} {profile.description}")
+        return 0
+    if not args["profile"]:
+        raise EdgefedError("--profile NAME_OR_FILE is required (or --list)")
+    profile = load_profile(args["profile"])
+    for key in ("rank", "batch_size", "max_seq_len", "local_steps", "num_labels"):
+        if args[key] <= 0:
+            raise EdgefedError(f"--{key.replace('_', '-')} must be positive")
+    method = METHODS.create(args["method"])
+    base, new_modules = load_classifier(resolve_model_path(args["model"]), args["num_labels"])
+    spec = AdapterSpec(rank=args["rank"], alpha=float(args["rank"]), head_modules=tuple(new_modules))
+    model, _, shape = adapt_and_measure(method, base, spec)
+    request = Request(
+        rank=args["rank"],
+        batch_size=args["batch_size"],
+        seq_len=args["max_seq_len"],
+        local_steps=args["local_steps"],
+        bytes_per_sent_value=codec_bytes_per_value(args["codec"]),
+        budget_s=args["budget_s"],
+        memory_gb=args["memory_gb"],
+    )
+    plan = plan_for(shape, profile, request, hasattr(model, "exit_layer"))
+    print(format_plan(plan, shape, args["model"], args["method"]))
+    return 0
+
+
+COMMANDS = {
+    "run": run_command,
+    "server": server_command,
+    "client": client_command,
+    "profile": profile_command,
+    "plan": plan_command,
+}

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from edgefed.aggregators.base import State
 from edgefed.codecs import Codec, ErrorFeedback
 from edgefed.data import EncodedExamples
+from edgefed.planner import Plan
+from edgefed.scope import Scope
 from edgefed.training import LocalTrainer
 from edgefed.wire.framing import CHUNK_BYTES, chunk_stream, serialize_state
 from edgefed.wire.v1 import federation_pb2 as pb
@@ -25,7 +27,10 @@ class FederatedClient:
         seed: int,
         codec: Codec,
         on_step: Callable[[int, int, float], None] = lambda round_number, client, loss: None,
+        plan: Plan | None = None,
+        scope: Scope | None = None,
     ) -> None:
+        """`plan` and `scope`: what this client's device trains (edgefed/planner.py); None: the run's all."""
         self.index = index
         self.trainer = trainer
         self.examples = examples
@@ -33,6 +38,8 @@ class FederatedClient:
         self.seed = seed
         self.feedback = ErrorFeedback(codec)
         self.on_step = on_step
+        self.plan = plan
+        self.scope = scope
 
     def fit(self, round_number: int, global_state: State) -> EncodedUpdate:
         update = self.trainer.fit(
@@ -42,6 +49,9 @@ class FederatedClient:
             self.steps,
             seed=client_round_seed(self.seed, round_number, self.index),
             on_step=lambda loss: self.on_step(round_number, self.index, loss),
+            scope=self.scope,
+            exit_layer=self.plan.exit_layer if self.plan else None,
+            batch_size=self.plan.batch_size if self.plan else None,
         )
         return EncodedUpdate(
             serialize_state(self.feedback.compress(update.delta, round_number)),

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefed.errors import EdgefedError
+from edgefed.profiles import toml_scalar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,6 +49,9 @@ class RunConfig:
     round_deadline_s: float = 600.0  # a sampled client that has not pushed by then is dropped
     max_update_norm: float | None = None  # reject client updates whose L2 norm exceeds this
     chunk_bytes: int = 1 << 20  # largest slice of a state in one gRPC message
+    profiles: tuple[str, ...] = ()  # device profile of client k: profiles[k % len(profiles)]
+    budget_s: float | None = None  # a client's round (local steps + transfers) must fit, per its plan
+    host_profile: str | None = None  # this machine's profile for the simulated clock (None: measured)
     seed: int = 0
     out: str | None = None  # None: runs/<method>-<timestamp>
 
@@ -140,10 +144,13 @@ def coerce(name: str, value: Any) -> Any:
     if value is None:
         return None
     kinds = set(typing.get_args(TYPES[name])) or {TYPES[name]}
-    if name == "target_modules":
+    if name in ("target_modules", "profiles"):
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list | tuple) or not all(isinstance(item, str) and item for item in items):
-            raise EdgefedError(f"{key_of(name)}: expected module names like 'query,value'")
+            example = (
+                "query,value" if name == "target_modules" else "jetson-agx-orin-64gb-maxn,raspberry-pi-5-8gb"
+            )
+            raise EdgefedError(f"{key_of(name)}: expected names like '{example}'")
         return tuple(item.strip() for item in items)
     if bool in kinds:
         if not isinstance(value, bool):
@@ -186,10 +193,16 @@ def validate(config: RunConfig) -> None:
         "min_clients": config.min_clients,
         "round_deadline_s": config.round_deadline_s,
         "max_update_norm": config.max_update_norm,
+        "budget_s": config.budget_s,
     }
     for name, value in positive.items():
         if value is not None and value <= 0:
             raise EdgefedError(f"{key_of(name)} must be positive, got {value}")
+    if config.profiles:
+        from edgefed.profiles import load_profile
+
+        for name in config.profiles:
+            load_profile(name)
     if config.transport not in TRANSPORTS:
         raise EdgefedError(f"unknown transport '{config.transport}'; choose one of: {', '.join(TRANSPORTS)}")
     if config.min_clients is not None and config.min_clients > config.clients:
@@ -216,16 +229,6 @@ def config_text(config: RunConfig) -> str:
     for name, value in dataclasses.asdict(config).items():
         if value is None or name in NOT_RECORDED:
             continue
-        lines.append(f"{key_of(name)} = {toml_value(value)}")
+        lines.append(f"{key_of(name)} = {toml_scalar(value)}")
     return "\n".join(lines) + "\n"
 
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, tuple | list):
-        return "[" + ", ".join(toml_value(item) for item in value) + "]"
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'

@@ -17,16 +17,20 @@ from torch import nn
 from tqdm import tqdm
 
 from edgefed.aggregators import AGGREGATORS
+from edgefed.calibrate import measure_machine
 from edgefed.checkpoint import Checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from edgefed.client import FederatedClient
+from edgefed.clock import SimulatedClock
 from edgefed.codecs import make_codec
 from edgefed.config import RunConfig, config_from_text, resolve_config, write_config
 from edgefed.data import EncodedExamples, LabeledTexts, encode, load_splits, partition
 from edgefed.errors import EdgefedError
+from edgefed.fleet import FleetPlans, adapt_and_measure, plan_request
 from edgefed.methods import METHODS, AdapterSpec, Method, count_trainable
-from edgefed.methods.base import SetupState, load_trainable_state
+from edgefed.methods.base import SetupState, load_trainable_state, trainable_state
 from edgefed.methods.lora import use_fused_kernels
 from edgefed.models import load_classifier, load_tokenizer, model_fingerprint, resolve_model_path
+from edgefed.profiles import load_profile
 from edgefed.recorder import Recorder, plot_curves, time_to_target
 from edgefed.server import FederatedServer
 from edgefed.training import LocalTrainer, evaluate, local_steps
@@ -52,6 +56,7 @@ class ServerSide:
     num_labels: int
     fingerprint: str
     device: torch.device
+    fleet: FleetPlans
 
 
 def prepare(config: RunConfig) -> ServerSide:
@@ -74,7 +79,17 @@ def prepare(config: RunConfig) -> ServerSide:
     spec = AdapterSpec(
         config.rank, config.alpha, config.target_modules, tuple(new_modules) or ("classifier",)
     )
-    global_model, setup = method.prepare_global(base, spec)
+    global_model, setup, shape = adapt_and_measure(method, base, spec)
+    pairs = method.low_rank_pairs(global_model)
+    global_state = trainable_state(global_model)
+    fleet = FleetPlans(
+        shape,
+        plan_request(config),
+        hasattr(global_model, "exit_layer"),
+        {name: tuple(tensor.shape) for name, tensor in global_state.items()},
+        pairs,
+        config.profiles,
+    )
     global_model.to(device)
     if config.fused_kernels:
         use_fused_kernels(global_model)
@@ -92,26 +107,35 @@ def prepare(config: RunConfig) -> ServerSide:
         num_labels,
         fingerprint,
         device,
+        fleet,
     )
 
 
 def in_process_clients(side: ServerSide, on_step) -> list[FederatedClient]:
     """The clients of a simulation, taking turns on one worker model built only from the pre-trained
-    files and the server's setup state, as a remote client would build it."""
+    files and the server's setup state, as a remote client would build it; each with its own plan."""
     config = side.config
     shards = partition(side.train.labels, config.clients, config.partition, config.seed)
-    encoded_train = encode(side.train, side.tokenizer, config.max_seq_len)
     worker_base, _ = load_classifier(resolve_model_path(config.model), side.num_labels)
     worker = side.method.adapt(worker_base, side.spec, side.setup)
     if config.fused_kernels:
         use_fused_kernels(worker)
     trainer = LocalTrainer(worker, config.lr, config.batch_size, side.device)
+    encoded: dict[int, EncodedExamples] = {}  # the training set at each plan's sequence length
     clients = []
     for index, shard in enumerate(shards):
-        examples = encoded_train.subset(shard)
-        steps = local_steps(len(examples), config.batch_size, config.local_steps, config.local_epochs)
+        plan = side.fleet.plan(index)
+        seq_len = plan.seq_len if plan else config.max_seq_len
+        if seq_len not in encoded:
+            encoded[seq_len] = encode(side.train, side.tokenizer, seq_len)
+        examples = encoded[seq_len].subset(shard)
+        batch_size = plan.batch_size if plan else config.batch_size
+        steps = local_steps(len(examples), batch_size, config.local_steps, config.local_epochs)
         codec = make_codec(config.codec)
-        clients.append(FederatedClient(index, trainer, examples, steps, config.seed, codec, on_step))
+        scope = side.fleet.scope(plan) if plan else None
+        clients.append(
+            FederatedClient(index, trainer, examples, steps, config.seed, codec, on_step, plan, scope)
+        )
     return clients
 
 
@@ -129,6 +153,7 @@ def run(config: RunConfig, echo=print, resume: bool = False) -> dict:
                 side.config.chunk_bytes,
                 side.config.max_update_norm,
                 side.device,
+                [side.fleet.scope(side.fleet.plan(index)) for index in range(side.config.clients)],
             )
         return LoopbackFleet.start(side, run_id, run_dir, slots, log)
 
@@ -162,7 +187,7 @@ def serve(
             side.fingerprint,
             state_payload(side.setup),
         )
-        servicer = FederationServicer(description, tokens, slots, heartbeat_s, side.device, log)
+        servicer = FederationServicer(description, tokens, slots, heartbeat_s, side.device, log, side.fleet)
         grpc_transport = GrpcTransport(
             servicer,
             address,
@@ -209,6 +234,8 @@ def federate(config: RunConfig, make_transport, echo, resume: bool) -> dict:
         f"{len(side.train):,} training and {len(side.evaluation):,} evaluation examples, "
         f"{side.device.type}, {config.transport} transport"
     )
+    if config.profiles:
+        describe_fleet(side, echo)
     progress = StepProgress(config)
     log = progress.writer(echo)
     slots = checkpoint.clients if checkpoint else {}
@@ -224,12 +251,20 @@ def federate(config: RunConfig, make_transport, echo, resume: bool) -> dict:
         config.seed,
         config.min_clients,
         log,
+        simulated_clock(side, echo) if config.profiles else None,
     )
     recorder = Recorder(run_dir, log, resume_after=checkpoint.round if checkpoint else None)
 
     def save_round(round_number: int, state, wall_s: float) -> None:
         checkpoint = Checkpoint(
-            round_number, run_id, state, wall_s, aggregator.state_dict(), transport.slots(), rng_state()
+            round_number,
+            run_id,
+            state,
+            wall_s,
+            aggregator.state_dict(),
+            transport.slots(),
+            rng_state(),
+            recorder.rounds[-1].get("sim_s"),
         )
         save_checkpoint(run_dir, checkpoint)
 
@@ -241,6 +276,7 @@ def federate(config: RunConfig, make_transport, echo, resume: bool) -> dict:
             save_round,
             first_round=checkpoint.round + 1 if checkpoint else 1,
             wall_offset=checkpoint.wall_s if checkpoint else 0.0,
+            sim_offset=(checkpoint.sim_s or 0.0) if checkpoint else 0.0,
         )
     finally:
         progress.close()
@@ -253,7 +289,7 @@ def finish_run(side: ServerSide, run_dir: Path, rounds: list[dict], total_s: flo
     config, global_model = side.config, side.global_model
     side.method.save(global_model.cpu(), side.spec, side.setup, run_dir / "adapter")
     side.tokenizer.save_pretrained(run_dir / "adapter")
-    target_round, target_wall = time_to_target(rounds, config.target_accuracy)
+    target_round, target_wall, target_sim = time_to_target(rounds, config.target_accuracy)
     best = max(rounds, key=lambda metrics: metrics["accuracy"])
     trainable = count_trainable(global_model)
     summary = {
@@ -274,12 +310,20 @@ def finish_run(side: ServerSide, run_dir: Path, rounds: list[dict], total_s: flo
         "total_parameters": sum(p.numel() for p in global_model.parameters()),
         "final_accuracy": rounds[-1]["accuracy"],
         "final_loss": rounds[-1]["loss"],
+        "final_exit_accuracy": rounds[-1].get("exit_accuracy"),
         "best_accuracy": best["accuracy"],
         "best_round": best["round"],
         "target_accuracy": config.target_accuracy,
         "rounds_to_target": target_round,
-        # Simulated device time arrives with device profiles; until then only this machine's clock.
-        "time_to_target_s": {"wall": target_wall},
+        # "simulated": the simulated device clock (edgefed/clock.py), only for fleets with profiles.
+        "time_to_target_s": {"wall": target_wall, "simulated": target_sim},
+        "profiles": list(config.profiles),
+        "plans": {
+            str(index): dataclasses.asdict(plan)
+            for index in range(config.clients)
+            if (plan := side.fleet.plan(index)) is not None
+        },
+        "sim_s": rounds[-1].get("sim_s"),
         "bytes_up": sum(metrics["bytes_up"] for metrics in rounds),
         "bytes_down": sum(metrics["bytes_down"] for metrics in rounds),
         "setup_bytes_per_client": len(state_payload(side.setup)),
@@ -293,6 +337,36 @@ def finish_run(side: ServerSide, run_dir: Path, rounds: list[dict], total_s: flo
         echo("edgefed: curves.png skipped (matplotlib is not installed: pip install 'edgefed[demo]')")
     echo(format_summary(summary))
     return summary
+
+
+def describe_fleet(side: ServerSide, echo) -> None:
+    """Each client's profile and plan, and the check that the aggregator can combine them."""
+    config, fleet = side.config, side.fleet
+    for index in range(config.clients):
+        plan = fleet.plan(index)
+        echo(
+            f"edgefed: client {index}: {plan.profile}: layers {plan.frozen_layers}-{plan.exit_layer - 1} "
+            f"train (exit {plan.exit_layer}), rank {plan.rank}, batch {plan.batch_size}, length "
+            f"{plan.seq_len}; predicted {plan.step_s:.3f} s/step, {plan.peak_gb:.2f} GB"
+        )
+    if config.aggregator != "hetero" and fleet.heterogeneous(range(config.clients)):
+        raise EdgefedError(
+            "the clients' plans train different tensors (frozen layers, exits or ranks differ from the "
+            "run's); combine them with --aggregator hetero"
+        )
+
+
+def simulated_clock(side: ServerSide, echo) -> SimulatedClock:
+    if side.config.host_profile:
+        host = load_profile(side.config.host_profile)
+    else:
+        echo("edgefed: measuring this machine for the simulated device clock (edgefed profile)")
+        host = measure_machine(device=side.device, quick=True, echo=lambda line: None)
+    echo(
+        f"edgefed: simulated device clock: this machine runs {host.fp32_tflops:.3f} TFLOP/s FP32 GEMMs and "
+        f"streams {host.bandwidth_gbs:.1f} GB/s; each client's measured time is scaled to its profile"
+    )
+    return SimulatedClock(side.fleet, host, side.fleet.shape)
 
 
 class StepProgress:
@@ -340,6 +414,11 @@ def format_summary(summary: dict) -> str:
             lines.append(
                 f"target accuracy {target:.4f} reached at round {summary['rounds_to_target']} after "
                 f"{summary['time_to_target_s']['wall']:.1f} s (wall clock)"
+                + (
+                    f", {summary['time_to_target_s']['simulated']:.1f} s on the SIMULATED device clock"
+                    if summary["time_to_target_s"]["simulated"] is not None
+                    else ""
+                )
             )
     share = 100 * summary["trainable_parameters"] / summary["total_parameters"]
     traffic = (
@@ -351,6 +430,12 @@ def format_summary(summary: dict) -> str:
             f" (down includes a one-off setup of {summary['setup_bytes_per_client'] / 1e6:.2f} MB per client)"
         )
     lines.append(traffic)
+    if summary["final_exit_accuracy"]:
+        exits = ", ".join(f"{accuracy:.4f}" for accuracy in summary["final_exit_accuracy"])
+        lines.append(f"accuracy at each exit (layers 1..{len(summary['final_exit_accuracy'])}): {exits}")
+    if summary["sim_s"] is not None:
+        profiles = ", ".join(summary["profiles"])
+        lines.append(f"{summary['sim_s']:.1f} s on the SIMULATED device clock (profiles {profiles})")
     lines.append(f"run directory: {summary['run_dir']}")
     return "\n".join(lines)
 

@@ -7,6 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 MB = 1e6
+SIM_NOTE = (
+    "* sim s: simulated device clock from the clients' device profiles (edgefed/clock.py), not measured"
+)
 HEADER = (
     f"{'round':>5}  {'accuracy':>8}  {'eval loss':>9}  {'train loss':>10}  "
     f"{'up MB':>8}  {'down MB':>8}  {'round s':>7}  {'wall s':>7}"
@@ -32,8 +35,11 @@ class Recorder:
             self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in self.rounds), encoding="utf-8")
 
     def record(self, metrics: dict) -> None:
+        simulated = metrics.get("sim_s") is not None
         if not self.rounds:
-            self.echo(HEADER)
+            if simulated:
+                self.echo(f"({SIM_NOTE})")
+            self.echo(HEADER + (f"  {'sim s*':>8}" if simulated else ""))
         self.rounds.append(metrics)
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(metrics) + "\n")
@@ -42,17 +48,18 @@ class Recorder:
             f"{metrics['round']:>5}  {metrics['accuracy']:>8.4f}  {metrics['loss']:>9.4f}  {train_loss:>10}  "
             f"{metrics['bytes_up'] / MB:>8.3f}  {metrics['bytes_down'] / MB:>8.3f}  "
             f"{metrics['round_s']:>7.1f}  {metrics['wall_s']:>7.1f}"
+            + (f"  {metrics['sim_s']:>8.1f}" if simulated else "")
         )
 
 
-def time_to_target(rounds: list[dict], target: float | None) -> tuple[int | None, float | None]:
-    """(round, wall seconds) at which accuracy first reached the target; (None, None) if it never did."""
+def time_to_target(rounds: list[dict], target: float | None) -> tuple[int | None, float | None, float | None]:
+    """(round, wall seconds, simulated seconds) at which accuracy first reached the target."""
     if target is None:
-        return None, None
+        return None, None, None
     for metrics in rounds:
         if metrics["accuracy"] >= target:
-            return metrics["round"], metrics["wall_s"]
-    return None, None
+            return metrics["round"], metrics["wall_s"], metrics.get("sim_s")
+    return None, None, None
 
 
 def plot_curves(rounds: list[dict], title: str, path: Path) -> bool:
@@ -64,14 +71,19 @@ def plot_curves(rounds: list[dict], title: str, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    figure, (by_time, by_round) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    simulated = rounds[-1].get("sim_s") is not None
+    panels = 3 if simulated else 2
+    figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), sharey=True)
     accuracy = [metrics["accuracy"] for metrics in rounds]
-    by_time.plot([metrics["wall_s"] for metrics in rounds], accuracy, marker="o")
-    by_time.set_xlabel("wall-clock seconds (this machine)")
-    by_time.set_ylabel("evaluation accuracy")
-    by_round.plot([metrics["round"] for metrics in rounds], accuracy, marker="o")
-    by_round.set_xlabel("round")
-    for axis in (by_time, by_round):
+    axes[0].plot([metrics["wall_s"] for metrics in rounds], accuracy, marker="o")
+    axes[0].set_xlabel("wall-clock seconds (this machine)")
+    axes[0].set_ylabel("evaluation accuracy")
+    axes[1].plot([metrics["round"] for metrics in rounds], accuracy, marker="o")
+    axes[1].set_xlabel("round")
+    if simulated:
+        axes[2].plot([metrics["sim_s"] for metrics in rounds], accuracy, marker="o", color="tab:orange")
+        axes[2].set_xlabel("SIMULATED device seconds (device profiles)")
+    for axis in axes:
         axis.grid(alpha=0.3)
     figure.suptitle(title)
     figure.tight_layout()

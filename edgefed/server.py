@@ -9,11 +9,13 @@ import numpy as np
 from torch import nn
 
 from edgefed.aggregators.base import Aggregator, State
+from edgefed.clock import SimulatedClock
 from edgefed.methods.base import LowRankPair, load_trainable_state, trainable_state
+from edgefed.training import Evaluation
 from edgefed.transport.base import RoundResult, Transport
 
-# (accuracy, loss) of the global model on the evaluation set.
-Evaluator = Callable[[nn.Module], tuple[float, float]]
+# The global model on the evaluation set: accuracy, loss (and per-exit accuracy for early-exit models).
+Evaluator = Callable[[nn.Module], Evaluation]
 # Called after each completed round with (round, global state, wall seconds so far).
 RoundHook = Callable[[int, State, float], None]
 
@@ -31,7 +33,9 @@ class FederatedServer:
         seed: int,
         min_clients: int | None = None,
         echo: Callable[[str], None] = print,
+        clock: SimulatedClock | None = None,
     ) -> None:
+        """`clock`: the simulated device clock of a fleet with device profiles (None: no sim_s)."""
         self.model = model
         self.aggregator = aggregator
         self.pairs = pairs
@@ -41,6 +45,7 @@ class FederatedServer:
         self.min_clients = num_clients if min_clients is None else min_clients
         self.seed = seed
         self.echo = echo
+        self.clock = clock
 
     def sample(self, round_number: int, available: list[int]) -> list[int]:
         """A reproducible sample of the connected clients (of all of them, when all are connected)."""
@@ -55,6 +60,7 @@ class FederatedServer:
         after_round: RoundHook = lambda round_number, state, wall_s: None,
         first_round: int = 1,
         wall_offset: float = 0.0,
+        sim_offset: float = 0.0,
     ) -> State:
         """Run rounds `first_round`..`rounds` (round 0, the starting model, is evaluated on a fresh run).
 
@@ -62,10 +68,11 @@ class FederatedServer:
         and run again: the global state only ever moves by a round with enough clients in it.
         """
         start = time.perf_counter() - wall_offset
+        sim_s = sim_offset if self.clock else None
         global_state = trainable_state(self.model)
         if first_round == 1:
-            accuracy, loss = self.evaluator(self.model)
-            record(self._metrics(0, accuracy, loss, RoundResult([]), time.perf_counter(), start))
+            evaluation = self.evaluator(self.model)
+            record(self._metrics(0, evaluation, RoundResult([]), time.perf_counter(), start, sim_s, None))
         round_number = first_round
         while round_number <= rounds:
             clients = self.sample(round_number, self.transport.wait_for_clients())
@@ -78,10 +85,15 @@ class FederatedServer:
                     f"arrived (dropped clients {result.dropped}); running the round again"
                 )
                 continue
+            aggregate_start = time.perf_counter()
             global_state = self.aggregator.aggregate(global_state, result.updates, self.pairs)
+            simulated = None
+            if self.clock is not None:
+                simulated = self.clock.round(result, time.perf_counter() - aggregate_start)
+                sim_s += simulated.seconds
             load_trainable_state(self.model, global_state)
-            accuracy, loss = self.evaluator(self.model)
-            metrics = self._metrics(round_number, accuracy, loss, result, round_start, start)
+            evaluation = self.evaluator(self.model)
+            metrics = self._metrics(round_number, evaluation, result, round_start, start, sim_s, simulated)
             record(metrics)
             after_round(round_number, global_state, metrics["wall_s"])
             round_number += 1
@@ -89,14 +101,16 @@ class FederatedServer:
         return global_state
 
     @staticmethod
-    def _metrics(round_number, accuracy, loss, result: RoundResult, round_start, start) -> dict:
+    def _metrics(
+        round_number, evaluation: Evaluation, result: RoundResult, round_start, start, sim_s, simulated
+    ) -> dict:
         now = time.perf_counter()
         updates = result.updates
         examples = sum(update.num_examples for update in updates)
-        return {
+        metrics = {
             "round": round_number,
-            "accuracy": accuracy,
-            "loss": loss,
+            "accuracy": evaluation.accuracy,
+            "loss": evaluation.loss,
             "train_loss": sum(u.train_loss * u.num_examples for u in updates) / examples if updates else None,
             "bytes_up": result.bytes_up,
             "bytes_down": result.bytes_down,
@@ -105,4 +119,11 @@ class FederatedServer:
             "slowest_client_s": max((update.train_s for update in updates), default=0.0),
             "round_s": now - round_start if round_number else now - start,
             "wall_s": now - start,
+            # The simulated device clock (edgefed/clock.py): never measured on a device.
+            "sim_s": sim_s,
+            "sim_round_s": simulated.seconds if simulated else None,
+            "sim_slowest_client": simulated.slowest if simulated else None,
         }
+        if evaluation.exit_accuracy is not None:
+            metrics["exit_accuracy"] = evaluation.exit_accuracy
+        return metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -13,19 +14,26 @@ from edgefed.aggregators.base import ClientUpdate, State
 from edgefed.data import EncodedExamples, ordered_batches, shuffled_batches
 from edgefed.errors import EdgefedError
 from edgefed.methods.base import load_trainable_state
+from edgefed.scope import Scope, block_mask, leading_block
 
 MAX_GRAD_NORM = 1.0
 EVAL_BATCH_SIZE = 64
 
 
 class LocalTrainer:
-    """Trains a model's trainable tensors from a given global state (fresh AdamW each round)."""
+    """Trains a model's trainable tensors from a given global state (fresh AdamW each round).
+
+    A client's scope (edgefed/scope.py) may narrow what it trains: tensors outside it are frozen for
+    the round (backward stops below the lowest trained layer), leading blocks get masked gradients,
+    and early-exit models run only up to the plan's exit.
+    """
 
     def __init__(self, model: nn.Module, lr: float, batch_size: int, device: torch.device) -> None:
         self.model = model.to(device)
         self.lr = lr
         self.batch_size = batch_size
         self.device = device
+        self.trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
 
     def fit(
         self,
@@ -35,10 +43,26 @@ class LocalTrainer:
         steps: int,
         seed: int,
         on_step: Callable[[float], None] = lambda loss: None,
+        scope: Scope | None = None,
+        exit_layer: int | None = None,
+        batch_size: int | None = None,
     ) -> ClientUpdate:
         model = self.model
-        load_trainable_state(model, global_state)
-        trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+        if scope is None:
+            load_trainable_state(model, global_state)
+            scope = Scope.everything({name: tuple(p.shape) for name, p in self.trainable.items()})
+        else:
+            self._load_received(global_state, scope)
+        trainable = [(name, self.trainable[name]) for name in scope.sent]
+        masks = {
+            name: mask
+            for name, param in trainable
+            if (mask := block_mask(tuple(param.shape), scope.sent[name], param.device)) is not None
+        }
+        for name, param in self.trainable.items():
+            param.requires_grad_(name in scope.sent)
+        if hasattr(model, "exit_layer"):  # early-exit models run only up to the plan's exit
+            model.exit_layer = exit_layer or model.config.num_hidden_layers
         params = [param for _, param in trainable]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
         generator = torch.Generator().manual_seed(seed)
@@ -46,23 +70,46 @@ class LocalTrainer:
         model.train()
         losses = []
         start = time.perf_counter()
-        for indices in shuffled_batches(len(examples), self.batch_size, steps, generator):
-            batch = {key: value.to(self.device) for key, value in examples.batch(indices).items()}
-            loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise EdgefedError(
-                    f"client {client_id}: training diverged (loss {loss.item()}) at local step "
-                    f"{len(losses) + 1}; lower --lr"
-                )
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            on_step(losses[-1])
+        try:
+            for indices in shuffled_batches(len(examples), batch_size or self.batch_size, steps, generator):
+                batch = {key: value.to(self.device) for key, value in examples.batch(indices).items()}
+                loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    raise EdgefedError(
+                        f"client {client_id}: training diverged (loss {loss.item()}) at local step "
+                        f"{len(losses) + 1}; lower --lr"
+                    )
+                loss.backward()
+                for name, mask in masks.items():  # components beyond the plan's rank stay put
+                    self.trainable[name].grad.mul_(mask)
+                nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                on_step(losses[-1])
+        finally:
+            for param in self.trainable.values():
+                param.requires_grad_(True)
+            if hasattr(model, "exit_layer"):
+                model.exit_layer = model.config.num_hidden_layers
         train_s = time.perf_counter() - start
-        delta = {name: param.detach() - global_state[name] for name, param in trainable}
+        delta = {
+            name: leading_block(param.detach() - global_state[name], scope.sent[name])
+            for name, param in trainable
+        }
         return ClientUpdate(client_id, delta, len(examples), sum(losses) / len(losses), len(losses), train_s)
+
+    @torch.no_grad()
+    def _load_received(self, global_state: State, scope: Scope) -> None:
+        if set(global_state) != set(scope.received):
+            unknown = sorted(set(global_state) - set(scope.received))[:3]
+            absent = sorted(set(scope.received) - set(global_state))[:3]
+            raise ValueError(f"state does not match the client's scope (unknown {unknown}, absent {absent})")
+        for name, tensor in global_state.items():
+            param = self.trainable.get(name)
+            if param is None or param.shape != tensor.shape:
+                raise ValueError(f"{name}: not a trainable tensor of this shape in the client's model")
+            param.copy_(tensor)
 
 
 def local_steps(num_examples: int, batch_size: int, steps: int | None, epochs: float | None) -> int:
@@ -73,11 +120,18 @@ def local_steps(num_examples: int, batch_size: int, steps: int | None, epochs: f
     return max(1, math.ceil(epochs * num_examples / batch_size))
 
 
+class Evaluation(NamedTuple):
+    accuracy: float
+    loss: float
+    exit_accuracy: list[float] | None = None  # early-exit models: the accuracy at each exit
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, examples: EncodedExamples, device: torch.device) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) over all examples."""
+def evaluate(model: nn.Module, examples: EncodedExamples, device: torch.device) -> Evaluation:
+    """Accuracy and mean cross-entropy over all examples (and per exit, for early-exit models)."""
     model.eval()
     correct, loss_sum = 0, 0.0
+    exit_correct: list[int] = []
     # Length-sorted batches pad less; the order does not change the metrics.
     by_length = sorted(range(len(examples)), key=lambda i: len(examples.input_ids[i]))
     for positions in ordered_batches(len(examples), EVAL_BATCH_SIZE):
@@ -86,4 +140,9 @@ def evaluate(model: nn.Module, examples: EncodedExamples, device: torch.device) 
         output = model(**batch)
         loss_sum += output.loss.item() * len(indices)
         correct += (output.logits.argmax(dim=-1) == batch["labels"]).sum().item()
-    return correct / len(examples), loss_sum / len(examples)
+        for exit_index, logits in enumerate(getattr(output, "exit_logits", None) or ()):
+            if exit_index == len(exit_correct):
+                exit_correct.append(0)
+            exit_correct[exit_index] += (logits.argmax(dim=-1) == batch["labels"]).sum().item()
+    exits = [count / len(examples) for count in exit_correct] or None
+    return Evaluation(correct / len(examples), loss_sum / len(examples), exits)

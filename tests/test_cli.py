@@ -39,7 +39,10 @@ def test_bad_data_files(tmp_path, tiny_model_dir, case, content, expected):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--method", "qlora"], "unknown method 'qlora'; choose one of: adapter, bitfit, federa, fft, lora"),
+        (
+            ["--method", "qlora"],
+            "unknown method 'qlora'; choose one of: adapter, bitfit, ee-adapter, federa, fft, lora",
+        ),
         (["--model", "/no/such/model"], "model '/no/such/model' is not a local folder, a packaged model"),
         (["--data", "/no/such/data.tsv"], "/no/such/data.tsv: no such data file or folder"),
         (["--partition", "dirichlet"], "partition 'dirichlet': dirichlet needs a positive alpha"),

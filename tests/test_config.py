@@ -48,8 +48,11 @@ def test_local_epochs_replace_local_steps_layer_by_layer(tmp_path):
     [
         ("roundz = 3\n", "unknown key 'roundz'; valid keys: preset, method"),
         ('rounds = "three"\n', "rounds: expected an integer, got 'three'"),
-        ('method = "qlora"\n', "unknown method 'qlora'; choose one of: adapter, bitfit, federa, fft, lora"),
-        ('aggregator = "krum"\n', "unknown aggregator 'krum'; choose one of: fedavg, product"),
+        (
+            'method = "qlora"\n',
+            "unknown method 'qlora'; choose one of: adapter, bitfit, ee-adapter, federa, fft, lora",
+        ),
+        ('aggregator = "krum"\n', "unknown aggregator 'krum'; choose one of: fedavg, hetero, product"),
         ('partition = "dirichlet:-1"\n', "positive alpha"),
         ("sample-fraction = 1.5\n", "sample-fraction must be in (0, 1]"),
         ("target-accuracy = 85\n", "target-accuracy is a fraction"),

@@ -18,9 +18,9 @@ def test_federa_training_on_sst2_lowers_the_loss(minilm_path, sst2_dir):
     examples = encode(train.subset(list(range(96))), load_tokenizer(minilm_path), max_seq_len=48)
     model, _ = METHODS.create("federa").prepare_global(load_classifier(minilm_path, 2)[0], AdapterSpec())
     trainer = LocalTrainer(model, lr=3e-3, batch_size=16, device=torch.device("cpu"))
-    _, before = evaluate(model, examples, trainer.device)
+    before = evaluate(model, examples, trainer.device).loss
     update = trainer.fit(0, trainable_state(model), examples, steps=12, seed=0)
-    _, after = evaluate(model, examples, trainer.device)
+    after = evaluate(model, examples, trainer.device).loss
     assert update.steps == 12 and update.num_examples == 96
     assert after < before - 0.03, (before, after)
 

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import torch
 
+from edgefed.errors import EdgefedError
 from edgefed.kernels import weighted_sum
 from edgefed.methods.base import LowRankPair
 from edgefed.registry import Registry
@@ -62,6 +63,12 @@ def weighted_mean_step(global_state: State, updates: Sequence[ClientUpdate], key
     result = {}
     for key in keys:
         base = global_state[key]
+        for update in updates:
+            if key not in update.delta or update.delta[key].shape != base.shape:
+                raise EdgefedError(
+                    f"client {update.client_id} sent {'no' if key not in update.delta else 'a partial'} "
+                    f"{key}: clients with different plans need --aggregator hetero"
+                )
         step = weighted_sum([update.delta[key] for update in updates], weights).view(base.shape)
         result[key] = (base.to(torch.float32) + step).to(base.dtype)
     return result

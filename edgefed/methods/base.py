@@ -48,6 +48,11 @@ class Method(ABC):
 
     name: ClassVar[str]
     default_lr: ClassVar[float]
+    # Whether added modules process every token (LoRA, adapters) or only first-token states (early
+    # exits); the cost model counts their activations and FLOPs accordingly.
+    adapters_see_all_tokens: ClassVar[bool] = True
+    # Name prefix of the heads a method predicts with instead of the checkpoint's classifier (None: that one).
+    own_head_prefix: ClassVar[str | None] = None
 
     def prepare_global(self, model: nn.Module, spec: AdapterSpec) -> tuple[nn.Module, SetupState]:
         """Server side, once: adapt the global model and return what clients need to match it."""

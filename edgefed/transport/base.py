@@ -16,6 +16,7 @@ import torch
 
 from edgefed.aggregators.base import ClientUpdate, State
 from edgefed.codecs import Codec, encode_state, make_codec
+from edgefed.scope import Scope
 from edgefed.wire.framing import Expected, WireError, parse_state, reassemble, serialize_state
 from edgefed.wire.v1 import federation_pb2 as pb
 
@@ -29,6 +30,7 @@ class RoundResult:
     dropped: list[int] = field(default_factory=list)  # sampled clients that died, stalled or were refused
     bytes_up: int = 0  # gRPC message bytes of the state streams, as sent
     bytes_down: int = 0
+    client_bytes: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (down, up)
 
 
 class Transport(ABC):
@@ -58,6 +60,32 @@ def state_payload(state: State) -> bytes:
 
 def state_shapes(state: State) -> dict[str, tuple[tuple[int, ...], str]]:
     return {name: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in state.items()}
+
+
+class ScopedStates:
+    """A round's global state as each client's scope sees it: what goes down, what must come up."""
+
+    def __init__(self, global_state: State) -> None:
+        self.global_state = global_state
+        self._payloads: dict[tuple[str, ...], bytes] = {}
+
+    def payload(self, scope: Scope) -> bytes:
+        """The serialised part of the global state the client runs on (one serialisation per scope)."""
+        if scope.received not in self._payloads:
+            received = {name: self.global_state[name] for name in scope.received}
+            self._payloads[scope.received] = state_payload(received)
+        return self._payloads[scope.received]
+
+    def full_scope(self) -> Scope:
+        """The scope of a client without a plan: all of the state, both ways."""
+        return Scope.everything({name: tuple(t.shape) for name, t in self.global_state.items()})
+
+    def down_shapes(self, scope: Scope) -> dict[str, tuple[tuple[int, ...], str]]:
+        return state_shapes({name: self.global_state[name] for name in scope.received})
+
+    def up_shapes(self, scope: Scope) -> dict[str, tuple[tuple[int, ...], str]]:
+        dtypes = state_shapes(self.global_state)
+        return {name: (tuple(shape), dtypes[name][1]) for name, shape in scope.sent.items()}
 
 
 def max_update_bytes(global_state: State) -> int:

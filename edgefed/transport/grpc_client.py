@@ -21,9 +21,11 @@ from edgefed.config import config_from_text
 from edgefed.data import encode
 from edgefed.data.splits import load_train
 from edgefed.errors import EdgefedError
+from edgefed.fleet import scope_of_plan
 from edgefed.methods import METHODS, AdapterSpec, trainable_state
 from edgefed.methods.lora import use_fused_kernels
 from edgefed.models import load_classifier, load_tokenizer, model_fingerprint, resolve_model_path
+from edgefed.planner import plan_from_text
 from edgefed.training import LocalTrainer, local_steps
 from edgefed.transport.auth import bearer_metadata
 from edgefed.transport.base import LOSSLESS, state_shapes
@@ -109,8 +111,9 @@ class GrpcClient:
                 f"the model at {model_path} differs from the server's (fingerprint {mine[:12]} vs "
                 f"{joined.model_fingerprint[:12]}); load the same pre-trained model (--model PATH)"
             )
+        plan = plan_from_text(joined.plan_toml) if joined.plan_toml else None
         tokenizer = load_tokenizer(model_path)
-        examples = encode(load_train(self.data), tokenizer, config.max_seq_len)
+        examples = encode(load_train(self.data), tokenizer, plan.seq_len if plan else config.max_seq_len)
         request = pb.FetchRequest(run_id=self.run_id, round=0, client_id=self.client_id)
         chunks = self._call(lambda r, **kw: list(self.stub.FetchSetup(r, **kw)), request)
         expected = Expected(self.run_id, 0, None, self.client_id)
@@ -122,13 +125,30 @@ class GrpcClient:
             use_fused_kernels(worker)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         lr = config.lr if config.lr is not None else method.default_lr
-        steps = local_steps(len(examples), config.batch_size, config.local_steps, config.local_epochs)
+        batch_size = plan.batch_size if plan else config.batch_size
+        steps = local_steps(len(examples), batch_size, config.local_steps, config.local_epochs)
         trainer = LocalTrainer(worker, lr, config.batch_size, self.device)
-        self.shapes = state_shapes(trainable_state(worker))
+        state = trainable_state(worker)
+        shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
+        scope = scope_of_plan(plan, shapes, method.low_rank_pairs(worker)) if plan else None
+        self.shapes = state_shapes({name: state[name] for name in (scope.received if scope else state)})
         self.chunk_bytes = config.chunk_bytes
         self.client = FederatedClient(
-            joined.client_index, trainer, examples, steps, config.seed, make_codec(config.codec)
+            joined.client_index,
+            trainer,
+            examples,
+            steps,
+            config.seed,
+            make_codec(config.codec),
+            plan=plan,
+            scope=scope,
         )
+        if plan is not None:
+            self.echo(
+                f"edgefed: {self.client_id}: plan for {plan.profile}: layers {plan.frozen_layers}-"
+                f"{plan.exit_layer - 1} train, rank {plan.rank}, batch {plan.batch_size}, "
+                f"length {plan.seq_len}"
+            )
         self.echo(
             f"edgefed: {self.client_id} is client {joined.client_index} of run {self.run_id}: "
             f"{config.method} on {len(examples):,} examples from {Path(self.data).name}, "

@@ -23,14 +23,16 @@ from edgefed.aggregators.base import ClientUpdate, State
 from edgefed.codecs import make_codec
 from edgefed.config import RunConfig, config_text
 from edgefed.errors import EdgefedError
+from edgefed.fleet import FleetPlans
+from edgefed.planner import Plan, plan_text
+from edgefed.scope import Scope
 from edgefed.transport.auth import BearerTokenInterceptor, TokenBook, bearer_token
 from edgefed.transport.base import (
     RoundResult,
+    ScopedStates,
     Transport,
     max_update_bytes,
     receive_update,
-    state_payload,
-    state_shapes,
 )
 from edgefed.wire.framing import Expected, WireError, chunk_stream, wire_size
 from edgefed.wire.v1 import federation_pb2 as pb
@@ -58,11 +60,12 @@ class RunDescription:
 class OpenRound:
     number: int
     sampled: set[int]
-    payload: bytes
-    expected: Expected
+    states: ScopedStates  # the global state as each client's scope sees it
+    max_bytes: int
     deadline: float  # time.monotonic()
     updates: dict[int, ClientUpdate] = field(default_factory=dict)
     dropped: dict[int, str] = field(default_factory=dict)  # slot -> why
+    client_bytes: dict[int, list[int]] = field(default_factory=dict)  # slot -> [down, up]
 
     def waiting_for(self, slot: int) -> bool:
         return slot in self.sampled and slot not in self.updates and slot not in self.dropped
@@ -77,8 +80,12 @@ class FederationServicer(pb_grpc.FederationServicer):
         heartbeat_s: float = 1.0,
         device: torch.device | None = None,
         log: Callable[[str], None] = print,
+        fleet: FleetPlans | None = None,
     ) -> None:
+        """`fleet`: plans each client's work from its profile (--profiles, or the one it announces)."""
         self.run = run
+        self.fleet = fleet
+        self.plans: dict[int, Plan | None] = {}  # slot -> the plan sent at its Join
         self.tokens = tokens
         self.codec = make_codec(run.config.codec)
         self.num_clients = run.config.clients
@@ -106,8 +113,17 @@ class FederationServicer(pb_grpc.FederationServicer):
                 slot = self._free_slot(request.client_id, context)
                 self.slots[request.client_id] = slot
             self._seen(slot)
+        plan = None
+        if self.fleet is not None:
+            try:
+                plan = self.fleet.plan(slot, request.profile)
+            except EdgefedError as error:  # an unknown profile, or one no plan fits
+                self._refuse(context, Code.INVALID_ARGUMENT, f"{request.client_id}: {error}")
+        with self.condition:
+            self.plans[slot] = plan
         profile = f", profile {request.profile}" if request.profile else ""
-        self.log(f"edgefed: {request.client_id} joined as client {slot}{profile}")
+        planned = f"; plan: {plan.profile}, layers {plan.frozen_layers}-{plan.exit_layer - 1}" if plan else ""
+        self.log(f"edgefed: {request.client_id} joined as client {slot}{profile}{planned}")
         return pb.JoinReply(
             run_id=self.run.run_id,
             config_toml=config_text(self.run.config),
@@ -116,6 +132,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             head_modules=list(self.run.head_modules),
             heartbeat_s=self.heartbeat_s,
             model_fingerprint=self.run.model_fingerprint,
+            plan_toml=plan_text(plan) if plan else "",
         )
 
     def FetchSetup(self, request: pb.FetchRequest, context) -> Iterator[pb.Chunk]:
@@ -126,7 +143,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         slot = self._slot(request.client_id, request.run_id, context)
         with self.condition:
             current = self._round_for(slot, request.round, context)
-            payload = current.payload
+            payload = current.states.payload(self._scope(slot))
         yield from self._stream_down(payload, request.round, request.client_id)
 
     def PushUpdate(self, request_iterator: Iterator[pb.Chunk], context) -> pb.PushReply:
@@ -136,10 +153,17 @@ class FederationServicer(pb_grpc.FederationServicer):
         slot = self._slot(first.client_id, first.run_id, context)
         with self.condition:
             current = self._round_for(slot, first.round, context)
+            expected = Expected(
+                self.run.run_id,
+                current.number,
+                current.states.up_shapes(self._scope(slot)),
+                max_bytes=current.max_bytes,
+                max_norm=self.run.config.max_update_norm,
+            )
         try:
             update = receive_update(
                 self._count_up(itertools.chain([first], request_iterator)),
-                current.expected,
+                expected,
                 self.codec,
                 slot,
                 self.device,
@@ -181,16 +205,14 @@ class FederationServicer(pb_grpc.FederationServicer):
         return sorted(slot for slot, seen in self.last_seen.items() if seen >= horizon)
 
     def open_round(self, number: int, sampled: list[int], global_state: State, deadline_s: float) -> None:
-        expected = Expected(
-            self.run.run_id,
-            number,
-            state_shapes(global_state),
-            max_bytes=max_update_bytes(global_state),
-            max_norm=self.run.config.max_update_norm,
-        )
+        states = ScopedStates(global_state)
         with self.condition:
             self.round = OpenRound(
-                number, set(sampled), state_payload(global_state), expected, time.monotonic() + deadline_s
+                number,
+                set(sampled),
+                states,
+                max_update_bytes(global_state),
+                time.monotonic() + deadline_s,
             )
             self.condition.notify_all()
 
@@ -202,6 +224,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 sorted(current.dropped),
                 self.bytes_up,
                 self.bytes_down,
+                {slot: (down, up) for slot, (down, up) in current.client_bytes.items()},
             )
             self.bytes_up = self.bytes_down = 0
         return result
@@ -286,19 +309,33 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.last_seen[slot] = time.monotonic()
         self.condition.notify_all()
 
+    def _scope(self, slot: int) -> Scope:
+        """What the client in this slot runs on and sends (call under the condition)."""
+        if self.fleet is None or self.plans.get(slot) is None:
+            return self.round.states.full_scope()
+        return self.fleet.scope(self.plans[slot])
+
     def _stream_down(self, payload: bytes, round_number: int, client_id: str) -> Iterator[pb.Chunk]:
         for chunk in chunk_stream(
             payload, self.run.run_id, round_number, client_id, self.run.config.chunk_bytes
         ):
-            with self.condition:
-                self.bytes_down += wire_size(chunk)
+            self._count(client_id, round_number, wire_size(chunk), 0)
             yield chunk
 
     def _count_up(self, chunks: Iterator[pb.Chunk]) -> Iterator[pb.Chunk]:
         for chunk in chunks:
-            with self.condition:
-                self.bytes_up += wire_size(chunk)
+            self._count(chunk.client_id, chunk.round, 0, wire_size(chunk))
             yield chunk
+
+    def _count(self, client_id: str, round_number: int, down: int, up: int) -> None:
+        with self.condition:
+            self.bytes_down += down
+            self.bytes_up += up
+            slot, current = self.slots.get(client_id), self.round
+            if current is not None and current.number == round_number and slot is not None:
+                counts = current.client_bytes.setdefault(slot, [0, 0])
+                counts[0] += down
+                counts[1] += up
 
 
 class GrpcTransport(Transport):

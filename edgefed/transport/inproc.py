@@ -14,14 +14,15 @@ from edgefed.aggregators.base import State
 from edgefed.client import FederatedClient, client_name
 from edgefed.codecs import Codec
 from edgefed.methods.base import SetupState
+from edgefed.scope import Scope
 from edgefed.transport.base import (
     LOSSLESS,
     RoundResult,
+    ScopedStates,
     Transport,
     max_update_bytes,
     receive_update,
     state_payload,
-    state_shapes,
 )
 from edgefed.wire.framing import Expected, chunk_stream, parse_state, reassemble, wire_size
 
@@ -36,8 +37,11 @@ class InProcessTransport(Transport):
         chunk_bytes: int,
         max_update_norm: float | None,
         device: torch.device,
+        scopes: list[Scope] | None = None,
     ) -> None:
+        """`scopes`: what each client runs on and sends (the server's view of its plan); None: all."""
         self.clients = clients
+        self.scopes = scopes
         self.setup_payload = state_payload(setup)
         self.codec = codec
         self.run_id = run_id
@@ -51,30 +55,35 @@ class InProcessTransport(Transport):
 
     def fit_round(self, round_number: int, clients: list[int], global_state: State) -> RoundResult:
         result = RoundResult([])
-        payload, shapes = state_payload(global_state), state_shapes(global_state)
+        states = ScopedStates(global_state)
         for index in clients:
             name = client_name(index)
+            scope = self.scopes[index] if self.scopes else states.full_scope()
+            down = up = 0
             if index not in self._set_up:  # the one-off setup state, at a client's first round
-                result.bytes_down += sum(map(wire_size, self._stream(self.setup_payload, 0, name)))
+                down += sum(map(wire_size, self._stream(self.setup_payload, 0, name)))
                 self._set_up.add(index)
-            chunks = list(self._stream(payload, round_number, name))
-            result.bytes_down += sum(map(wire_size, chunks))
-            expected = Expected(self.run_id, round_number, shapes, name)
+            chunks = list(self._stream(states.payload(scope), round_number, name))
+            down += sum(map(wire_size, chunks))
+            expected = Expected(self.run_id, round_number, states.down_shapes(scope), name)
             received = parse_state(reassemble(chunks, expected)[0], LOSSLESS, expected)
             update = self.clients[index].fit(
                 round_number, {key: value.to(self.device) for key, value in received.items()}
             )
             chunks = list(update.chunks(self.run_id, round_number, name, self.chunk_bytes))
-            result.bytes_up += sum(map(wire_size, chunks))
+            up += sum(map(wire_size, chunks))
             expected = Expected(
                 self.run_id,
                 round_number,
-                shapes,
+                states.up_shapes(scope),
                 name,
                 max_bytes=max_update_bytes(global_state),
                 max_norm=self.max_update_norm,
             )
             result.updates.append(receive_update(chunks, expected, self.codec, index, self.device))
+            result.bytes_down += down
+            result.bytes_up += up
+            result.client_bytes[index] = (down, up)
         return result
 
     def _stream(self, payload: bytes, round_number: int, name: str):

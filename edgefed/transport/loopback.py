@@ -41,7 +41,9 @@ class LoopbackFleet(GrpcTransport):
             side.fingerprint,
             state_payload(side.setup),
         )
-        servicer = FederationServicer(description, tokens, slots, device=side.device, log=log)
+        servicer = FederationServicer(
+            description, tokens, slots, device=side.device, log=log, fleet=side.fleet
+        )
         fleet = cls(servicer, config.min_clients or config.clients, config.round_deadline_s)
         try:
             fleet._spawn(side, names, tokens, run_dir / "clients")
