@@ -231,4 +231,3 @@ def config_text(config: RunConfig) -> str:
             continue
         lines.append(f"{key_of(name)} = {toml_scalar(value)}")
     return "\n".join(lines) + "\n"
-
