@@ -72,11 +72,15 @@ class FleetPlans:
     pairs: list[LowRankPair]
     profiles: tuple[str, ...] = ()
     _plans: dict[str, Plan] = field(default_factory=dict)
+    _profiles: dict[str, DeviceProfile] = field(default_factory=dict)
 
     def profile_for(self, slot: int, announced: str = "") -> DeviceProfile | None:
-        if self.profiles:
-            return load_profile(self.profiles[slot % len(self.profiles)])
-        return load_profile(announced) if announced else None
+        name = self.profiles[slot % len(self.profiles)] if self.profiles else announced
+        if not name:
+            return None
+        if name not in self._profiles:  # read each file once: the clock asks every client every round
+            self._profiles[name] = load_profile(name)
+        return self._profiles[name]
 
     def plan(self, slot: int, announced: str = "") -> Plan | None:
         profile = self.profile_for(slot, announced)

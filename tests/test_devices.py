@@ -24,16 +24,15 @@ def fleet_profiles(tmp_path_factory):
     return ",".join(paths)
 
 
+def fleet_flags(profiles: str) -> dict:
+    """The fleet's run: within 1.5 s per round the slow device must freeze a layer."""
+    return {"profiles": profiles, "aggregator": "hetero", "budget_s": 1.5, "target_accuracy": 0.4}
+
+
 @pytest.fixture(scope="module")
 def fleet_run(tmp_path_factory, tiny_model_dir, small_data_dir, fleet_profiles):
     return tiny_run(
-        tmp_path_factory.mktemp("fleet"),
-        tiny_model_dir,
-        small_data_dir,
-        profiles=fleet_profiles,
-        aggregator="hetero",
-        budget_s=1.5,
-        target_accuracy=0.4,
+        tmp_path_factory.mktemp("fleet"), tiny_model_dir, small_data_dir, **fleet_flags(fleet_profiles)
     )
 
 
@@ -70,14 +69,7 @@ def test_grpc_fleet_gets_the_same_plans_and_metrics(
     fleet_run, tmp_path, tiny_model_dir, small_data_dir, fleet_profiles
 ):
     over_grpc = tiny_run(
-        tmp_path,
-        tiny_model_dir,
-        small_data_dir,
-        profiles=fleet_profiles,
-        aggregator="hetero",
-        budget_s=1.5,
-        target_accuracy=0.4,
-        transport="grpc",
+        tmp_path, tiny_model_dir, small_data_dir, **fleet_flags(fleet_profiles), transport="grpc"
     )
     for ours, theirs in zip(read_metrics(over_grpc), read_metrics(fleet_run), strict=True):
         assert ours["bytes_up"] == theirs["bytes_up"] and ours["bytes_down"] == theirs["bytes_down"]
