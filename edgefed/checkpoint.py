@@ -34,6 +34,7 @@ class Checkpoint:
     clients: dict[str, int] = field(default_factory=dict)  # client id -> slot, so rejoining keeps it
     rng: dict = field(default_factory=dict)
     sim_s: float | None = None  # the simulated device clock up to that round (fleets with profiles)
+    server_state: State = field(default_factory=dict)  # what only the server trains (FedBERT's body)
 
 
 def rng_state() -> dict:
@@ -65,6 +66,9 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:
             f"aggregator.{name}": t.detach().cpu().contiguous()
             for name, t in checkpoint.aggregator_state.items()
         }
+    )
+    tensors.update(
+        {f"server.{name}": t.detach().cpu().contiguous() for name, t in checkpoint.server_state.items()}
     )
     save_file(tensors, staging / "state.safetensors")
     meta = {
@@ -108,4 +112,5 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         clients=meta["clients"],
         rng=meta["rng"],
         sim_s=meta.get("sim_s"),
+        server_state={k.removeprefix("server."): v for k, v in tensors.items() if k.startswith("server.")},
     )

@@ -113,7 +113,11 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--config", metavar="FILE", help="TOML file with the same keys as these flags")
     add("--preset", help="demo (default) or smoke (a small slice, two short rounds)")
-    add("--method", help="fft, lora, federa (default), bitfit, adapter or ee-adapter (early exits)")
+    add(
+        "--method",
+        help="fine-tuning: fft, lora, federa (default), bitfit, adapter or ee-adapter (early exits); "
+        "masked-LM pre-training: fdapt, ffdapt (part frozen) or fedbert (split learning)",
+    )
     add(
         "--aggregator",
         help="fedavg (default: A and B averaged apart), product (exact, in ΔW = B·A space) or hetero "
@@ -136,6 +140,21 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     add("--rank", type=int, help="LoRA/FeDeRA rank, adapter bottleneck width (default 8)")
     add("--alpha", type=float, help="LoRA/FeDeRA alpha; scale = alpha / rank (default 8)")
     add("--lr", type=float, help="learning rate (default: the method's own)")
+    add("--max-grad-norm", type=float, help="clip local gradients to this L2 norm; 0: no clipping (1.0)")
+    add(
+        "--freeze",
+        help="ffdapt: what stays frozen, comma-separated: embeddings, layers:<i>, layers:<i>-<j> "
+        "(default embeddings,layers:0)",
+    )
+    add(
+        "--split-strategy",
+        help="fedbert: sequential (default: clients take turns on one body) or parallel (a body copy "
+        "per client, averaged each round)",
+    )
+    add(
+        "--split-codec",
+        help="fedbert: activations and gradients travel as none, fp16 (default), bf16 or int8",
+    )
     add("--batch-size", type=int, help="local batch size (default 16)")
     add("--max-seq-len", type=int, help="tokens per example after truncation (default 64)")
     add("--train-limit", type=int, help="use only the first N training examples")

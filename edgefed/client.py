@@ -10,6 +10,7 @@ from edgefed.codecs import Codec, ErrorFeedback
 from edgefed.data import EncodedExamples
 from edgefed.planner import Plan
 from edgefed.scope import Scope
+from edgefed.split import RemoteBody
 from edgefed.training import LocalTrainer
 from edgefed.wire.framing import CHUNK_BYTES, chunk_stream, serialize_state
 from edgefed.wire.v1 import federation_pb2 as pb
@@ -29,8 +30,10 @@ class FederatedClient:
         on_step: Callable[[int, int, float], None] = lambda round_number, client, loss: None,
         plan: Plan | None = None,
         scope: Scope | None = None,
+        remote_body: RemoteBody | None = None,
     ) -> None:
-        """`plan` and `scope`: what this client's device trains (edgefed/planner.py); None: the run's all."""
+        """`plan` and `scope`: what this client's device trains (edgefed/planner.py); None: the run's all.
+        `remote_body`: split learning (FedBERT): the client's stream to the server's body."""
         self.index = index
         self.trainer = trainer
         self.examples = examples
@@ -40,19 +43,27 @@ class FederatedClient:
         self.on_step = on_step
         self.plan = plan
         self.scope = scope
+        self.remote_body = remote_body
 
     def fit(self, round_number: int, global_state: State) -> EncodedUpdate:
-        update = self.trainer.fit(
-            self.index,
-            global_state,
-            self.examples,
-            self.steps,
-            seed=client_round_seed(self.seed, round_number, self.index),
-            on_step=lambda loss: self.on_step(round_number, self.index, loss),
-            scope=self.scope,
-            exit_layer=self.plan.exit_layer if self.plan else None,
-            batch_size=self.plan.batch_size if self.plan else None,
-        )
+        if self.remote_body is not None:  # the (maybe shared) worker calls this client's stream
+            self.trainer.model.body = self.remote_body
+            self.remote_body.start_round(round_number)
+        try:
+            update = self.trainer.fit(
+                self.index,
+                global_state,
+                self.examples,
+                self.steps,
+                seed=client_round_seed(self.seed, round_number, self.index),
+                on_step=lambda loss: self.on_step(round_number, self.index, loss),
+                scope=self.scope,
+                exit_layer=self.plan.exit_layer if self.plan else None,
+                batch_size=self.plan.batch_size if self.plan else None,
+            )
+        finally:
+            if self.remote_body is not None:
+                self.remote_body.close()  # the server frees this client's stream until next round
         return EncodedUpdate(
             serialize_state(self.feedback.compress(update.delta, round_number)),
             update.num_examples,

@@ -18,6 +18,10 @@ else:  # pragma: no cover - Python 3.10 (JetPack 6)
     import tomli as tomllib
 
 
+# FFDAPT's frozen set: the embeddings (with the MLM decoder tied to them) and the first layer.
+DEFAULT_FREEZE = ("embeddings", "layers:0")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a federated run needs. The defaults are the demo."""
@@ -38,6 +42,10 @@ class RunConfig:
     rank: int = 8
     alpha: float = 8.0
     lr: float | None = None  # None: the method's default learning rate
+    max_grad_norm: float = 1.0  # clip each local gradient's L2 norm to this (0: no clipping)
+    freeze: tuple[str, ...] = DEFAULT_FREEZE  # FFDAPT: what stays frozen (edgefed/methods/fdapt.py)
+    split_strategy: str = "sequential"  # FedBERT: clients take turns on one body, or train copies of it
+    split_codec: str = "fp16"  # FedBERT: how activations and gradients travel (none, fp16, bf16, int8)
     batch_size: int = 16
     max_seq_len: int = 64
     train_limit: int | None = None  # use only the first N training examples
@@ -69,6 +77,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 TRANSPORTS = ("inproc", "grpc")
+# Fields that hold comma-separated names, with an example for errors.
+LIST_EXAMPLES = {
+    "target_modules": "query,value",
+    "profiles": "jetson-agx-orin-64gb-maxn,raspberry-pi-5-8gb",
+    "freeze": "embeddings,layers:0-1",
+}
 FIELDS = {field.name: field for field in fields(RunConfig)}
 TYPES = typing.get_type_hints(RunConfig)
 # Keys not written to config.toml: where a run goes is not part of what it computes.
@@ -144,13 +158,10 @@ def coerce(name: str, value: Any) -> Any:
     if value is None:
         return None
     kinds = set(typing.get_args(TYPES[name])) or {TYPES[name]}
-    if name in ("target_modules", "profiles"):
+    if name in LIST_EXAMPLES:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list | tuple) or not all(isinstance(item, str) and item for item in items):
-            example = (
-                "query,value" if name == "target_modules" else "jetson-agx-orin-64gb-maxn,raspberry-pi-5-8gb"
-            )
-            raise EdgefedError(f"{key_of(name)}: expected names like '{example}'")
+            raise EdgefedError(f"{key_of(name)}: expected names like '{LIST_EXAMPLES[name]}'")
         return tuple(item.strip() for item in items)
     if bool in kinds:
         if not isinstance(value, bool):
@@ -174,8 +185,23 @@ def validate(config: RunConfig) -> None:
     from edgefed.codecs import make_codec
     from edgefed.data import parse_partition
     from edgefed.methods import METHODS
+    from edgefed.methods.fdapt import frozen_set
+    from edgefed.methods.fedbert import SPLIT_STRATEGIES
+    from edgefed.split import split_codec
 
-    METHODS.create(config.method)
+    method = METHODS.create(config.method)
+    frozen_set(config.freeze)
+    split_codec(config.split_codec)
+    if config.split_strategy not in SPLIT_STRATEGIES:
+        raise EdgefedError(
+            f"unknown split-strategy '{config.split_strategy}'; choose one of: {', '.join(SPLIT_STRATEGIES)}"
+        )
+    if config.max_grad_norm < 0:
+        raise EdgefedError(f"max-grad-norm must be 0 (no clipping) or positive, got {config.max_grad_norm}")
+    if config.profiles and method.task != "classification":
+        raise EdgefedError(
+            f"--profiles plans fine-tuning runs; {config.method} pre-trains and takes no device profiles yet"
+        )
     AGGREGATORS.create(config.aggregator)
     make_codec(config.codec)
     parse_partition(config.partition)

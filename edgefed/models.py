@@ -73,6 +73,20 @@ def load_classifier(model_path: str, num_labels: int) -> tuple[nn.Module, list[s
     return model, new_modules
 
 
+def load_masked_lm(model_path: str) -> tuple[nn.Module, list[str]]:
+    """The encoder with its masked-LM head (decoder tied to the word embeddings, as the model ties
+    them), and the modules the checkpoint lacked (a sentence encoder such as MiniLM ships no MLM head)."""
+    try:
+        model, info = transformers.AutoModelForMaskedLM.from_pretrained(
+            model_path, local_files_only=True, output_loading_info=True
+        )
+    except ValueError as error:
+        raise EdgefedError(f"{model_path}: no masked-LM form of this model ({error})") from None
+    missing = sorted(info["missing_keys"])
+    new_modules = sorted({key.rsplit(".", 1)[0] for key in missing})
+    return model, new_modules
+
+
 def model_fingerprint(model: nn.Module, new_modules: list[str]) -> str:
     """sha256 over the pre-trained tensors (names, dtypes, shapes, bytes), newly initialised modules excluded.
 

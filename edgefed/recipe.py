@@ -19,21 +19,24 @@ from tqdm import tqdm
 from edgefed.aggregators import AGGREGATORS
 from edgefed.calibrate import measure_machine
 from edgefed.checkpoint import Checkpoint, load_checkpoint, restore_rng, rng_state, save_checkpoint
-from edgefed.client import FederatedClient
+from edgefed.client import FederatedClient, client_name
 from edgefed.clock import SimulatedClock
 from edgefed.codecs import make_codec
 from edgefed.config import RunConfig, config_from_text, resolve_config, write_config
-from edgefed.data import EncodedExamples, LabeledTexts, encode, load_splits, partition
+from edgefed.data import EncodedExamples, LabeledTexts, partition
 from edgefed.errors import EdgefedError
 from edgefed.fleet import FleetPlans, adapt_and_measure, plan_request
 from edgefed.methods import METHODS, AdapterSpec, Method, count_trainable
 from edgefed.methods.base import SetupState, load_trainable_state, trainable_state
 from edgefed.methods.lora import use_fused_kernels
-from edgefed.models import load_classifier, load_tokenizer, model_fingerprint, resolve_model_path
+from edgefed.models import load_tokenizer, model_fingerprint, resolve_model_path
 from edgefed.profiles import load_profile
 from edgefed.recorder import Recorder, plot_curves, time_to_target
 from edgefed.server import FederatedServer
-from edgefed.training import LocalTrainer, evaluate, local_steps
+from edgefed.split import InProcessSplitStub, RemoteBody
+from edgefed.split_rounds import SplitRounds, SplitSide
+from edgefed.tasks import TASKS, Task
+from edgefed.training import LocalTrainer, local_steps
 from edgefed.transport import InProcessTransport, state_payload
 from edgefed.transport.auth import TokenBook
 from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, RunDescription
@@ -46,6 +49,7 @@ class ServerSide:
 
     config: RunConfig
     method: Method
+    task: Task
     spec: AdapterSpec
     global_model: nn.Module
     setup: SetupState
@@ -61,23 +65,22 @@ class ServerSide:
 
 def prepare(config: RunConfig) -> ServerSide:
     method = METHODS.create(config.method)
+    task = TASKS.create(method.task)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)
-    train, evaluation = load_splits(config.data, config.seed)
+    train, evaluation = task.splits(config.data, config.seed)
     train = train.subset(list(range(min(config.train_limit or len(train), len(train)))))
     evaluation = evaluation.subset(list(range(min(config.eval_limit or len(evaluation), len(evaluation)))))
-    num_labels = max(max(train.labels), max(evaluation.labels)) + 1
-    if num_labels < 2:
-        raise EdgefedError(f"{train.source}: every label is 0; classification needs at least two classes")
+    num_labels = task.num_labels(train, evaluation)
     # The global model, adapted once (FeDeRA's SVD happens here and nowhere else).
-    base, new_modules = load_classifier(model_path, num_labels)
+    base, new_modules = task.load_model(model_path, num_labels)
     positions = getattr(base.config, "max_position_embeddings", None)
     if positions is not None and config.max_seq_len > positions:
         raise EdgefedError(f"max-seq-len {config.max_seq_len} exceeds the model's {positions} positions")
     fingerprint = model_fingerprint(base, new_modules)
     spec = AdapterSpec(
-        config.rank, config.alpha, config.target_modules, tuple(new_modules) or ("classifier",)
+        config.rank, config.alpha, config.target_modules, tuple(new_modules) or ("classifier",), config.freeze
     )
     global_model, setup, shape = adapt_and_measure(method, base, spec)
     pairs = method.low_rank_pairs(global_model)
@@ -93,10 +96,11 @@ def prepare(config: RunConfig) -> ServerSide:
     global_model.to(device)
     if config.fused_kernels:
         use_fused_kernels(global_model)
-    eval_examples = encode(evaluation, tokenizer, config.max_seq_len)
+    eval_examples = task.encode(evaluation, tokenizer, config.max_seq_len)
     return ServerSide(
         config,
         method,
+        task,
         spec,
         global_model,
         setup,
@@ -111,30 +115,37 @@ def prepare(config: RunConfig) -> ServerSide:
     )
 
 
-def in_process_clients(side: ServerSide, on_step) -> list[FederatedClient]:
+def in_process_clients(side: ServerSide, on_step, split: SplitSide | None = None) -> list[FederatedClient]:
     """The clients of a simulation, taking turns on one worker model built only from the pre-trained
-    files and the server's setup state, as a remote client would build it; each with its own plan."""
+    files and the server's setup state, as a remote client would build it; each with its own plan.
+    With `split`, each client reaches the server's body through its own stream to the Split servicer."""
     config = side.config
     shards = partition(side.train.labels, config.clients, config.partition, config.seed)
-    worker_base, _ = load_classifier(resolve_model_path(config.model), side.num_labels)
+    worker_base, _ = side.task.load_model(resolve_model_path(config.model), side.num_labels)
     worker = side.method.adapt(worker_base, side.spec, side.setup)
     if config.fused_kernels:
         use_fused_kernels(worker)
-    trainer = LocalTrainer(worker, config.lr, config.batch_size, side.device)
+    trainer = LocalTrainer(worker, config.lr, config.batch_size, side.device, config.max_grad_norm)
     encoded: dict[int, EncodedExamples] = {}  # the training set at each plan's sequence length
     clients = []
     for index, shard in enumerate(shards):
         plan = side.fleet.plan(index)
         seq_len = plan.seq_len if plan else config.max_seq_len
         if seq_len not in encoded:
-            encoded[seq_len] = encode(side.train, side.tokenizer, seq_len)
+            encoded[seq_len] = side.task.encode(side.train, side.tokenizer, seq_len)
         examples = encoded[seq_len].subset(shard)
         batch_size = plan.batch_size if plan else config.batch_size
         steps = local_steps(len(examples), batch_size, config.local_steps, config.local_epochs)
         codec = make_codec(config.codec)
         scope = side.fleet.scope(plan) if plan else None
+        remote_body = None
+        if split is not None:
+            stub = InProcessSplitStub(split.servicer)
+            remote_body = RemoteBody(stub, split.servicer.run_id, config.split_codec, client_name(index))
         clients.append(
-            FederatedClient(index, trainer, examples, steps, config.seed, codec, on_step, plan, scope)
+            FederatedClient(
+                index, trainer, examples, steps, config.seed, codec, on_step, plan, scope, remote_body
+            )
         )
     return clients
 
@@ -142,9 +153,9 @@ def in_process_clients(side: ServerSide, on_step) -> list[FederatedClient]:
 def run(config: RunConfig, echo=print, resume: bool = False) -> dict:
     """`edgefed run`: a whole federation from one command; clients in this process or in processes."""
 
-    def transport(side: ServerSide, run_id: str, run_dir: Path, slots: dict[str, int], progress, log):
+    def transport(side: ServerSide, run_id: str, run_dir: Path, slots: dict[str, int], progress, log, split):
         if side.config.transport == "inproc":
-            clients = in_process_clients(side, progress.step)
+            clients = in_process_clients(side, progress.step, split)
             return InProcessTransport(
                 clients,
                 side.setup,
@@ -155,7 +166,7 @@ def run(config: RunConfig, echo=print, resume: bool = False) -> dict:
                 side.device,
                 [side.fleet.scope(side.fleet.plan(index)) for index in range(side.config.clients)],
             )
-        return LoopbackFleet.start(side, run_id, run_dir, slots, log)
+        return LoopbackFleet.start(side, run_id, run_dir, slots, log, split)
 
     return federate(config, transport, echo, resume)
 
@@ -178,7 +189,7 @@ def serve(
     if tokens is None and host not in ("127.0.0.1", "localhost", "[::1]"):
         echo(f"edgefed: warning: serving {address} without --tokens: anyone who reaches it can join")
 
-    def transport(side: ServerSide, run_id: str, run_dir: Path, slots: dict[str, int], progress, log):
+    def transport(side: ServerSide, run_id: str, run_dir: Path, slots: dict[str, int], progress, log, split):
         description = RunDescription(
             run_id,
             side.config,
@@ -194,6 +205,7 @@ def serve(
             side.config.min_clients or side.config.clients,
             side.config.round_deadline_s,
             tls,
+            split=split.servicer if split else None,
         )
         log(f"edgefed: serving run {run_id} on {grpc_transport.address}")
         return grpc_transport
@@ -223,6 +235,10 @@ def federate(config: RunConfig, make_transport, echo, resume: bool) -> dict:
         load_trainable_state(
             side.global_model, {k: v.to(side.device) for k, v in checkpoint.global_state.items()}
         )
+        if bool(checkpoint.server_state) != side.method.splits_model:
+            raise EdgefedError(
+                f"{run_dir}: the checkpoint does not hold what {config.method} needs to resume"
+            )
         aggregator.load_state_dict(checkpoint.aggregator_state)
         restore_rng(checkpoint.rng)
         echo(f"edgefed: resuming run {run_id} after round {checkpoint.round} from {run_dir / 'checkpoint'}")
@@ -239,13 +255,28 @@ def federate(config: RunConfig, make_transport, echo, resume: bool) -> dict:
     progress = StepProgress(config)
     log = progress.writer(echo)
     slots = checkpoint.clients if checkpoint else {}
-    transport = make_transport(side, run_id, run_dir, slots, progress, log)
+    split = None
+    if side.method.splits_model:  # FedBERT: the server trains the body over the Split stream
+        split = SplitSide(
+            side.global_model, config.split_strategy, config.split_codec, config.lr, config.max_grad_norm,
+            run_id, side.device, log, config.seed,
+        )  # fmt: skip
+        if checkpoint is not None:
+            split.trainer.load_state_dict({k: v.to(side.device) for k, v in checkpoint.server_state.items()})
+            split.sync_global()
+        echo(
+            f"edgefed: split learning ({config.split_strategy}): the clients hold the embeddings and the MLM "
+            f"head, this server the body; activations and gradients travel as {config.split_codec}"
+        )
+    transport = make_transport(side, run_id, run_dir, slots, progress, log, split)
+    if split is not None:
+        transport = SplitRounds(transport, split)
     server = FederatedServer(
         side.global_model,
         aggregator,
         side.method.low_rank_pairs(side.global_model),
         transport,
-        lambda model: evaluate(model, side.eval_examples, side.device),
+        lambda model: side.task.evaluate(model, side.eval_examples, side.device),
         config.clients,
         config.sample_fraction,
         config.seed,
@@ -253,7 +284,9 @@ def federate(config: RunConfig, make_transport, echo, resume: bool) -> dict:
         log,
         simulated_clock(side, echo) if config.profiles else None,
     )
-    recorder = Recorder(run_dir, log, resume_after=checkpoint.round if checkpoint else None)
+    recorder = Recorder(
+        run_dir, log, resume_after=checkpoint.round if checkpoint else None, masked_lm=side.task.unlabeled
+    )
 
     def save_round(round_number: int, state, wall_s: float) -> None:
         checkpoint = Checkpoint(
@@ -265,6 +298,7 @@ def federate(config: RunConfig, make_transport, echo, resume: bool) -> dict:
             transport.slots(),
             rng_state(),
             recorder.rounds[-1].get("sim_s"),
+            split.trainer.state_dict() if split else {},
         )
         save_checkpoint(run_dir, checkpoint)
 
@@ -287,13 +321,15 @@ def federate(config: RunConfig, make_transport, echo, resume: bool) -> dict:
 def finish_run(side: ServerSide, run_dir: Path, rounds: list[dict], total_s: float, echo) -> dict:
     """The trained adapter, summary.json, curves.png and the closing lines."""
     config, global_model = side.config, side.global_model
-    side.method.save(global_model.cpu(), side.spec, side.setup, run_dir / "adapter")
-    side.tokenizer.save_pretrained(run_dir / "adapter")
+    result_dir = run_dir / side.method.result_dir
+    side.method.save(global_model.cpu(), side.spec, side.setup, result_dir)
+    side.tokenizer.save_pretrained(result_dir)
     target_round, target_wall, target_sim = time_to_target(rounds, config.target_accuracy)
     best = max(rounds, key=lambda metrics: metrics["accuracy"])
     trainable = count_trainable(global_model)
     summary = {
         "method": config.method,
+        "task": side.task.name,
         "aggregator": config.aggregator,
         "codec": config.codec,
         "transport": config.transport,
@@ -310,6 +346,7 @@ def finish_run(side: ServerSide, run_dir: Path, rounds: list[dict], total_s: flo
         "total_parameters": sum(p.numel() for p in global_model.parameters()),
         "final_accuracy": rounds[-1]["accuracy"],
         "final_loss": rounds[-1]["loss"],
+        "final_mlm_loss": rounds[-1].get("mlm_loss"),
         "final_exit_accuracy": rounds[-1].get("exit_accuracy"),
         "best_accuracy": best["accuracy"],
         "best_round": best["round"],
@@ -326,14 +363,17 @@ def finish_run(side: ServerSide, run_dir: Path, rounds: list[dict], total_s: flo
         "sim_s": rounds[-1].get("sim_s"),
         "bytes_up": sum(metrics["bytes_up"] for metrics in rounds),
         "bytes_down": sum(metrics["bytes_down"] for metrics in rounds),
+        "split_bytes_up": sum(metrics.get("split_bytes_up", 0) for metrics in rounds),
+        "split_bytes_down": sum(metrics.get("split_bytes_down", 0) for metrics in rounds),
         "setup_bytes_per_client": len(state_payload(side.setup)),
         "wall_s": rounds[-1]["wall_s"],
         "total_s": total_s,
         "run_dir": str(run_dir),
+        "result_dir": str(result_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     title = f"{config.method} · {config.aggregator} · {config.clients} clients · {config.partition}"
-    if not plot_curves(rounds, title, run_dir / "curves.png"):
+    if not plot_curves(rounds, title, run_dir / "curves.png", masked_lm=side.task.unlabeled):
         echo("edgefed: curves.png skipped (matplotlib is not installed: pip install 'edgefed[demo]')")
     echo(format_summary(summary))
     return summary
@@ -401,11 +441,17 @@ class StepProgress:
 
 
 def format_summary(summary: dict) -> str:
-    lines = [
-        f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f} at round "
-        f"{summary['best_round']}), eval loss {summary['final_loss']:.4f}, "
-        f"{summary['wall_s']:.1f} s wall clock on this machine"
-    ]
+    if summary.get("final_mlm_loss") is not None:
+        lines = [
+            f"final MLM loss {summary['final_mlm_loss']:.4f} (masked-token accuracy "
+            f"{summary['final_accuracy']:.4f}), {summary['wall_s']:.1f} s wall clock on this machine"
+        ]
+    else:
+        lines = [
+            f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f} at round "
+            f"{summary['best_round']}), eval loss {summary['final_loss']:.4f}, "
+            f"{summary['wall_s']:.1f} s wall clock on this machine"
+        ]
     if summary["target_accuracy"] is not None:
         target = summary["target_accuracy"]
         if summary["rounds_to_target"] is None:
@@ -430,6 +476,11 @@ def format_summary(summary: dict) -> str:
             f" (down includes a one-off setup of {summary['setup_bytes_per_client'] / 1e6:.2f} MB per client)"
         )
     lines.append(traffic)
+    if summary.get("split_bytes_up"):
+        lines.append(
+            f"split activations and gradients: {summary['split_bytes_up'] / 1e6:.2f} MB up, "
+            f"{summary['split_bytes_down'] / 1e6:.2f} MB down in all"
+        )
     if summary["final_exit_accuracy"]:
         exits = ", ".join(f"{accuracy:.4f}" for accuracy in summary["final_exit_accuracy"])
         lines.append(f"accuracy at each exit (layers 1..{len(summary['final_exit_accuracy'])}): {exits}")
@@ -437,6 +488,9 @@ def format_summary(summary: dict) -> str:
         profiles = ", ".join(summary["profiles"])
         lines.append(f"{summary['sim_s']:.1f} s on the SIMULATED device clock (profiles {profiles})")
     lines.append(f"run directory: {summary['run_dir']}")
+    if summary.get("task") == "masked-lm":
+        result = summary["result_dir"]
+        lines.append(f"pre-trained model: {result} (fine-tune it: edgefed run --model {result})")
     return "\n".join(lines)
 
 
@@ -476,6 +530,10 @@ def load_trained(run_dir: str | Path) -> nn.Module:
         raise EdgefedError(f"{run_dir}: no summary.json; the run did not finish")
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     config = resolve_config(str(run_dir / "config.toml"), {})
-    spec = AdapterSpec(config.rank, config.alpha, config.target_modules, tuple(summary["head_modules"]))
+    spec = AdapterSpec(
+        config.rank, config.alpha, config.target_modules, tuple(summary["head_modules"]), config.freeze
+    )
     method = METHODS.create(config.method)
-    return method.load(run_dir / "adapter", resolve_model_path(config.model), summary["num_labels"], spec)
+    return method.load(
+        run_dir / method.result_dir, resolve_model_path(config.model), summary["num_labels"], spec
+    )

@@ -10,19 +10,29 @@ MB = 1e6
 SIM_NOTE = (
     "* sim s: simulated device clock from the clients' device profiles (edgefed/clock.py), not measured"
 )
-HEADER = (
-    f"{'round':>5}  {'accuracy':>8}  {'eval loss':>9}  {'train loss':>10}  "
-    f"{'up MB':>8}  {'down MB':>8}  {'round s':>7}  {'wall s':>7}"
-)
+
+
+def header(masked_lm: bool) -> str:
+    """The console table's header; pre-training runs show masked-token accuracy and the MLM loss."""
+    accuracy, loss = ("mask acc", "mlm loss") if masked_lm else ("accuracy", "eval loss")
+    return (
+        f"{'round':>5}  {accuracy:>8}  {loss:>9}  {'train loss':>10}  "
+        f"{'up MB':>8}  {'down MB':>8}  {'round s':>7}  {'wall s':>7}"
+    )
 
 
 class Recorder:
     def __init__(
-        self, run_dir: Path, echo: Callable[[str], None] = print, resume_after: int | None = None
+        self,
+        run_dir: Path,
+        echo: Callable[[str], None] = print,
+        resume_after: int | None = None,
+        masked_lm: bool = False,
     ) -> None:
         """`resume_after`: keep the recorded rounds up to that one (a resumed run's checkpoint) and go on."""
         self.metrics_path = run_dir / "metrics.jsonl"
         self.echo = echo
+        self.header = header(masked_lm)
         self.rounds: list[dict] = []
         if resume_after is not None:
             for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
@@ -39,7 +49,7 @@ class Recorder:
         if not self.rounds:
             if simulated:
                 self.echo(f"({SIM_NOTE})")
-            self.echo(HEADER + (f"  {'sim s*':>8}" if simulated else ""))
+            self.echo(self.header + (f"  {'sim s*':>8}" if simulated else ""))
         self.rounds.append(metrics)
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(metrics) + "\n")
@@ -62,8 +72,9 @@ def time_to_target(rounds: list[dict], target: float | None) -> tuple[int | None
     return None, None, None
 
 
-def plot_curves(rounds: list[dict], title: str, path: Path) -> bool:
-    """Accuracy against wall time and against rounds. False when matplotlib is not installed."""
+def plot_curves(rounds: list[dict], title: str, path: Path, masked_lm: bool = False) -> bool:
+    """Accuracy (pre-training: the MLM loss) against wall time and against rounds. False when
+    matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -74,10 +85,11 @@ def plot_curves(rounds: list[dict], title: str, path: Path) -> bool:
     simulated = rounds[-1].get("sim_s") is not None
     panels = 3 if simulated else 2
     figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), sharey=True)
-    accuracy = [metrics["accuracy"] for metrics in rounds]
+    key, label = ("loss", "evaluation MLM loss") if masked_lm else ("accuracy", "evaluation accuracy")
+    accuracy = [metrics[key] for metrics in rounds]
     axes[0].plot([metrics["wall_s"] for metrics in rounds], accuracy, marker="o")
     axes[0].set_xlabel("wall-clock seconds (this machine)")
-    axes[0].set_ylabel("evaluation accuracy")
+    axes[0].set_ylabel(label)
     axes[1].plot([metrics["round"] for metrics in rounds], accuracy, marker="o")
     axes[1].set_xlabel("round")
     if simulated:

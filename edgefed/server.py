@@ -126,4 +126,8 @@ class FederatedServer:
         }
         if evaluation.exit_accuracy is not None:
             metrics["exit_accuracy"] = evaluation.exit_accuracy
+        if evaluation.mlm_loss is not None:
+            metrics["mlm_loss"] = evaluation.mlm_loss
+        if result.split_bytes is not None:
+            metrics["split_bytes_up"], metrics["split_bytes_down"] = result.split_bytes
         return metrics

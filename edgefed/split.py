@@ -16,11 +16,13 @@ and a forward that is never backpropagated (evaluation) is dropped by the next o
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import grpc
@@ -109,10 +111,26 @@ class BertBody(nn.Module):
 
 
 @dataclass
+class BodySlot:
+    """A body, its optimizer and its lock: what one client's stream trains (one for every stream, or a
+    copy per client)."""
+
+    body: nn.Module
+    optimizer: torch.optim.Optimizer
+    max_grad_norm: float | None = None  # clip the body's gradient (the client clips its own part)
+    # Seed of the body's dropout: with it, each forward draws from a generator of (seed, round, client,
+    # step) alone, so a run computes the same wherever its body runs; None: torch's global generator.
+    seed: int | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    version: int = 0  # optimizer steps taken
+
+
+@dataclass
 class Forward:
     """A micro-batch the body has run forward and awaits the gradient of."""
 
     step: int
+    slot: BodySlot
     inputs: torch.Tensor  # leaf that collects the gradient at the body's input
     outputs: torch.Tensor
     sent_dtype: str  # the activations' own dtype: the replies and the gradient keep it
@@ -127,43 +145,59 @@ class StreamState:
 
 
 class SplitBodyServicer(pb_grpc.SplitServicer):
-    """Serves a body and its optimizer to split-learning clients, one Exchange stream per client.
+    """Serves bodies and their optimizers to split-learning clients, one Exchange stream per client.
 
-    `round` is the round messages must carry; the orchestrator updates it. Streams share the body, so a
-    gradient is refused (FAILED_PRECONDITION) when another stream stepped the body after its forward.
+    `bodies` is one BodySlot for every client, or a function from client id to its slot (raising
+    WireError for a client that may not train now). `round` is the round messages must carry; the
+    orchestrator updates it. Streams that share a slot share its body, so a gradient is refused
+    (FAILED_PRECONDITION) when another stream stepped the body after its forward. `authorize(client_id,
+    context)` may abort a stream whose sender is not who it says. `traffic` counts the gRPC message
+    bytes received and sent per client.
     """
 
     def __init__(
         self,
-        body: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        bodies: BodySlot | Callable[[str], BodySlot],
         run_id: str,
         codec: str = "fp16",
         round_number: int = 0,
         log: Callable[[str], None] = print,
+        authorize: Callable[[str, Any], None] = lambda client_id, context: None,
     ) -> None:
-        self.body = body
-        self.optimizer = optimizer
+        self.slot_for = bodies if callable(bodies) else (lambda client_id: bodies)
         self.run_id = run_id
         self.codec = split_codec(codec)
         self.round = round_number
         self.log = log
-        parameter = next(body.parameters())
-        self.device, self.dtype = parameter.device, parameter.dtype
-        self.lock = threading.Lock()  # one body and one optimizer for every stream
-        self.version = 0  # optimizer steps taken
+        self.authorize = authorize
+        self.traffic: dict[str, list[int]] = {}  # client id -> [bytes received, bytes sent]
+        self._traffic_lock = threading.Lock()
+
+    def take_traffic(self) -> dict[str, tuple[int, int]]:
+        """Bytes (received from, sent to) each client since the last call."""
+        with self._traffic_lock:
+            traffic, self.traffic = self.traffic, {}
+        return {client: (received, sent) for client, (received, sent) in traffic.items()}
 
     def Exchange(self, request_iterator: Iterator[pb.SplitMessage], context) -> Iterator[pb.SplitMessage]:
         stream = StreamState()
         try:
             for message in request_iterator:
+                self._count(message.client_id, wire_size(message), 0)
                 try:
                     reply = self._answer(message, stream, context)
                 except WireError as error:
                     self._refuse(context, Code.INVALID_ARGUMENT, str(error), message.client_id)
+                self._count(message.client_id, 0, wire_size(reply))
                 yield reply
         except grpc.RpcError:  # the client went away; its pending forward goes with the stream
             return
+
+    def _count(self, client_id: str, received: int, sent: int) -> None:
+        with self._traffic_lock:
+            counts = self.traffic.setdefault(client_id, [0, 0])
+            counts[0] += received
+            counts[1] += sent
 
     def _answer(self, message: pb.SplitMessage, stream: StreamState, context) -> pb.SplitMessage:
         if message.run_id != self.run_id:
@@ -171,6 +205,7 @@ class SplitBodyServicer(pb_grpc.SplitServicer):
         if message.round != self.round:
             raise WireError(f"round {message.round} is not the current round {self.round}")
         if stream.client_id is None:
+            self.authorize(message.client_id, context)
             stream.client_id = message.client_id
         elif message.client_id != stream.client_id:
             raise WireError(f"message from '{message.client_id}' in the stream of '{stream.client_id}'")
@@ -189,6 +224,8 @@ class SplitBodyServicer(pb_grpc.SplitServicer):
             raise WireError(f"ACTIVATIONS of step {step} after step {stream.last_step}: steps must increase")
         if not message.HasField("tensor"):
             raise WireError(f"ACTIVATIONS of step {step} carry no tensor")
+        slot = self.slot_for(message.client_id)
+        parameter = next(slot.body.parameters())
         activations = decode_tensor(message.tensor, self.codec)
         if not activations.is_floating_point():
             raise WireError(
@@ -200,23 +237,33 @@ class SplitBodyServicer(pb_grpc.SplitServicer):
             mask = decode_tensor(message.attention_mask, MASK_CODEC, batch, "uint8")
             if (mask > 1).any():
                 raise WireError(f"step {step}: the attention mask holds values other than 0 and 1")
-            mask = mask.to(self.device, torch.long)
+            mask = mask.to(parameter.device, torch.long)
         stream.pending = None  # a forward nobody backpropagated (evaluation): free its graph first
-        with self.lock:
-            inputs = activations.to(self.device, self.dtype).requires_grad_()
+        with slot.lock:
+            inputs = activations.to(parameter.device, parameter.dtype).requires_grad_()
             try:
-                with torch.enable_grad():
-                    outputs = self.body(inputs, mask)
+                with torch.enable_grad(), self._dropout_generator(slot, message):
+                    outputs = slot.body(inputs, mask)
             except (RuntimeError, ValueError, IndexError) as error:
                 first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
                 raise WireError(
                     f"step {step}: the body cannot take activations of shape {list(activations.shape)}: "
                     f"{first_line}"
                 ) from None
-            version = self.version
+            version = slot.version
         stream.last_step = step
-        stream.pending = Forward(step, inputs, outputs, dtype_name(activations), version)
+        stream.pending = Forward(step, slot, inputs, outputs, dtype_name(activations), version)
         return self._reply(message, Kind.BODY_OUTPUT, "body_output", outputs.detach().to(activations.dtype))
+
+    def _dropout_generator(self, slot: BodySlot, message: pb.SplitMessage):
+        if slot.seed is None:
+            return contextlib.nullcontext()
+        key = f"{slot.seed}:{message.round}:{message.client_id}:{message.step}".encode()
+        fork = torch.random.fork_rng(
+            devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []
+        )
+        torch_seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+        return _seeded(fork, torch_seed)
 
     def _backward(self, message: pb.SplitMessage, stream: StreamState, context) -> pb.SplitMessage:
         step, pending = message.step, stream.pending
@@ -227,8 +274,9 @@ class SplitBodyServicer(pb_grpc.SplitServicer):
             raise WireError(f"OUTPUT_GRADIENT of step {step} carries no tensor")
         gradient = decode_tensor(message.tensor, self.codec, tuple(pending.outputs.shape), pending.sent_dtype)
         stream.pending = None
-        with self.lock:
-            if pending.version != self.version:
+        slot = pending.slot
+        with slot.lock:
+            if pending.version != slot.version:
                 self._refuse(
                     context,
                     Code.FAILED_PRECONDITION,
@@ -236,10 +284,12 @@ class SplitBodyServicer(pb_grpc.SplitServicer):
                     "activations again",
                     message.client_id,
                 )
-            self.optimizer.zero_grad(set_to_none=True)
-            pending.outputs.backward(gradient.to(self.device, pending.outputs.dtype))
-            self.optimizer.step()
-            self.version += 1
+            slot.optimizer.zero_grad(set_to_none=True)
+            pending.outputs.backward(gradient.to(pending.outputs.device, pending.outputs.dtype))
+            if slot.max_grad_norm:
+                nn.utils.clip_grad_norm_(slot.body.parameters(), slot.max_grad_norm)
+            slot.optimizer.step()
+            slot.version += 1
         input_gradient = pending.inputs.grad.to(DTYPES[pending.sent_dtype])
         return self._reply(message, Kind.INPUT_GRADIENT, "input_gradient", input_gradient)
 
@@ -256,6 +306,18 @@ class SplitBodyServicer(pb_grpc.SplitServicer):
     def _refuse(self, context, code: grpc.StatusCode, message: str, client_id: str) -> NoReturn:
         self.log(f"edgefed: split: refused {client_id or 'a client'}: {message}")
         context.abort(code, message)
+
+
+# Dropout draws from torch's one global generator, so seeded forwards of different streams (parallel
+# bodies) take turns; unseeded ones only hold their slot's lock.
+_SEEDED_FORWARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _seeded(fork, seed: int):
+    with _SEEDED_FORWARD, fork:
+        torch.manual_seed(seed)
+        yield
 
 
 def serve_split_body(
@@ -340,7 +402,7 @@ class RemoteBody(nn.Module):
 
     def __init__(
         self,
-        channel: grpc.Channel,
+        channel: grpc.Channel | InProcessSplitStub,
         run_id: str,
         codec: str = "fp16",
         client_id: str = "",
@@ -348,8 +410,9 @@ class RemoteBody(nn.Module):
         metadata: Sequence[tuple[str, str]] = (),
         max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
+        """`channel`: a gRPC channel to a split server, or an InProcessSplitStub of a servicer here."""
         super().__init__()
-        self.stub = pb_grpc.SplitStub(channel)
+        self.stub = channel if isinstance(channel, InProcessSplitStub) else pb_grpc.SplitStub(channel)
         self.run_id = run_id
         self.codec = split_codec(codec)
         self.client_id = client_id
@@ -401,6 +464,12 @@ class RemoteBody(nn.Module):
         )
         dtype = str(input_dtype).removeprefix("torch.")
         return decode_tensor(reply.tensor, self.codec, input_shape, dtype).to(gradient.device)
+
+    def start_round(self, round_number: int) -> None:
+        """A new round: a new stream whose steps count from 1, so a round's exchanges (and the body's
+        dropout, seeded by round and step) are the same whether or not the client restarted."""
+        self.close()
+        self.round, self.step = round_number, 0
 
     def close(self) -> None:
         if self._stream is not None:
@@ -475,16 +544,25 @@ class ExchangeFunction(torch.autograd.Function):
         return (grad_input if ctx.needs_input_grad[0] else None), None, None, None
 
 
+class UnattachedBody(nn.Module):
+    """Where a split client's body goes until its transport attaches a RemoteBody."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> NoReturn:
+        raise EdgefedError("this split model's body runs on a server: attach a RemoteBody first")
+
+
 class BertMaskedLMClient(nn.Module):
     """The client's side of FedBERT's layout: a BertForMaskedLM's embeddings and MLM head around a body
     (a RemoteBody, or a BertBody to run it whole). The MLM decoder's weight stays tied to the word
-    embeddings, both on the client."""
+    embeddings, both on the client. Parameter names are the BertForMaskedLM's (`bert.embeddings.*`,
+    `cls.*`), so the client part's state matches the whole model's."""
 
     def __init__(self, model: nn.Module, body: nn.Module) -> None:
         super().__init__()
-        self.embeddings = model.bert.embeddings
+        self.bert = nn.ModuleDict({"embeddings": model.bert.embeddings})
         self.body = body
         self.cls = model.cls
+        self.config = model.config
         self.vocab_size = model.config.vocab_size
 
     def forward(
@@ -494,11 +572,63 @@ class BertMaskedLMClient(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> MaskedLMOutput:
-        hidden = self.body(
-            self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids), attention_mask
-        )
-        logits = self.cls(hidden)
+        embedded = self.bert["embeddings"](input_ids=input_ids, token_type_ids=token_type_ids)
+        logits = self.cls(self.body(embedded, attention_mask))
         loss = None
         if labels is not None:  # BertForMaskedLM's loss: mean cross-entropy over labels other than -100
             loss = nn.functional.cross_entropy(logits.view(-1, self.vocab_size).float(), labels.view(-1))
         return MaskedLMOutput(loss=loss, logits=logits)
+
+
+# -- both sides in one process -------------------------------------------------------------------
+
+
+class InProcessAbort(Exception):
+    """A servicer here refused a message (what `context.abort` raises under gRPC)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.status, self.text = code, details
+
+
+class InProcessRpcError(grpc.RpcError):
+    """A refusal as a RemoteBody sees one from a real channel."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class InProcessContext:
+    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self.metadata = tuple(metadata)
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.metadata
+
+    def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+        raise InProcessAbort(code, details)
+
+
+class InProcessSplitStub:
+    """A Split stub for a servicer in this process (simulated clients): every message is serialised and
+    parsed as gRPC would carry it, so the servicer checks and counts exactly what a remote client sends."""
+
+    def __init__(self, servicer: SplitBodyServicer) -> None:
+        self.servicer = servicer
+
+    def Exchange(
+        self, request_iterator: Iterator[pb.SplitMessage], metadata: Sequence[tuple[str, str]] = ()
+    ) -> Iterator[pb.SplitMessage]:
+        requests = (pb.SplitMessage.FromString(m.SerializeToString()) for m in request_iterator)
+        try:
+            for reply in self.servicer.Exchange(requests, InProcessContext(metadata)):
+                yield pb.SplitMessage.FromString(reply.SerializeToString())
+        except InProcessAbort as refused:
+            raise InProcessRpcError(refused.status, refused.text) from None

@@ -28,9 +28,18 @@ class LocalTrainer:
     and early-exit models run only up to the plan's exit.
     """
 
-    def __init__(self, model: nn.Module, lr: float, batch_size: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        batch_size: int,
+        device: torch.device,
+        max_grad_norm: float | None = MAX_GRAD_NORM,
+    ) -> None:
+        """`max_grad_norm`: clip the local gradient's L2 norm to it (None or 0: no clipping)."""
         self.model = model.to(device)
         self.lr = lr
+        self.max_grad_norm = max_grad_norm or None
         self.batch_size = batch_size
         self.device = device
         self.trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
@@ -72,7 +81,8 @@ class LocalTrainer:
         start = time.perf_counter()
         try:
             for indices in shuffled_batches(len(examples), batch_size or self.batch_size, steps, generator):
-                batch = {key: value.to(self.device) for key, value in examples.batch(indices).items()}
+                batch = examples.batch(indices, generator)  # the generator also draws MLM masks
+                batch = {key: value.to(self.device) for key, value in batch.items()}
                 loss = model(**batch).loss
                 if not torch.isfinite(loss):
                     raise EdgefedError(
@@ -82,7 +92,8 @@ class LocalTrainer:
                 loss.backward()
                 for name, mask in masks.items():  # components beyond the plan's rank stay put
                     self.trainable[name].grad.mul_(mask)
-                nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+                if self.max_grad_norm:
+                    nn.utils.clip_grad_norm_(params, self.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
@@ -124,6 +135,7 @@ class Evaluation(NamedTuple):
     accuracy: float
     loss: float
     exit_accuracy: list[float] | None = None  # early-exit models: the accuracy at each exit
+    mlm_loss: float | None = None  # masked-LM pre-training: the loss over masked tokens (= loss)
 
 
 @torch.no_grad()

@@ -41,7 +41,8 @@ def test_bad_data_files(tmp_path, tiny_model_dir, case, content, expected):
     [
         (
             ["--method", "qlora"],
-            "unknown method 'qlora'; choose one of: adapter, bitfit, ee-adapter, federa, fft, lora",
+            "unknown method 'qlora'; choose one of: adapter, bitfit, ee-adapter, fdapt, fedbert, federa, "
+            "ffdapt, fft, lora",
         ),
         (["--model", "/no/such/model"], "model '/no/such/model' is not a local folder, a packaged model"),
         (["--data", "/no/such/data.tsv"], "/no/such/data.tsv: no such data file or folder"),

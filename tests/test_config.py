@@ -50,7 +50,8 @@ def test_local_epochs_replace_local_steps_layer_by_layer(tmp_path):
         ('rounds = "three"\n', "rounds: expected an integer, got 'three'"),
         (
             'method = "qlora"\n',
-            "unknown method 'qlora'; choose one of: adapter, bitfit, ee-adapter, federa, fft, lora",
+            "unknown method 'qlora'; choose one of: adapter, bitfit, ee-adapter, fdapt, fedbert, federa, "
+            "ffdapt, fft, lora",
         ),
         ('aggregator = "krum"\n', "unknown aggregator 'krum'; choose one of: fedavg, hetero, product"),
         ('partition = "dirichlet:-1"\n', "positive alpha"),

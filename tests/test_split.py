@@ -18,6 +18,7 @@ from edgefed.split import (
     MASK_CODEC,
     BertBody,
     BertMaskedLMClient,
+    BodySlot,
     RemoteBody,
     SplitBodyServicer,
     SplitError,
@@ -121,7 +122,8 @@ class CutGradient(nn.Module):
 def run_split(initial: BertForMaskedLM, spec: str) -> tuple[Run, tuple[int, int]]:
     client_model = copy.deepcopy(initial)
     body = BertBody(copy.deepcopy(initial.bert))  # the server's own copy, as on another machine
-    server, port = serve_split_body(SplitBodyServicer(body, adamw(body.parameters()), "run-1", spec))
+    servicer = SplitBodyServicer(BodySlot(body, adamw(body.parameters())), "run-1", spec)
+    server, port = serve_split_body(servicer)
     channel = split_channel(f"127.0.0.1:{port}")
     try:
         with RemoteBody(channel, "run-1", spec, client_id="c0") as remote:
@@ -214,7 +216,8 @@ CODEC = split_codec("fp16")
 def served():
     """A split server for the tiny BERT's body (fp16 on the wire) and a raw stub to talk to it."""
     body = BertBody(tiny_bert().bert)
-    servicer = SplitBodyServicer(body, adamw(body.parameters()), "run-1", "fp16", log=lambda _: None)
+    slot = BodySlot(body, adamw(body.parameters()))
+    servicer = SplitBodyServicer(slot, "run-1", "fp16", log=lambda _: None)
     server, port = serve_split_body(servicer)
     channel = split_channel(f"127.0.0.1:{port}")
     yield servicer, pb_grpc.SplitStub(channel), channel
@@ -327,7 +330,7 @@ def test_bad_messages_are_refused_and_the_server_carries_on(served, case):
         exchange(stub, messages())
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert re.search(error, refused.value.details()), refused.value.details()
-    steps = servicer.version
+    steps = servicer.slot_for("").version
     replies = exchange(stub, [activations(1), gradient(1)])
     assert [(reply.kind, reply.step) for reply in replies] == [
         (Kind.BODY_OUTPUT, 1),
@@ -335,7 +338,7 @@ def test_bad_messages_are_refused_and_the_server_carries_on(served, case):
     ]
     for reply in replies:
         assert tuple(reply.tensor.shape) == (BATCH, SEQ, HIDDEN) and reply.tensor.codec == "fp16"
-    assert servicer.version == steps + 1
+    assert servicer.slot_for("").version == steps + 1
 
 
 def test_a_refusal_reaches_the_client_as_an_error_with_the_servers_message(served):
@@ -384,9 +387,9 @@ def test_one_micro_batch_at_a_time(served):
 def test_the_body_trains_behind_frozen_client_layers(served):
     """No input of the cut requires grad, yet the server must still get the gradient at its output."""
     servicer, _, channel = served
-    steps = servicer.version
+    steps = servicer.slot_for("").version
     with RemoteBody(channel, "run-1", "fp16") as remote:
         with torch.no_grad():  # evaluation: the server's forward is dropped by the next one
             remote(torch.randn(BATCH, SEQ, HIDDEN))
         remote(torch.randn(BATCH, SEQ, HIDDEN)).pow(2).sum().backward()
-    assert servicer.version == steps + 1
+    assert servicer.slot_for("").version == steps + 1

@@ -26,7 +26,8 @@ class EncodedExamples:
             [self.input_ids[i] for i in indices], [self.labels[i] for i in indices], self.pad_id
         )
 
-    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+    def batch(self, indices: list[int], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The padded batch; `generator` drives any randomness of the batch (masking, for pre-training)."""
         width = max(len(self.input_ids[i]) for i in indices)
         ids = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(indices), width), dtype=torch.long)

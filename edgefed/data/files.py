@@ -12,6 +12,8 @@ from edgefed.errors import EdgefedError
 TEXT_COLUMNS = ("text", "sentence")
 LABEL_COLUMNS = ("label",)
 SUFFIXES = (".tsv", ".csv", ".jsonl")
+# Pre-training also reads plain text, one document per line.
+TEXT_SUFFIXES = (".txt", *SUFFIXES)
 # SST-2's longest phrase is ~270 characters; anything near this is a broken file, not a sentence.
 MAX_FIELD_CHARS = 1_000_000
 
@@ -52,6 +54,34 @@ def read_labeled_file(path: str | Path) -> LabeledTexts:
     if not texts:
         raise EdgefedError(f"{path}: the file holds no examples")
     return LabeledTexts(texts, labels, str(path))
+
+
+def read_text_file(path: str | Path) -> LabeledTexts:
+    """Unlabelled text for pre-training: a `.txt` file (one document per line, blank lines skipped),
+    or the text column of a labelled file, whose labels then only shape `dirichlet` partitions."""
+    path = Path(path)
+    if path.suffix.lower() not in TEXT_SUFFIXES:
+        raise EdgefedError(
+            f"{path}: unsupported text file type '{path.suffix}'; use one of {', '.join(TEXT_SUFFIXES)}"
+        )
+    if path.suffix.lower() != ".txt":
+        return read_labeled_file(path)
+    if not path.is_file():
+        raise EdgefedError(f"{path}: no such data file")
+    texts = []
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for line, raw in enumerate(handle, start=1):
+                text = raw.strip()
+                if len(text) > MAX_FIELD_CHARS:
+                    raise EdgefedError(f"{path}:{line}: line longer than {MAX_FIELD_CHARS} characters")
+                if text:
+                    texts.append(text)
+    except UnicodeDecodeError as error:
+        raise EdgefedError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if not texts:
+        raise EdgefedError(f"{path}: the file holds no text")
+    return LabeledTexts(texts, [0] * len(texts), str(path))
 
 
 def _read_delimited(path: Path, handle, suffix: str):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from edgefed.data.files import SUFFIXES, LabeledTexts, read_labeled_file
+from edgefed.data.files import SUFFIXES, TEXT_SUFFIXES, LabeledTexts, read_labeled_file, read_text_file
 from edgefed.errors import EdgefedError
 
 SAMPLE_DIR = Path(__file__).parent / "sst2_sample"
@@ -16,28 +17,38 @@ HOLDOUT_FRACTION = 0.1
 HOLDOUT_MAX = 2000
 
 
-def load_splits(data: str | None, seed: int) -> tuple[LabeledTexts, LabeledTexts]:
-    """Return (train, eval). A folder needs `train.*` and one of dev/validation/valid/test."""
+def load_splits(data: str | None, seed: int, unlabeled: bool = False) -> tuple[LabeledTexts, LabeledTexts]:
+    """Return (train, eval). A folder needs `train.*` and one of dev/validation/valid/test.
+
+    `unlabeled`: pre-training text, where `.txt` files (one document per line) are read too.
+    """
     path = SAMPLE_DIR if data is None else Path(data)
+    read, suffixes = _reader(unlabeled)
     if path.is_dir():
-        train = read_labeled_file(_find_split(path, ("train",), required=True))
-        eval_path = _find_split(path, EVAL_SPLIT_NAMES, required=False)
+        train = read(_find_split(path, ("train",), required=True, suffixes=suffixes))
+        eval_path = _find_split(path, EVAL_SPLIT_NAMES, required=False, suffixes=suffixes)
         if eval_path is not None:
-            return train, read_labeled_file(eval_path)
+            return train, read(eval_path)
         return _hold_out(train, seed)
     if path.is_file():
-        return _hold_out(read_labeled_file(path), seed)
+        return _hold_out(read(path), seed)
     raise EdgefedError(f"{path}: no such data file or folder")
 
 
-def _find_split(folder: Path, names: tuple[str, ...], required: bool) -> Path | None:
+def _reader(unlabeled: bool) -> tuple[Callable[[Path], LabeledTexts], tuple[str, ...]]:
+    return (read_text_file, TEXT_SUFFIXES) if unlabeled else (read_labeled_file, SUFFIXES)
+
+
+def _find_split(
+    folder: Path, names: tuple[str, ...], required: bool, suffixes: tuple[str, ...] = SUFFIXES
+) -> Path | None:
     for name in names:
-        for suffix in SUFFIXES:
+        for suffix in suffixes:
             candidate = folder / f"{name}{suffix}"
             if candidate.is_file():
                 return candidate
     if required:
-        expected = ", ".join(f"{names[0]}{suffix}" for suffix in SUFFIXES)
+        expected = ", ".join(f"{names[0]}{suffix}" for suffix in suffixes)
         raise EdgefedError(f"{folder}: no training file (expected one of {expected})")
     return None
 
@@ -50,11 +61,12 @@ def _hold_out(data: LabeledTexts, seed: int) -> tuple[LabeledTexts, LabeledTexts
     return data.subset(sorted(order[held:])), data.subset(sorted(order[:held]))
 
 
-def load_train(data: str | Path) -> LabeledTexts:
+def load_train(data: str | Path, unlabeled: bool = False) -> LabeledTexts:
     """A client's own training data: every row of a file, or a folder's `train.*` file."""
     path = Path(data)
+    read, suffixes = _reader(unlabeled)
     if path.is_dir():
-        return read_labeled_file(_find_split(path, ("train",), required=True))
+        return read(_find_split(path, ("train",), required=True, suffixes=suffixes))
     if path.is_file():
-        return read_labeled_file(path)
+        return read(path)
     raise EdgefedError(f"{path}: no such data file or folder")

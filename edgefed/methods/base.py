@@ -28,6 +28,8 @@ class AdapterSpec:
     target_modules: tuple[str, ...] = ("query", "value")
     # Modules the pre-trained checkpoint lacked (the classification head): always trained.
     head_modules: tuple[str, ...] = ("classifier",)
+    # FFDAPT: what stays frozen (`embeddings`, `layers:<i>` or `layers:<i>-<j>`).
+    freeze: tuple[str, ...] = ()
 
     @property
     def scale(self) -> float:
@@ -53,6 +55,13 @@ class Method(ABC):
     adapters_see_all_tokens: ClassVar[bool] = True
     # Name prefix of the heads a method predicts with instead of the checkpoint's classifier (None: that one).
     own_head_prefix: ClassVar[str | None] = None
+    # What the method trains for (edgefed/tasks.py): fine-tuning a classifier, or masked-LM pre-training.
+    task: ClassVar[str] = "classification"
+    # The folder of the run directory that holds the trained result.
+    result_dir: ClassVar[str] = "adapter"
+    # Split learning (FedBERT): clients hold the model's ends, the server trains its body over the Split
+    # stream, and the federated state is the clients' part only.
+    splits_model: ClassVar[bool] = False
 
     def prepare_global(self, model: nn.Module, spec: AdapterSpec) -> tuple[nn.Module, SetupState]:
         """Server side, once: adapt the global model and return what clients need to match it."""

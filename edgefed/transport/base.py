@@ -31,6 +31,8 @@ class RoundResult:
     bytes_up: int = 0  # gRPC message bytes of the state streams, as sent
     bytes_down: int = 0
     client_bytes: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (down, up)
+    # Split learning (FedBERT): gRPC message bytes of the Split streams, (up, down); None without a split.
+    split_bytes: tuple[int, int] | None = None
 
 
 class Transport(ABC):

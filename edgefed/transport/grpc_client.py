@@ -18,14 +18,14 @@ import torch
 from edgefed.client import FederatedClient
 from edgefed.codecs import make_codec
 from edgefed.config import config_from_text
-from edgefed.data import encode
-from edgefed.data.splits import load_train
 from edgefed.errors import EdgefedError
 from edgefed.fleet import scope_of_plan
 from edgefed.methods import METHODS, AdapterSpec, trainable_state
 from edgefed.methods.lora import use_fused_kernels
-from edgefed.models import load_classifier, load_tokenizer, model_fingerprint, resolve_model_path
+from edgefed.models import load_tokenizer, model_fingerprint, resolve_model_path
 from edgefed.planner import plan_from_text
+from edgefed.split import RemoteBody, split_channel
+from edgefed.tasks import TASKS
 from edgefed.training import LocalTrainer, local_steps
 from edgefed.transport.auth import bearer_metadata
 from edgefed.transport.base import LOSSLESS, state_shapes
@@ -75,6 +75,7 @@ class GrpcClient:
         self.model = model
         self.retry_s = retry_s
         self.echo = echo
+        self.tls_ca = tls_ca
         self.stub = pb_grpc.FederationStub(open_channel(server, tls_ca))
         self.run_id = ""
         self.finished = threading.Event()  # a heartbeat said DONE
@@ -103,8 +104,10 @@ class GrpcClient:
 
     def _build(self, joined: pb.JoinReply) -> None:
         config = config_from_text(joined.config_toml, f"{self.server} (the run's configuration)")
+        method = METHODS.create(config.method)
+        task = TASKS.create(method.task)
         model_path = resolve_model_path(self.model or config.model)
-        base, new_modules = load_classifier(model_path, joined.num_labels)
+        base, new_modules = task.load_model(model_path, joined.num_labels)
         mine = model_fingerprint(base, new_modules)
         if mine != joined.model_fingerprint:
             raise EdgefedError(
@@ -113,13 +116,16 @@ class GrpcClient:
             )
         plan = plan_from_text(joined.plan_toml) if joined.plan_toml else None
         tokenizer = load_tokenizer(model_path)
-        examples = encode(load_train(self.data), tokenizer, plan.seq_len if plan else config.max_seq_len)
+        examples = task.encode(
+            task.client_data(self.data), tokenizer, plan.seq_len if plan else config.max_seq_len
+        )
         request = pb.FetchRequest(run_id=self.run_id, round=0, client_id=self.client_id)
         chunks = self._call(lambda r, **kw: list(self.stub.FetchSetup(r, **kw)), request)
         expected = Expected(self.run_id, 0, None, self.client_id)
         setup = parse_state(reassemble(chunks, expected)[0], LOSSLESS, expected)
-        method = METHODS.create(config.method)
-        spec = AdapterSpec(config.rank, config.alpha, config.target_modules, tuple(joined.head_modules))
+        spec = AdapterSpec(
+            config.rank, config.alpha, config.target_modules, tuple(joined.head_modules), config.freeze
+        )
         worker = method.adapt(base, spec, setup)
         if config.fused_kernels:
             use_fused_kernels(worker)
@@ -127,7 +133,16 @@ class GrpcClient:
         lr = config.lr if config.lr is not None else method.default_lr
         batch_size = plan.batch_size if plan else config.batch_size
         steps = local_steps(len(examples), batch_size, config.local_steps, config.local_epochs)
-        trainer = LocalTrainer(worker, lr, config.batch_size, self.device)
+        trainer = LocalTrainer(worker, lr, config.batch_size, self.device, config.max_grad_norm)
+        remote_body = None
+        if method.splits_model:  # FedBERT: the body runs on the server, over the Split stream
+            remote_body = RemoteBody(
+                split_channel(self.server, self.tls_ca),
+                self.run_id,
+                config.split_codec,
+                self.client_id,
+                metadata=self.metadata,
+            )
         state = trainable_state(worker)
         shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
         scope = scope_of_plan(plan, shapes, method.low_rank_pairs(worker)) if plan else None
@@ -142,6 +157,7 @@ class GrpcClient:
             make_codec(config.codec),
             plan=plan,
             scope=scope,
+            remote_body=remote_body,
         )
         if plan is not None:
             self.echo(

@@ -24,8 +24,11 @@ from edgefed.codecs import make_codec
 from edgefed.config import RunConfig, config_text
 from edgefed.errors import EdgefedError
 from edgefed.fleet import FleetPlans
+from edgefed.methods import METHODS
 from edgefed.planner import Plan, plan_text
 from edgefed.scope import Scope
+from edgefed.split import MAX_MESSAGE_BYTES as SPLIT_MESSAGE_BYTES
+from edgefed.split import SplitBodyServicer
 from edgefed.transport.auth import BearerTokenInterceptor, TokenBook, bearer_token
 from edgefed.transport.base import (
     RoundResult,
@@ -63,12 +66,19 @@ class OpenRound:
     states: ScopedStates  # the global state as each client's scope sees it
     max_bytes: int
     deadline: float  # time.monotonic()
+    turns: bool = False  # clients train one after another, in slot order (FedBERT's sequential body)
     updates: dict[int, ClientUpdate] = field(default_factory=dict)
     dropped: dict[int, str] = field(default_factory=dict)  # slot -> why
     client_bytes: dict[int, list[int]] = field(default_factory=dict)  # slot -> [down, up]
 
     def waiting_for(self, slot: int) -> bool:
         return slot in self.sampled and slot not in self.updates and slot not in self.dropped
+
+    def may_train(self, slot: int) -> bool:
+        """Waiting for `slot`, and (taking turns) no client before it is still waiting."""
+        if not self.waiting_for(slot):
+            return False
+        return not self.turns or all(not self.waiting_for(other) for other in self.sampled if other < slot)
 
 
 class FederationServicer(pb_grpc.FederationServicer):
@@ -100,6 +110,9 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.finished = False
         self.bytes_up = 0
         self.bytes_down = 0
+        # FedBERT's sequential strategy: one body, so the sampled clients train one after another.
+        splits = METHODS.create(run.config.method).splits_model
+        self.turns = splits and run.config.split_strategy == "sequential"
 
     # -- RPCs ------------------------------------------------------------------------------------
 
@@ -190,7 +203,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 self.condition.notify_all()
                 return pb.HeartbeatReply(action=pb.HeartbeatReply.DONE)
             current = self.round
-            if current is not None and current.waiting_for(slot):
+            if current is not None and current.may_train(slot):
                 left = current.deadline - time.monotonic()
                 return pb.HeartbeatReply(
                     action=pb.HeartbeatReply.TRAIN, round=current.number, deadline_s=left
@@ -213,6 +226,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 states,
                 max_update_bytes(global_state),
                 time.monotonic() + deadline_s,
+                self.turns,
             )
             self.condition.notify_all()
 
@@ -244,6 +258,12 @@ class FederationServicer(pb_grpc.FederationServicer):
             if slot in current.dropped:
                 self.log(f"edgefed: round {current.number}: dropped client {slot} ({current.dropped[slot]})")
         return not any(current.waiting_for(slot) for slot in current.sampled)
+
+    def authorize_split(self, client_id: str, context) -> None:
+        """A Split stream's sender: its token, and a client that joined this run."""
+        self._check_token(client_id, context)
+        if client_id not in self.slots:
+            self._refuse(context, Code.FAILED_PRECONDITION, f"'{client_id}' has not joined this run")
 
     # -- checks ------------------------------------------------------------------------------------
 
@@ -349,13 +369,18 @@ class GrpcTransport(Transport):
         deadline_s: float,
         tls: tuple[bytes, bytes] | None = None,
         watchdog: Callable[[], None] = lambda: None,
+        split: SplitBodyServicer | None = None,
     ) -> None:
+        """`split`: FedBERT's Split servicer, served beside the federation on the same address."""
         self.servicer = servicer
         self.min_clients = min_clients
         self.deadline_s = deadline_s
         self.watchdog = watchdog
         workers = 2 * servicer.num_clients + 8
         limit = servicer.run.config.chunk_bytes + MESSAGE_HEADROOM
+        if split is not None:  # a Split message is a whole micro-batch (edgefed/split.py)
+            limit = max(limit, SPLIT_MESSAGE_BYTES)
+            split.authorize = servicer.authorize_split
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edgefed-rpc"),
             interceptors=[BearerTokenInterceptor(servicer.tokens)] if servicer.tokens else [],
@@ -363,6 +388,8 @@ class GrpcTransport(Transport):
             maximum_concurrent_rpcs=4 * workers,
         )
         pb_grpc.add_FederationServicer_to_server(servicer, self.server)
+        if split is not None:
+            pb_grpc.add_SplitServicer_to_server(split, self.server)
         host = address.rsplit(":", 1)[0]
         try:
             if tls is None:

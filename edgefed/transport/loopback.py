@@ -25,11 +25,15 @@ from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, Run
 
 if TYPE_CHECKING:
     from edgefed.recipe import ServerSide
+    from edgefed.split import SplitBodyServicer
+    from edgefed.split_rounds import SplitSide
 
 
 class LoopbackFleet(GrpcTransport):
     @classmethod
-    def start(cls, side: ServerSide, run_id: str, run_dir: Path, slots: dict[str, int], log) -> LoopbackFleet:
+    def start(
+        cls, side: ServerSide, run_id: str, run_dir: Path, slots: dict[str, int], log, split: SplitSide | None
+    ) -> LoopbackFleet:
         config = side.config
         names = [client_name(index) for index in range(config.clients)]
         tokens = TokenBook.generate(names)
@@ -44,7 +48,12 @@ class LoopbackFleet(GrpcTransport):
         servicer = FederationServicer(
             description, tokens, slots, device=side.device, log=log, fleet=side.fleet
         )
-        fleet = cls(servicer, config.min_clients or config.clients, config.round_deadline_s)
+        fleet = cls(
+            servicer,
+            config.min_clients or config.clients,
+            config.round_deadline_s,
+            split.servicer if split else None,
+        )
         try:
             fleet._spawn(side, names, tokens, run_dir / "clients")
         except BaseException:
@@ -52,10 +61,16 @@ class LoopbackFleet(GrpcTransport):
             raise
         return fleet
 
-    def __init__(self, servicer: FederationServicer, min_clients: int, deadline_s: float) -> None:
+    def __init__(
+        self,
+        servicer: FederationServicer,
+        min_clients: int,
+        deadline_s: float,
+        split: SplitBodyServicer | None = None,
+    ) -> None:
         self.processes: list[tuple[str, subprocess.Popen, Path]] = []
         self.shard_dir: tempfile.TemporaryDirectory | None = None
-        super().__init__(servicer, "127.0.0.1:0", min_clients, deadline_s, watchdog=self.check)
+        super().__init__(servicer, "127.0.0.1:0", min_clients, deadline_s, watchdog=self.check, split=split)
 
     def _spawn(self, side: ServerSide, names: list[str], tokens: TokenBook, log_dir: Path) -> None:
         config = side.config
