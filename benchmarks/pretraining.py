@@ -165,7 +165,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
 
 
 def report(args, results, step_times, traffic) -> str:
-    reference = results["centralised"]["config"]
+    lr = results["centralised"]["config"].lr or METHODS.create("fdapt").default_lr
     lines = [
         "# Federated pre-training: centralised, FDAPT, FFDAPT and FedBERT",
         "",
@@ -177,7 +177,7 @@ def report(args, results, step_times, traffic) -> str:
         f"{args.train_rows:,} SST-2 training sentences, one per line; MLM loss on the first "
         f"{args.eval_limit} dev sentences (fixed masks). {args.clients} clients (IID), {args.rounds} rounds, "
         f"{args.local_steps} local steps of {args.batch_size} sequences (≤ {args.max_seq_len} tokens), "
-        f"lr {reference.lr:g}, AdamW fresh each round; centralised = one client taking "
+        f"lr {lr:g}, AdamW fresh each round; centralised = one client taking "
         f"{args.local_steps * args.clients} steps a round. FedBERT's activations travel as fp16.",
         "",
         "## MLM loss by round (same sequences per round in every setting)",
@@ -259,6 +259,9 @@ def main() -> None:
         results = run_settings(args, corpus, work / "runs")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    raw = {name: {"summary": r["summary"], "rows": r["rows"]} for name, r in results.items()}
+    raw.update({"step_times": step_times, "traffic": traffic})
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n", encoding="utf-8")
     plot(results, out.parent / "pretraining_curves.png")
     text = report(args, results, step_times, traffic)
     out.write_text(text, encoding="utf-8")

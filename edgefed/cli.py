@@ -58,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     client.add_argument("--server", required=True, help="HOST:PORT of the edgefed server")
     client.add_argument(
-        "--data", required=True, metavar="PATH", help="TSV/CSV/JSONL file, or a folder with train.*"
+        "--data",
+        required=True,
+        metavar="PATH",
+        help="TSV/CSV/JSONL file (pre-training: also .txt, one document per line), or a folder with train.*",
     )
     client.add_argument(
         "--name", default=socket.gethostname(), help="client id, stable across restarts (default: host name)"
@@ -133,7 +136,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     add(
         "--data",
         metavar="PATH",
-        help="TSV/CSV/JSONL file, or a folder with train.* and dev.* (default: SST-2 sample)",
+        help="TSV/CSV/JSONL file (pre-training: also .txt, one document per line), or a folder with "
+        "train.* and dev.* (default: SST-2 sample)",
     )
     add("--model", metavar="PATH_OR_NAME", help="local model folder or all-MiniLM-L6-v2 (default)")
     add("--target-modules", help="comma-separated module names that LoRA/FeDeRA adapt (default query,value)")

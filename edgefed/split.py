@@ -242,7 +242,7 @@ class SplitBodyServicer(pb_grpc.SplitServicer):
         with slot.lock:
             inputs = activations.to(parameter.device, parameter.dtype).requires_grad_()
             try:
-                with torch.enable_grad(), self._dropout_generator(slot, message):
+                with torch.enable_grad(), seeded_dropout(slot.seed, message):
                     outputs = slot.body(inputs, mask)
             except (RuntimeError, ValueError, IndexError) as error:
                 first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -254,16 +254,6 @@ class SplitBodyServicer(pb_grpc.SplitServicer):
         stream.last_step = step
         stream.pending = Forward(step, slot, inputs, outputs, dtype_name(activations), version)
         return self._reply(message, Kind.BODY_OUTPUT, "body_output", outputs.detach().to(activations.dtype))
-
-    def _dropout_generator(self, slot: BodySlot, message: pb.SplitMessage):
-        if slot.seed is None:
-            return contextlib.nullcontext()
-        key = f"{slot.seed}:{message.round}:{message.client_id}:{message.step}".encode()
-        fork = torch.random.fork_rng(
-            devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []
-        )
-        torch_seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
-        return _seeded(fork, torch_seed)
 
     def _backward(self, message: pb.SplitMessage, stream: StreamState, context) -> pb.SplitMessage:
         step, pending = message.step, stream.pending
@@ -314,9 +304,15 @@ _SEEDED_FORWARD = threading.Lock()
 
 
 @contextlib.contextmanager
-def _seeded(fork, seed: int):
-    with _SEEDED_FORWARD, fork:
-        torch.manual_seed(seed)
+def seeded_dropout(seed: int | None, message: pb.SplitMessage) -> Iterator[None]:
+    """Run a body's forward with dropout drawn from (seed, round, client, step) alone (None: as is)."""
+    if seed is None:
+        yield
+        return
+    key = f"{seed}:{message.round}:{message.client_id}:{message.step}".encode()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with _SEEDED_FORWARD, torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
         yield
 
 

@@ -19,6 +19,25 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_SST2 = Path(os.environ.get("EDGEFED_SST2", ROOT.parent / "shared" / "data" / "sst2"))
 
 
+@pytest.fixture
+def crash_after_round(monkeypatch):
+    """`crash_after_round(n)`: the next run dies (as on Ctrl-C) right after writing round n's checkpoint;
+    `monkeypatch.undo()` lets the one after it resume."""
+    from edgefed import recipe
+
+    save = recipe.save_checkpoint
+
+    def arm(round_number: int) -> None:
+        def save_then_die(run_dir, checkpoint):
+            save(run_dir, checkpoint)
+            if checkpoint.round == round_number:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(recipe, "save_checkpoint", save_then_die)
+
+    return arm
+
+
 @pytest.fixture(scope="session")
 def sst2_dir() -> Path:
     if not (SHARED_SST2 / "train.tsv").is_file():

@@ -6,24 +6,29 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 from transformers import AutoModelForMaskedLM
 
-from edgefed import recipe
 from edgefed.checkpoint import load_checkpoint
 from edgefed.cli import main
+from edgefed.codecs import make_codec
+from edgefed.config import RunConfig
 from edgefed.data import EncodedExamples
 from edgefed.data.files import read_text_file
 from edgefed.data.masking import IGNORED, MLM_PROBABILITY, encode_for_mlm
 from edgefed.errors import EdgefedError
 from edgefed.models import load_tokenizer
-from edgefed.split import SplitBodyServicer, StreamState
+from edgefed.split import SplitBodyServicer, StreamState, split_channel
 from edgefed.split_rounds import BodyTrainer
 from edgefed.tasks import TASKS
 from edgefed.transport import grpc_server
-from edgefed.wire.framing import WireError
+from edgefed.transport.auth import TokenBook, bearer_metadata
+from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, RunDescription
+from edgefed.wire.framing import WireError, tensor_message
 from edgefed.wire.v1 import federation_pb2 as pb
+from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
 
 TIMING_KEYS = ("round_s", "wall_s", "slowest_client_s")
 # What a client's Split message may carry: no token ids, no labels.
@@ -330,21 +335,16 @@ def test_fedbert_over_grpc_computes_the_in_process_run_and_never_sends_tokens_or
     assert all(name.startswith(("bert.embeddings.", "cls.")) for names in pushed for name in names)
 
 
+@pytest.mark.parametrize("transport", ["inproc", "grpc"])
 def test_a_crashed_fedbert_run_resumes_with_its_body(
-    inproc_fedbert, tiny_model_dir, reviews_dir, tmp_path, monkeypatch
+    transport, inproc_fedbert, tiny_model_dir, reviews_dir, tmp_path, monkeypatch, crash_after_round
 ):
-    save = recipe.save_checkpoint
-
-    def save_then_die(run_dir, checkpoint):
-        save(run_dir, checkpoint)
-        if checkpoint.round == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(recipe, "save_checkpoint", save_then_die)
+    crash_after_round(1)
     out = tmp_path / "resumed"
     argv = ["run", "--method", "fedbert", "--model", str(tiny_model_dir), "--data", str(reviews_dir)]
     flags = ["--clients", "2", "--rounds", "2", "--local-steps", "3", "--batch-size", "8"]
     flags += ["--max-seq-len", "24", "--partition", "iid", "--lr", "0.01", "--out", str(out)]
+    flags += ["--transport", transport]
     assert main([*argv, *flags]) == 130
     assert load_checkpoint(out).server_state, "the body is in the checkpoint"
     monkeypatch.undo()
@@ -364,6 +364,52 @@ def test_the_split_servicer_asks_the_round_which_body_a_client_trains():
     message.tensor.SetInParent()
     with pytest.raises(WireError, match="'client-9' does not train in round 3"):
         servicer._answer(message, StreamState(), context=None)
+
+
+def test_split_streams_need_the_sender_s_token_and_a_place_in_the_round():
+    config = RunConfig(method="fedbert", clients=2)
+    tokens = TokenBook([("client-0", "token-0"), ("client-1", "token-1")])
+    run = RunDescription("run", config, 0, ("cls",), "fingerprint", b"")
+    federation = FederationServicer(run, tokens, heartbeat_s=0.2, log=lambda line: None)
+    trainer = make_trainer("sequential")
+    trainer.begin_round(1, ["client-0"])
+    split = SplitBodyServicer(trainer.slot, "run", "none", round_number=1, log=lambda line: None)
+    transport = GrpcTransport(federation, "127.0.0.1:0", 2, 600.0, split=split)
+    channel = split_channel(transport.address)
+    try:
+        for client in ("client-0", "client-1"):
+            request = pb.JoinRequest(client_id=client)
+            pb_grpc.FederationStub(channel).Join(request, metadata=bearer_metadata(f"token-{client[-1]}"))
+        message = pb.SplitMessage(
+            run_id="run", round=1, client_id="client-1", step=1, kind=pb.SplitMessage.ACTIVATIONS
+        )
+        message.tensor.CopyFrom(
+            tensor_message(make_codec("none").encode("activations", torch.zeros(1, 2, 4)))
+        )
+        for token, code, reason in (
+            (None, grpc.StatusCode.UNAUTHENTICATED, "bearer token"),
+            ("token-0", grpc.StatusCode.PERMISSION_DENIED, "belongs to 'client-0'"),
+            ("token-1", grpc.StatusCode.INVALID_ARGUMENT, "'client-1' does not train in round 1"),
+        ):
+            with pytest.raises(grpc.RpcError) as refused:
+                replies = pb_grpc.SplitStub(channel).Exchange(
+                    iter([message]), metadata=bearer_metadata(token)
+                )
+                next(replies)
+            assert refused.value.code() == code and reason in refused.value.details()
+        assert split.take_traffic().get("client-1", (0, 0))[1] == 0, "nothing was answered"
+        # The server's gRPC limit fits a micro-batch; the federation's chunks are still held to chunk-bytes.
+        federation.open_round(1, [0], {"cls.predictions.bias": torch.zeros(8)}, 60.0)
+        oversized = pb.Chunk(
+            run_id="run", round=1, client_id="client-0", index=0, count=1, data=bytes(2 << 20)
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.FederationStub(channel).PushUpdate(iter([oversized]), metadata=bearer_metadata("token-0"))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "over chunk-bytes 1048576" in refused.value.details()
+    finally:
+        channel.close()
+        transport.close()
 
 
 @pytest.mark.parametrize(

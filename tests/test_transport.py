@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgefed import recipe
 from edgefed.checkpoint import load_checkpoint
 from edgefed.cli import main
 from edgefed.config import resolve_config
@@ -103,21 +102,14 @@ def test_grpc_computes_the_in_process_run(runs):
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_crashed_run_resumes_to_the_uninterrupted_result(
-    runs, transport, tmp_path, tiny_model_dir, small_data_dir, monkeypatch
+    runs, transport, tmp_path, tiny_model_dir, small_data_dir, monkeypatch, crash_after_round
 ):
     """The run dies right after round 2's checkpoint; `--resume` redoes round 3 only, and ends where the
     uninterrupted run ended (codec none: a restarted client process has no error-feedback residual)."""
     uninterrupted, resumed = tmp_path / "whole", tmp_path / "resumed"
     base = ["run", "--transport", transport]
     assert main([*base, *run_args(tiny_model_dir, small_data_dir, uninterrupted)]) == 0
-    save = recipe.save_checkpoint
-
-    def save_then_die(run_dir, checkpoint):
-        save(run_dir, checkpoint)
-        if checkpoint.round == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(recipe, "save_checkpoint", save_then_die)
+    crash_after_round(2)
     assert main([*base, *run_args(tiny_model_dir, small_data_dir, resumed)]) == 130
     assert load_checkpoint(resumed).round == 2 and not (resumed / "summary.json").exists()
     monkeypatch.undo()

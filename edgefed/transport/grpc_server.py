@@ -344,6 +344,11 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     def _count_up(self, chunks: Iterator[pb.Chunk]) -> Iterator[pb.Chunk]:
         for chunk in chunks:
+            # gRPC's own limit is higher where the Split service shares the server (FedBERT).
+            if len(chunk.data) > self.run.config.chunk_bytes:
+                raise WireError(
+                    f"a chunk of {len(chunk.data)} bytes is over chunk-bytes {self.run.config.chunk_bytes}"
+                )
             self._count(chunk.client_id, chunk.round, 0, wire_size(chunk))
             yield chunk
 
