@@ -75,13 +75,21 @@ def load_classifier(model_path: str, num_labels: int) -> tuple[nn.Module, list[s
 
 def load_masked_lm(model_path: str) -> tuple[nn.Module, list[str]]:
     """The encoder with its masked-LM head (decoder tied to the word embeddings, as the model ties
-    them), and the modules the checkpoint lacked (a sentence encoder such as MiniLM ships no MLM head)."""
+    them), and the modules the checkpoint lacked (a sentence encoder such as MiniLM ships no MLM head).
+
+    A masked-LM model has no pooler, but classifiers start from one: the checkpoint's pooler is kept
+    (frozen by the pre-training methods) so that the pre-trained result saves it and a fine-tuning run
+    on the result starts from it instead of a random one.
+    """
     try:
         model, info = transformers.AutoModelForMaskedLM.from_pretrained(
             model_path, local_files_only=True, output_loading_info=True
         )
     except ValueError as error:
         raise EdgefedError(f"{model_path}: no masked-LM form of this model ({error})") from None
+    if any(".pooler." in f".{key}" for key in info["unexpected_keys"]):
+        encoder = transformers.AutoModel.from_pretrained(model_path, local_files_only=True)
+        model.base_model.pooler = encoder.pooler
     missing = sorted(info["missing_keys"])
     new_modules = sorted({key.rsplit(".", 1)[0] for key in missing})
     return model, new_modules

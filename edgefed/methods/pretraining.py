@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from edgefed.methods.base import AdapterSpec, FullWeightsMethod
+from edgefed.methods.base import AdapterSpec, FullWeightsMethod, SetupState, freeze_all_but
 
 
 class MaskedLMPretraining(FullWeightsMethod):
@@ -16,6 +16,12 @@ class MaskedLMPretraining(FullWeightsMethod):
     # Continued pre-training of a small BERT; the same rate for every pre-training method, so their
     # loss curves compare at equal settings.
     default_lr = 1e-4
+
+    def adapt(self, model: nn.Module, spec: AdapterSpec, setup: SetupState) -> nn.Module:
+        # The checkpoint's pooler (edgefed/models.py) gets no MLM gradient: it neither trains nor travels.
+        return freeze_all_but(
+            model, lambda name: ".pooler." not in f".{name}" and self.is_trainable(name, spec)
+        )
 
     def load(self, out_dir: Path, base_model_path: str, num_labels: int, spec: AdapterSpec) -> nn.Module:
         from transformers import AutoModelForMaskedLM
