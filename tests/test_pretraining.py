@@ -411,7 +411,7 @@ def test_split_streams_need_the_sender_s_token_and_a_place_in_the_round():
         # The server's gRPC limit fits a micro-batch; the federation's chunks are still held to chunk-bytes.
         federation.open_round(1, [0], {"cls.predictions.bias": torch.zeros(8)}, 60.0)
         oversized = pb.Chunk(
-            run_id="run", round=1, client_id="client-0", index=0, count=1, data=bytes(2 << 20)
+            run_id="run", round=1, client_id="client-0", index=0, last=True, data=bytes(2 << 20)
         )
         with pytest.raises(grpc.RpcError) as refused:
             pb_grpc.FederationStub(channel).PushUpdate(iter([oversized]), metadata=bearer_metadata("token-0"))
