@@ -68,9 +68,7 @@ def load_classifier(model_path: str, num_labels: int) -> tuple[nn.Module, list[s
     model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
         model_path, num_labels=num_labels, local_files_only=True, output_loading_info=True
     )
-    missing = sorted(info["missing_keys"])
-    new_modules = sorted({key.rsplit(".", 1)[0] for key in missing})
-    return model, new_modules
+    return model, modules_missing_from(info)
 
 
 def load_masked_lm(model_path: str) -> tuple[nn.Module, list[str]]:
@@ -90,9 +88,12 @@ def load_masked_lm(model_path: str) -> tuple[nn.Module, list[str]]:
     if any(".pooler." in f".{key}" for key in info["unexpected_keys"]):
         encoder = transformers.AutoModel.from_pretrained(model_path, local_files_only=True)
         model.base_model.pooler = encoder.pooler
-    missing = sorted(info["missing_keys"])
-    new_modules = sorted({key.rsplit(".", 1)[0] for key in missing})
-    return model, new_modules
+    return model, modules_missing_from(info)
+
+
+def modules_missing_from(loading_info: dict) -> list[str]:
+    """The modules whose weights a checkpoint lacked (newly initialised at load)."""
+    return sorted({key.rsplit(".", 1)[0] for key in loading_info["missing_keys"]})
 
 
 def model_fingerprint(model: nn.Module, new_modules: list[str]) -> str:

@@ -90,12 +90,13 @@ class BodyTrainer:
         if not trained:
             return
         total = sum(weights[client] for client in trained)
+        copies = [(slot.body.state_dict(), weights[client] / total) for client, slot in trained.items()]
         averaged = {}
         for name, tensor in self.body.state_dict().items():
             if not tensor.is_floating_point():
                 averaged[name] = tensor
                 continue
-            parts = [slot.body.state_dict()[name] * (weights[c] / total) for c, slot in trained.items()]
+            parts = [state[name] * share for state, share in copies]
             averaged[name] = torch.stack(parts).sum(dim=0) if len(parts) > 1 else parts[0]
         self.body.load_state_dict(averaged)
 

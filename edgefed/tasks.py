@@ -27,9 +27,9 @@ MLM_EVAL_BATCH_SIZE = 16
 
 class Task(ABC):
     name: ClassVar[str]
-    unlabeled: ClassVar[bool]  # reads unlabelled text (`.txt`, one document per line) as well
-    # What `accuracy` in metrics.jsonl measures, for tables and plots.
-    accuracy_name: ClassVar[str]
+    # Pre-training: reads unlabelled text (`.txt`, one document per line) as well, and reports the MLM
+    # loss (tables, plots) with `accuracy` the masked-token accuracy.
+    unlabeled: ClassVar[bool]
 
     @abstractmethod
     def load_model(self, model_path: str, num_labels: int) -> tuple[nn.Module, list[str]]:
@@ -56,7 +56,6 @@ class Task(ABC):
 class SequenceClassification(Task):
     name = "classification"
     unlabeled = False
-    accuracy_name = "evaluation accuracy"
 
     def load_model(self, model_path: str, num_labels: int) -> tuple[nn.Module, list[str]]:
         return load_classifier(model_path, num_labels)
@@ -81,7 +80,6 @@ class MaskedLanguageModeling(Task):
 
     name = "masked-lm"
     unlabeled = True
-    accuracy_name = "masked-token accuracy"
 
     def load_model(self, model_path: str, num_labels: int) -> tuple[nn.Module, list[str]]:
         return load_masked_lm(model_path)
