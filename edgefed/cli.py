@@ -6,10 +6,13 @@ import argparse
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from edgefed import __version__
+from edgefed.bench import bench_command
+from edgefed.bench import build_parser as build_bench_parser
 from edgefed.errors import EdgefedError
 from edgefed.transport.auth import TOKEN_ENV
 
@@ -109,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--local-steps", type=int, default=5, help="local steps per round (5)")
     plan.add_argument("--codec", default="none", help="how deltas travel, for the upload time (none)")
     plan.add_argument("--num-labels", type=int, default=2, help="classes of the head (2)")
+    bench = commands.add_parser(
+        "bench",
+        help="time to a target accuracy over a grid: methods × partitions × device profiles × seeds",
+        description="Run a grid of federated runs, each to a target accuracy or its round cap, and write "
+        "results.csv, table.md and plots of accuracy against time (critical path: this machine's "
+        "training, and the SIMULATED device clock) and of bytes to target. Resumable: run it again "
+        "to continue a killed grid.",
+    )
+    build_bench_parser(bench)
     return parser
 
 
@@ -169,6 +181,11 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         help="report rounds and time to this accuracy (a fraction, e.g. 0.85)",
     )
     add(
+        "--stop-at-target",
+        action=argparse.BooleanOptionalAction,
+        help="end the run at the first round that reaches --target-accuracy (default: run every round)",
+    )
+    add(
         "--fused-kernels",
         action=argparse.BooleanOptionalAction,
         help="LoRA/FeDeRA layers run edgefed's fused Triton kernel on CUDA (default on; off for comparison)",
@@ -214,8 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     if command is None:
         parser.print_help()
         return 0
+    return report_errors(lambda: COMMANDS[command](args))
+
+
+def report_errors(command: Callable[[], int]) -> int:
+    """Run a command; an EdgefedError is one line on stderr and exit status 2, not a traceback."""
     try:
-        return COMMANDS[command](args)
+        return command()
     except EdgefedError as error:
         print(f"edgefed: error: {error}", file=sys.stderr)
         return 2
@@ -343,6 +365,7 @@ def plan_command(args: dict[str, Any]) -> int:
 
 COMMANDS = {
     "run": run_command,
+    "bench": bench_command,
     "server": server_command,
     "client": client_command,
     "profile": profile_command,

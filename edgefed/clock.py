@@ -48,11 +48,27 @@ class SimulatedClock:
         return train_s * ratio + profile.transfer_s(bytes_down, bytes_up)
 
     def round(self, result: RoundResult, aggregate_s: float) -> SimulatedRound:
-        client_s = {
-            update.client_id: self.client_seconds(
-                update.client_id, update.train_s, *result.client_bytes.get(update.client_id, (0, 0))
+        return self._round(
+            {
+                update.client_id: (update.train_s, *result.client_bytes.get(update.client_id, (0, 0)))
+                for update in result.updates
+            },
+            aggregate_s,
+        )
+
+    def replay(self, metrics: dict) -> SimulatedRound:
+        """The round of a recorded metrics.jsonl row (its per-client training times and bytes), on this
+        clock: the same run seen on other device profiles without training it again."""
+        measured = {
+            client: (train_s, down, up)
+            for client, train_s, (down, up) in zip(
+                metrics["clients"], metrics["client_train_s"], metrics["client_bytes"], strict=True
             )
-            for update in result.updates
         }
+        return self._round(measured, metrics["aggregate_s"])
+
+    def _round(self, measured: dict[int, tuple[float, int, int]], aggregate_s: float) -> SimulatedRound:
+        """`measured`: each client's (training seconds on this machine, bytes down, bytes up)."""
+        client_s = {client: self.client_seconds(client, *figures) for client, figures in measured.items()}
         slowest = max(client_s, key=client_s.get) if client_s else None
         return SimulatedRound(max(client_s.values(), default=0.0) + aggregate_s, client_s, slowest)

@@ -51,6 +51,7 @@ class RunConfig:
     train_limit: int | None = None  # use only the first N training examples
     eval_limit: int | None = None  # evaluate on the first N evaluation examples
     target_accuracy: float | None = None
+    stop_at_target: bool = False  # end the run at the first round that reaches target-accuracy
     fused_kernels: bool = True  # LoRA/FeDeRA layers use edgefed.kernels.lora_linear on CUDA
     transport: str = "inproc"  # inproc: clients in this process; grpc: client processes on loopback
     min_clients: int | None = None  # None: all; connected clients a round needs, and updates it counts
@@ -239,6 +240,8 @@ def validate(config: RunConfig) -> None:
         raise EdgefedError(f"sample-fraction must be in (0, 1], got {config.sample_fraction}")
     if not 8 <= config.max_seq_len <= 4096:
         raise EdgefedError(f"max-seq-len must be between 8 and 4096, got {config.max_seq_len}")
+    if config.stop_at_target and config.target_accuracy is None:
+        raise EdgefedError("stop-at-target needs target-accuracy")
     if config.target_accuracy is not None and not 0 < config.target_accuracy <= 1:
         raise EdgefedError(
             f"target-accuracy is a fraction in (0, 1] (0.85 for 85%), got {config.target_accuracy}"

@@ -40,11 +40,10 @@ import math
 import re
 import sys
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from edgefed.errors import EdgefedError
+from edgefed.shipped import read_shipped, shipped_names
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -154,28 +153,21 @@ def parse_profile(text: str, origin: str) -> DeviceProfile:
 
 def profile_names() -> list[str]:
     """The profiles shipped with edgefed."""
-    folder = resources.files(PACKAGE)
-    return sorted(item.name.removesuffix(".toml") for item in folder.iterdir() if item.name.endswith(".toml"))
+    return shipped_names(PACKAGE)
 
 
 def load_profile(name_or_path: str) -> DeviceProfile:
     """A shipped profile by name, or a profile file by path."""
-    path = Path(name_or_path)
-    if path.suffix == ".toml" or path.is_file():
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as error:
-            raise EdgefedError(f"{name_or_path}: {error.strerror}") from None
-        return parse_profile(text, str(path))
-    resource = resources.files(PACKAGE) / f"{name_or_path}.toml"
-    if not resource.is_file():
-        raise EdgefedError(
-            f"unknown device profile '{name_or_path}'; choose one of: {', '.join(profile_names())} "
-            "(or pass a profile file written by `edgefed profile --out FILE`)"
-        )
-    profile = parse_profile(resource.read_text(encoding="utf-8"), f"device_profiles/{name_or_path}.toml")
-    if profile.name != name_or_path:
-        raise EdgefedError(f"device_profiles/{name_or_path}.toml names itself '{profile.name}'")
+    text, origin = read_shipped(
+        name_or_path,
+        PACKAGE,
+        "device profile",
+        "device_profiles",
+        " (or pass a profile file written by `edgefed profile --out FILE`)",
+    )
+    profile = parse_profile(text, origin)
+    if origin.startswith("device_profiles/") and profile.name != name_or_path:
+        raise EdgefedError(f"{origin} names itself '{profile.name}'")
     return profile
 
 

@@ -302,15 +302,21 @@ def federate(config: RunConfig, make_transport, echo, resume: bool) -> dict:
         )
         save_checkpoint(run_dir, checkpoint)
 
+    def reached(metrics: dict) -> bool:
+        return config.stop_at_target and metrics["accuracy"] >= config.target_accuracy
+
+    # A run stopped at its target and killed before it finished does not train past it on resume.
+    done = checkpoint is not None and any(reached(metrics) for metrics in recorder.rounds)
     started = time.perf_counter()
     try:
         server.run(
-            config.rounds,
+            checkpoint.round if done else config.rounds,
             recorder.record,
             save_round,
             first_round=checkpoint.round + 1 if checkpoint else 1,
             wall_offset=checkpoint.wall_s if checkpoint else 0.0,
             sim_offset=(checkpoint.sim_s or 0.0) if checkpoint else 0.0,
+            stop=reached,
         )
     finally:
         progress.close()

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 MB = 1e6
+# The metrics that are measured times on this machine, so differ between otherwise identical runs.
+TIMING_KEYS = ("round_s", "wall_s", "slowest_client_s", "client_train_s", "aggregate_s")
 SIM_NOTE = (
     "* sim s: simulated device clock from the clients' device profiles (edgefed/clock.py), not measured"
 )

@@ -18,6 +18,8 @@ from edgefed.transport.base import RoundResult, Transport
 Evaluator = Callable[[nn.Module], Evaluation]
 # Called after each completed round with (round, global state, wall seconds so far).
 RoundHook = Callable[[int, State, float], None]
+# Asked after each completed round, with its metrics: whether the run is done (e.g. a target reached).
+StopRule = Callable[[dict], bool]
 
 
 class FederatedServer:
@@ -61,8 +63,10 @@ class FederatedServer:
         first_round: int = 1,
         wall_offset: float = 0.0,
         sim_offset: float = 0.0,
+        stop: StopRule = lambda metrics: False,
     ) -> State:
-        """Run rounds `first_round`..`rounds` (round 0, the starting model, is evaluated on a fresh run).
+        """Run rounds `first_round`..`rounds` (round 0, the starting model, is evaluated on a fresh run),
+        or fewer: the run ends after the first round whose metrics `stop` accepts.
 
         A round that gets fewer than min(min-clients, sampled) updates by its deadline is discarded
         and run again: the global state only ever moves by a round with enough clients in it.
@@ -70,10 +74,14 @@ class FederatedServer:
         start = time.perf_counter() - wall_offset
         sim_s = sim_offset if self.clock else None
         global_state = trainable_state(self.model)
+        round_number = first_round
         if first_round == 1:
             evaluation = self.evaluator(self.model)
-            record(self._metrics(0, evaluation, RoundResult([]), time.perf_counter(), start, sim_s, None))
-        round_number = first_round
+            now = time.perf_counter()
+            metrics = self._metrics(0, evaluation, RoundResult([]), now, start, sim_s, None, 0.0)
+            record(metrics)
+            if stop(metrics):  # the starting model is already good enough
+                round_number = rounds + 1
         while round_number <= rounds:
             clients = self.sample(round_number, self.transport.wait_for_clients())
             round_start = time.perf_counter()
@@ -87,23 +95,29 @@ class FederatedServer:
                 continue
             aggregate_start = time.perf_counter()
             global_state = self.aggregator.aggregate(global_state, result.updates, self.pairs)
+            aggregate_s = time.perf_counter() - aggregate_start
             simulated = None
             if self.clock is not None:
-                simulated = self.clock.round(result, time.perf_counter() - aggregate_start)
+                simulated = self.clock.round(result, aggregate_s)
                 sim_s += simulated.seconds
             load_trainable_state(self.model, global_state)
             evaluation = self.evaluator(self.model)
-            metrics = self._metrics(round_number, evaluation, result, round_start, start, sim_s, simulated)
+            metrics = self._metrics(
+                round_number, evaluation, result, round_start, start, sim_s, simulated, aggregate_s
+            )
             record(metrics)
             after_round(round_number, global_state, metrics["wall_s"])
+            if stop(metrics):
+                break
             round_number += 1
         self.transport.finish()
         return global_state
 
     @staticmethod
     def _metrics(
-        round_number, evaluation: Evaluation, result: RoundResult, round_start, start, sim_s, simulated
-    ) -> dict:
+        round_number, evaluation: Evaluation, result: RoundResult, round_start, start, sim_s, simulated,
+        aggregate_s: float,
+    ) -> dict:  # fmt: skip
         now = time.perf_counter()
         updates = result.updates
         examples = sum(update.num_examples for update in updates)
@@ -117,6 +131,11 @@ class FederatedServer:
             "clients": [update.client_id for update in updates],
             "dropped": result.dropped,
             "slowest_client_s": max((update.train_s for update in updates), default=0.0),
+            # Each client's measured training and bytes (down, up), in `clients` order, and the server's
+            # aggregation: what a critical-path clock needs (edgefed/bench.py replays them per profile).
+            "client_train_s": [update.train_s for update in updates],
+            "client_bytes": [list(result.client_bytes.get(update.client_id, (0, 0))) for update in updates],
+            "aggregate_s": aggregate_s,
             "round_s": now - round_start if round_number else now - start,
             "wall_s": now - start,
             # The simulated device clock (edgefed/clock.py): never measured on a device.

@@ -21,6 +21,7 @@ from edgefed.data.files import read_text_file
 from edgefed.data.masking import IGNORED, MLM_PROBABILITY, encode_for_mlm
 from edgefed.errors import EdgefedError
 from edgefed.models import load_tokenizer
+from edgefed.recorder import TIMING_KEYS
 from edgefed.split import SplitBodyServicer, StreamState, split_channel
 from edgefed.split_rounds import BodyTrainer
 from edgefed.tasks import TASKS
@@ -31,7 +32,6 @@ from edgefed.wire.framing import WireError, tensor_message
 from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
 
-TIMING_KEYS = ("round_s", "wall_s", "slowest_client_s")
 # What a client's Split message may carry: no token ids, no labels.
 SPLIT_FIELDS = {"run_id", "round", "client_id", "step", "kind", "tensor", "attention_mask"}
 

@@ -11,9 +11,8 @@ from edgefed.data import encode, load_splits
 from edgefed.methods import METHODS
 from edgefed.models import load_classifier, load_tokenizer
 from edgefed.recipe import load_trained
+from edgefed.recorder import TIMING_KEYS
 from edgefed.training import evaluate
-
-TIMING_KEYS = ("round_s", "wall_s", "slowest_client_s")
 
 
 def tiny_run(tmp_path, tiny_model_dir, data_dir, name="run", **overrides):

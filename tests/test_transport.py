@@ -87,6 +87,10 @@ def test_a_run_records_each_round_and_checkpoints_it(runs, transport):
     assert all(row["clients"] == [0, 1] and row["dropped"] == [] for row in rows[1:])
     assert rows[1]["bytes_down"] > rows[2]["bytes_down"] > 0  # round 1 carries the setup
     assert 0 < rows[2]["bytes_up"] < 0.5 * rows[2]["bytes_down"]  # int8 deltas, fp32 state
+    for row in rows[1:]:  # each client's own figures, which the critical-path clocks replay
+        downs, ups = zip(*row["client_bytes"], strict=True)
+        assert (sum(downs), sum(ups)) == (row["bytes_down"], row["bytes_up"])
+        assert len(row["client_train_s"]) == 2 and min(row["client_train_s"]) > 0 and row["aggregate_s"] > 0
     checkpoint = load_checkpoint(run_dir)
     assert checkpoint.round == 3 and checkpoint.wall_s == rows[-1]["wall_s"]
     summary = json.loads((run_dir / "summary.json").read_text())

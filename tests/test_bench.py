@@ -1,0 +1,247 @@
+"""`edgefed bench` on the tiny model: the critical-path clocks, the grid's reports, resume, errors."""
+
+import csv
+import dataclasses
+import json
+
+import pytest
+
+from edgefed import bench
+from edgefed.bench import Cell, Grid, cell_results, critical_path_s, load_grid, method_clocks, run_grid
+from edgefed.calibrate import write_profile
+from edgefed.cli import main
+from edgefed.config import resolve_config
+from edgefed.errors import EdgefedError
+from edgefed.profiles import load_profile
+from edgefed.recipe import run
+from edgefed.recorder import TIMING_KEYS
+
+PROFILES = ("jetson-agx-orin-64gb-maxn", "jetson-agx-orin-64gb-15w")
+
+
+@pytest.fixture(scope="module")
+def host_profile(tmp_path_factory) -> str:
+    """A fixed host profile (a shipped one, renamed), so no test measures this machine."""
+    path = tmp_path_factory.mktemp("host") / "host.toml"
+    write_profile(load_profile("raspberry-pi-5-8gb"), path)
+    return str(path)
+
+
+def tiny_grid(tiny_model_dir, small_data_dir, **changes) -> Grid:
+    values = dict(
+        name="tiny",
+        methods=("lora", "federa"),
+        partitions=("iid",),
+        profiles=PROFILES,
+        seeds=(0, 1),
+        run={
+            "model": str(tiny_model_dir),
+            "data": str(small_data_dir),
+            "clients": 3,
+            "rounds": 3,
+            "local_steps": 2,
+            "batch_size": 8,
+            "max_seq_len": 24,
+            "rank": 4,
+            "lr": 0.01,
+        },
+        target_accuracy=0.99,  # out of reach: every run goes to the round cap
+    )
+    values.update(changes)
+    return Grid(**values)
+
+
+def test_the_critical_path_is_the_slowest_client_with_its_transfer_not_the_sum():
+    row = {
+        "clients": [0, 1, 2],
+        "client_train_s": [1.0, 3.0, 2.0],
+        "client_bytes": [[0, 0], [10, 0], [0, 5_000]],
+        "aggregate_s": 0.25,
+    }
+    transfer = lambda down, up: down * 0.01 + up * 0.001  # noqa: E731
+    # Client 2 is the slowest once its transfer counts: 2 + 5 s, not 3 + 0.1 s; the sum would be 11.1 s.
+    assert critical_path_s(row, transfer) == pytest.approx(7.0 + 0.25)
+
+
+def test_replaying_a_run_gives_the_simulated_clock_it_ran_on(
+    tiny_model_dir, small_data_dir, tmp_path, host_profile
+):
+    """The bench replays a run without profiles on each profile's clock; the run that trained with that
+    profile got the same seconds from the live clock."""
+    grid = tiny_grid(tiny_model_dir, small_data_dir)
+    flags = dict(grid.run, method="federa", partition="iid", out=str(tmp_path / "run"))
+    run(
+        resolve_config(None, dict(flags, profiles=PROFILES[1], host_profile=host_profile)),
+        echo=lambda line: None,
+    )
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    clock = method_clocks(grid, "federa", load_profile(host_profile))[PROFILES[1]]
+    for row in rows[1:]:
+        assert clock.replay(row).seconds == pytest.approx(row["sim_round_s"], rel=1e-12)
+        assert clock.replay(row).slowest == row["sim_slowest_client"]
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory, tiny_model_dir, small_data_dir, host_profile):
+    folder = tmp_path_factory.mktemp("bench")
+    grid = tiny_grid(tiny_model_dir, small_data_dir)
+    results = run_grid(grid, folder / "out", folder / "work", host_profile, echo=lambda line: None)
+    return grid, folder, results
+
+
+def test_the_grid_writes_a_row_per_run_and_profile_a_table_and_plots(grid_run):
+    grid, folder, results = grid_run
+    out = folder / "out"
+    with (out / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["method"], r["seed"], r["profile"]) for r in rows] == [
+        (method, str(seed), profile) for method in grid.methods for seed in grid.seeds for profile in PROFILES
+    ]
+    assert all(r["reached"] == "False" and r["rounds_run"] == "3" for r in rows)
+    assert len(results) == len(rows)
+    table = (out / "table.md").read_text()
+    assert "| iid | lora | 0/2 |" in table and "| iid | federa | 0/2 |" in table
+    assert "SIMULATED s, jetson-agx-orin-64gb-15w" in table and "wall s (critical path)" in table
+    for plot in ("accuracy_wall.png", "accuracy_simulated.png", "bytes_to_target.png"):
+        assert (out / plot).stat().st_size > 0
+    assert load_grid(str(out / "grid.toml")) == grid  # the recorded grid reruns itself
+
+
+def test_a_reached_target_gives_rounds_time_and_bytes_up_to_that_round(grid_run):
+    grid, folder, _ = grid_run
+    cell = Cell("lora", "iid", 0)
+    rounds = [json.loads(line) for line in (folder / "out" / "cells" / cell.id / "metrics.jsonl").open()]
+    clocks = method_clocks(grid, "lora", load_profile(str(folder / "out" / "host_profile.toml")))
+    target = rounds[2]["accuracy"] - 1e-9
+    first = next(row["round"] for row in rounds if row["accuracy"] >= target)
+    for result in cell_results(cell, rounds, target, clocks):
+        transfer = load_profile(result.profile).transfer_s
+        assert result.reached and result.rounds_to_target == first
+        assert result.wall_s == pytest.approx(
+            sum(critical_path_s(row, transfer) for row in rounds[1 : first + 1])
+        )
+        assert result.bytes_to_target == sum(
+            row["bytes_up"] + row["bytes_down"] for row in rounds[1 : first + 1]
+        )
+        assert result.sequential_s == rounds[first]["wall_s"]
+    maxn, low_power = cell_results(cell, rounds, target, clocks)
+    assert low_power.simulated_s > maxn.simulated_s  # 15 W is the slower clock
+    assert maxn.wall_s == low_power.wall_s  # one training, one link: the same critical path
+
+
+def test_a_killed_grid_resumes_at_the_unfinished_run(
+    grid_run, tiny_model_dir, small_data_dir, host_profile, tmp_path, monkeypatch, crash_after_round
+):
+    grid, folder, _ = grid_run
+    out, work = tmp_path / "out", tmp_path / "work"
+    crash_after_round(1)  # the first run dies after its first round
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(grid, out, work, host_profile, echo=lambda line: None)
+    monkeypatch.undo()
+    lines = []
+    run_grid(grid, out, work, host_profile, echo=lines.append)
+    assert "0 done, 4 to run" in lines[0]
+    assert any("resuming run" in line and "after round 1" in line for line in lines)
+    # Resumed, the run is the one the uninterrupted grid made.
+    for cell in grid.cells():
+        a, b = (
+            [
+                {k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
+                for line in (root / "cells" / cell.id / "metrics.jsonl").open()
+            ]
+            for root in (folder / "out", out)
+        )
+        assert a == b
+    # Finished, the grid runs nothing again and only rewrites its reports.
+    lines = []
+    run_grid(grid, out, work, host_profile, echo=lines.append)
+    assert "4 done, 0 to run" in lines[0] and not any("[1/4]" in line for line in lines)
+
+
+def test_runs_stop_at_the_first_round_that_reaches_the_target(grid_run, host_profile, tmp_path):
+    grid, folder, _ = grid_run
+    rounds = [
+        json.loads(line) for line in (folder / "out" / "cells" / "lora-iid-s0" / "metrics.jsonl").open()
+    ]
+    first = next(row for row in rounds[1:] if row["accuracy"] > rounds[0]["accuracy"])
+    short = dataclasses.replace(grid, methods=("lora",), seeds=(0,), target_accuracy=first["accuracy"])
+    (result, _) = run_grid(short, tmp_path / "out", tmp_path / "work", host_profile, echo=lambda line: None)
+    assert result.reached and result.rounds_to_target == first["round"] == result.rounds_run
+    started = dataclasses.replace(short, target_accuracy=rounds[0]["accuracy"])
+    (result, _) = run_grid(
+        started, tmp_path / "out0", tmp_path / "work0", host_profile, echo=lambda line: None
+    )
+    assert result.rounds_to_target == 0 == result.rounds_run  # the starting model trains no round
+
+
+def test_a_target_margin_runs_centralised_full_fine_tuning_first(
+    tiny_model_dir, small_data_dir, host_profile, tmp_path
+):
+    grid = tiny_grid(
+        tiny_model_dir,
+        small_data_dir,
+        methods=("lora",),
+        seeds=(0,),
+        target_accuracy=None,
+        target_margin=0.05,
+    )
+    run_grid(grid, tmp_path / "out", tmp_path / "work", host_profile, echo=lambda line: None)
+    reference = tmp_path / "out" / "cells" / bench.REFERENCE
+    summary = json.loads((reference / "summary.json").read_text())
+    assert (summary["method"], summary["clients"], summary["rounds"]) == ("fft", 1, 3)
+    target = float((tmp_path / "out" / "table.md").read_text().split("**Target**: ")[1].split(" %")[0]) / 100
+    assert target == pytest.approx(summary["best_accuracy"] - 0.05, abs=1e-3)
+
+
+def test_a_results_folder_of_another_grid_is_refused(grid_run, host_profile):
+    grid, folder, _ = grid_run
+    other = tiny_grid(grid.run["model"], grid.run["data"], seeds=(5,))
+    with pytest.raises(EdgefedError, match="different grid"):
+        run_grid(other, folder / "out", folder / "work", host_profile, echo=lambda line: None)
+
+
+def test_a_profile_whose_plan_differs_from_the_run_is_refused(grid_run, host_profile):
+    grid, _, _ = grid_run
+    host = load_profile(host_profile)
+    asked = method_clocks(grid, "lora", host)[PROFILES[1]].fleet.plan(0)
+    # A budget just under the plan's round: the planner must train less (freeze, exit early, lower rank).
+    tight = dataclasses.replace(grid, run={**grid.run, "budget_s": 0.99 * asked.round_s})
+    with pytest.raises(EdgefedError, match="departs from the run's settings"):
+        method_clocks(tight, "lora", host)
+
+
+GRID_HEAD = (
+    "name = 'x'\nmethods = ['lora']\npartitions = ['iid']\nprofiles = ['jetson-agx-orin-64gb-maxn']\n"
+    "seeds = [0]\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name = 'x'", "the grid needs"),
+        (
+            GRID_HEAD + "target-accuracy = 0.8\ntarget-margin = 0.03\n[run]\nclients = 2",
+            "one of target-accuracy",
+        ),
+        (GRID_HEAD + "target-accuracy = 0.8\n[run]\nmethod = 'fft'", "must not set method"),
+        (GRID_HEAD.replace("lora", "nope") + "target-accuracy = 0.8\n[run]\nclients = 2", "unknown method"),
+        (GRID_HEAD + "target-margin = 1.5\n[run]\nclients = 2", "target-margin is a fraction"),
+        ("colour = 'blue'", "unknown grid keys"),
+        ("name = [", "invalid TOML"),
+    ],
+)
+def test_bad_grids_get_one_line_errors(tmp_path, text, message):
+    path = tmp_path / "grid.toml"
+    path.write_text(text)
+    with pytest.raises(EdgefedError, match=message):
+        load_grid(str(path))
+
+
+def test_the_command_lists_grids_and_reports_bad_flags(capsys):
+    assert main(["bench", "--list"]) == 0
+    assert capsys.readouterr().out.split() == ["federa-sst2", "smoke"]
+    assert main(["bench", "--grid", "smoke", "--seeds", "one"]) == 2
+    assert "--seeds: expected integers" in capsys.readouterr().err
+    assert main(["bench", "--grid", "no-such-grid"]) == 2
+    assert "unknown grid 'no-such-grid'" in capsys.readouterr().err
