@@ -505,6 +505,9 @@ def markdown_report(grid: Grid, results: list[CellResult], host) -> str:
         f"{', '.join(map(str, grid.seeds))}; every run: {run}. Each run stops at the first round whose "
         "global model reaches the target on the evaluation set, or at the round cap.",
         "",
+        f"Command (from the project root): `edgefed bench --grid {grid.name}`, or `edgefed bench --grid "
+        "grid.toml` with the grid.toml beside this file.",
+        "",
         f"**Target**: {100 * grid.target_accuracy:.1f} % accuracy. {grid.target_note}",
         "",
         "**Clocks.** Time to target is the federation's critical path summed over rounds: per round, the "
