@@ -57,6 +57,7 @@ def test_local_epochs_replace_local_steps_layer_by_layer(tmp_path):
         ('partition = "dirichlet:-1"\n', "positive alpha"),
         ("sample-fraction = 1.5\n", "sample-fraction must be in (0, 1]"),
         ("target-accuracy = 85\n", "target-accuracy is a fraction"),
+        ("stop-at-target = true\n", "stop-at-target needs target-accuracy"),
         ("clients = 0\n", "clients must be positive"),
         ('preset = "huge"\n', "unknown preset 'huge'; choose one of: demo, smoke"),
         ("rounds = [\n", "invalid TOML"),
