@@ -112,10 +112,10 @@ def load_grid(name_or_path: str, overrides: dict[str, Any] | None = None) -> Gri
     if unknown:
         raise EdgefedError(f"{name_or_path}: unknown grid keys {unknown}; valid: {sorted(fields)}")
     missing = sorted(field for field in fields - {"target_note", *TARGET_KEYS} if not values.get(field))
-    if (values.get("target_accuracy") is None) == (values.get("target_margin") is None):
-        raise EdgefedError(f"{name_or_path}: set one of target-accuracy and target-margin")
     if missing:
         raise EdgefedError(f"{name_or_path}: the grid needs {missing}")
+    if (values.get("target_accuracy") is None) == (values.get("target_margin") is None):
+        raise EdgefedError(f"{name_or_path}: set one of target-accuracy and target-margin")
     run = {key.replace("-", "_"): value for key, value in values.pop("run").items()}
     for key in ("method", "partition", "seed", "target_accuracy", "stop_at_target", "out", "profiles"):
         if key in run:
@@ -586,7 +586,8 @@ def plot_reports(grid: Grid, out: Path, results: list[CellResult], rounds: dict,
                         label=cell.method if cell.seed == grid.seeds[0] else None,
                     )
                 axis.axhline(grid.target_accuracy, color="grey", linestyle="--", linewidth=1)
-                axis.set_xscale("log")
+                if any(len(line.get_xdata()) for line in axis.get_lines()[:-1]):  # [-1]: the target
+                    axis.set_xscale("log")  # fft's seconds are two orders above the others
                 axis.set_title(f"{partition}" + (f" · SIMULATED {profile}" if kind == "simulated" else ""))
                 axis.set_xlabel(
                     "seconds, critical path (this machine's training)"
