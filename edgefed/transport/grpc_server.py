@@ -110,6 +110,8 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.finished = False
         self.bytes_up = 0
         self.bytes_down = 0
+        # Setup bytes a client fetched between rounds: its share of the next round's transfer.
+        self.setup_down: dict[int, int] = {}
         # FedBERT's sequential strategy: one body, so the sampled clients train one after another.
         splits = METHODS.create(run.config.method).splits_model
         self.turns = splits and run.config.split_strategy == "sequential"
@@ -228,6 +230,9 @@ class FederationServicer(pb_grpc.FederationServicer):
                 time.monotonic() + deadline_s,
                 self.turns,
             )
+            for slot, down in self.setup_down.items():
+                self.round.client_bytes[slot] = [down, 0]
+            self.setup_down = {}
             self.condition.notify_all()
 
     def close_round(self) -> RoundResult:
@@ -357,10 +362,15 @@ class FederationServicer(pb_grpc.FederationServicer):
             self.bytes_down += down
             self.bytes_up += up
             slot, current = self.slots.get(client_id), self.round
-            if current is not None and current.number == round_number and slot is not None:
+            if slot is None:
+                return
+            setup = round_number == 0  # FetchSetup: counted with the round it is fetched for
+            if current is not None and (current.number == round_number or setup):
                 counts = current.client_bytes.setdefault(slot, [0, 0])
                 counts[0] += down
                 counts[1] += up
+            elif setup:
+                self.setup_down[slot] = self.setup_down.get(slot, 0) + down
 
 
 class GrpcTransport(Transport):
