@@ -191,14 +191,14 @@ def cell_results(cell: Cell, rounds: list[dict], target: float, clocks: dict) ->
     """`clocks`: profile name -> SimulatedClock of the cell's method on that profile."""
     results = []
     for name, clock in clocks.items():
-        link = clock.fleet.profile_for(0)
         wall = simulated = 0.0
         traffic = 0
         reached = None
         for metrics in rounds:
             if metrics["round"] > 0:
-                wall += critical_path_s(metrics, link.transfer_s)
-                simulated += clock.replay(metrics).seconds
+                wall_s, simulated_s = round_seconds(metrics, clock)
+                wall += wall_s
+                simulated += simulated_s
                 traffic += metrics["bytes_up"] + metrics["bytes_down"]
             if metrics["accuracy"] >= target:
                 reached = (metrics["round"], wall, metrics["wall_s"], simulated, traffic)
@@ -217,6 +217,12 @@ def cell_results(cell: Cell, rounds: list[dict], target: float, clocks: dict) ->
             )
         )
     return results
+
+
+def round_seconds(metrics: dict, clock) -> tuple[float, float]:
+    """A recorded round's critical path: (on this machine's training, SIMULATED on the clock's profile),
+    both with transfers over that profile's link."""
+    return critical_path_s(metrics, clock.fleet.profile_for(0).transfer_s), clock.replay(metrics).seconds
 
 
 def critical_path_s(metrics: dict, transfer_s: Callable[[int, int], float]) -> float:
@@ -567,14 +573,9 @@ def plot_reports(grid: Grid, out: Path, results: list[CellResult], rounds: dict,
                     if cell.partition != partition:
                         continue
                     clock = clocks[cell.method][profile]
-                    link = clock.fleet.profile_for(0).transfer_s
                     times, total = [], 0.0
                     for metrics in cell_rounds[1:]:  # round 0 is at time 0, off a log axis
-                        total += (
-                            critical_path_s(metrics, link)
-                            if kind == "wall"
-                            else clock.replay(metrics).seconds
-                        )
+                        total += round_seconds(metrics, clock)[0 if kind == "wall" else 1]
                         times.append(total)
                     axis.plot(
                         times,
