@@ -26,19 +26,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).parent.resolve()]
+import grpc
+import torch
 
-import grpc  # noqa: E402
-import torch  # noqa: E402
-
-from edgefed.client import EncodedUpdate  # noqa: E402
-from edgefed.codecs import encode_state, make_codec  # noqa: E402
-from edgefed.config import RunConfig  # noqa: E402
-from edgefed.methods import METHODS, AdapterSpec, trainable_state  # noqa: E402
-from edgefed.models import load_classifier, resolve_model_path  # noqa: E402
-from edgefed.transport.base import state_payload  # noqa: E402
-from edgefed.transport.grpc_server import MESSAGE_HEADROOM, FederationServicer, GrpcTransport, RunDescription  # noqa: E402
-from edgefed.wire.framing import (  # noqa: E402
+from edgefed.client.federated import EncodedUpdate
+from edgefed.codecs import encode_state, make_codec
+from edgefed.config import RunConfig
+from edgefed.methods import METHODS, AdapterSpec, trainable_state
+from edgefed.models import load_classifier, resolve_model_path
+from edgefed.transport.base import state_payload
+from edgefed.transport.grpc_server import MESSAGE_HEADROOM, FederationServicer, GrpcTransport, RunDescription
+from edgefed.wire.framing import (
     CHUNK_BYTES,
     Expected,
     chunk_stream,
@@ -46,8 +44,8 @@ from edgefed.wire.framing import (  # noqa: E402
     serialize_state,
     wire_size,
 )
-from edgefed.wire.v1 import federation_pb2 as pb  # noqa: E402
-from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc  # noqa: E402
+from edgefed.wire.v1 import federation_pb2 as pb
+from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
 
 METHOD_NAMES = ("fft", "lora", "federa", "bitfit", "adapter")
 CODECS = ("none", "fp16", "int8", "int4", "topk:0.1")
@@ -158,7 +156,7 @@ def throughput(total_mb: float, repeats: int) -> tuple[dict[str, float], int]:
 
 def demo_accuracy() -> list[str]:
     from edgefed.config import resolve_config
-    from edgefed.recipe import run
+    from edgefed.federation.runner import run
 
     lines = [
         "| codec | final accuracy | best accuracy | bytes up (all rounds) | wall s |",

@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 # This folder holds kernels.py, which would shadow the `kernels` package transformers probes for.
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
+import torch
 
-import torch  # noqa: E402
-
-from edgefed.costmodel import Workload  # noqa: E402
-from edgefed.fleet import adapt_and_measure  # noqa: E402
-from edgefed.methods import METHODS, AdapterSpec  # noqa: E402
-from edgefed.models import load_classifier, resolve_model_path  # noqa: E402
-from edgefed.peakmem import measure_peak_memory  # noqa: E402
-from edgefed.planner import Request, plan_for  # noqa: E402
-from edgefed.profiles import load_profile, profile_names  # noqa: E402
+from edgefed.devices.costmodel import Workload
+from edgefed.devices.fleet import adapt_and_measure
+from edgefed.devices.peakmem import measure_peak_memory
+from edgefed.devices.planner import Request, plan_for
+from edgefed.devices.profiles import load_profile, profile_names
+from edgefed.methods import METHODS, AdapterSpec
+from edgefed.models import load_classifier, resolve_model_path
 
 MEMORY_CASES = [
     ("federa", Workload(0, 6, 8, 16, 64)),

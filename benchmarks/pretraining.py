@@ -23,25 +23,18 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).parent.resolve()]
+import torch
 
-import torch  # noqa: E402
-
-from edgefed import recipe  # noqa: E402
-from edgefed.config import resolve_config  # noqa: E402
-from edgefed.data.files import read_text_file  # noqa: E402
-from edgefed.methods import METHODS, AdapterSpec  # noqa: E402
-from edgefed.models import load_masked_lm, load_tokenizer, resolve_model_path  # noqa: E402
-from edgefed.split import (  # noqa: E402
-    BertBody,
-    BertMaskedLMClient,
-    BodySlot,
-    InProcessSplitStub,
-    RemoteBody,
-    SplitBodyServicer,
-)
-from edgefed.tasks import TASKS  # noqa: E402
-from edgefed.training import LocalTrainer  # noqa: E402
+from edgefed.client.training import LocalTrainer
+from edgefed.config import RunConfig, resolve_config
+from edgefed.data.files import read_text_file
+from edgefed.federation import runner as recipe
+from edgefed.methods import METHODS, AdapterSpec
+from edgefed.methods.fedbert.bert import BertBody, BertMaskedLMClient
+from edgefed.models import load_masked_lm, load_tokenizer, resolve_model_path
+from edgefed.plotting import pyplot
+from edgefed.split import BodySlot, InProcessSplitStub, RemoteBody, SplitBodyServicer
+from edgefed.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
@@ -98,7 +91,9 @@ def time_local_steps(args, corpus: Path) -> dict[str, float]:
     for name in ("fdapt", "ffdapt"):
         model, _ = load_masked_lm(path)
         model = METHODS.create(name).adapt(model, AdapterSpec(freeze=("embeddings", "layers:0")), {})
-        trainers[name] = LocalTrainer(model, 1e-4, args.batch_size, torch.device("cpu"))
+        trainers[name] = LocalTrainer(
+            model, 1e-4, args.batch_size, torch.device("cpu"), RunConfig.max_grad_norm
+        )
     times: dict[str, list[float]] = {name: [] for name in trainers}
     for repeat in range(args.timing_repeats):
         for name, trainer in trainers.items():
@@ -142,11 +137,7 @@ def split_traffic(args) -> list[dict]:
 
 
 def plot(results: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for name, result in results.items():
         rows = result["rows"]

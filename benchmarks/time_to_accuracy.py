@@ -10,11 +10,8 @@ bytes_to_target.png, and each run's metrics under cells/. Run it again to contin
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).parent.resolve()]
-
-from edgefed.bench import main  # noqa: E402
+from edgefed.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -5,10 +5,14 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # Heavy imports (torch, transformers) only when the API is used, so `edgefed --help` is instant.
-    if name in ("run", "load_trained"):
-        from edgefed import recipe
+    if name == "run":
+        from edgefed.federation.runner import run
 
-        return getattr(recipe, name)
+        return run
+    if name == "load_trained":
+        from edgefed.federation.setup import load_trained
+
+        return load_trained
     if name == "RunConfig":
         from edgefed.config import RunConfig
 

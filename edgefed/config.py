@@ -3,66 +3,110 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from edgefed.errors import EdgefedError
-from edgefed.profiles import toml_scalar
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 (JetPack 6)
-    import tomli as tomllib
+from edgefed.toml_io import parse_toml, toml_scalar
+from edgefed.types import DEFAULT_FREEZE, AdapterSpec
 
 
-# FFDAPT's frozen set: the embeddings (with the MLM decoder tied to them) and the first layer.
-DEFAULT_FREEZE = ("embeddings", "layers:0")
+def option(default: Any, help: str, metavar: str | None = None) -> Any:
+    """A RunConfig field: its default and its help text in one place (`edgefed run --help` is built
+    from them, and `(default …)` is added to the help of every field with a default other than None)."""
+    return field(default=default, metadata={"help": help, "metavar": metavar})
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a federated run needs. The defaults are the demo."""
 
-    preset: str = "demo"
-    method: str = "federa"
-    aggregator: str = "fedavg"
-    codec: str = "none"  # how client deltas travel: none, fp16, bf16, int8, int4, topk:<fraction>
-    clients: int = 4
-    rounds: int = 16
-    local_steps: int | None = 5
-    local_epochs: float | None = None
-    sample_fraction: float = 1.0
-    partition: str = "dirichlet:0.5"
-    data: str | None = None  # None: the SST-2 sample shipped in the package
-    model: str = "all-MiniLM-L6-v2"
-    target_modules: tuple[str, ...] = ("query", "value")
-    rank: int = 8
-    alpha: float = 8.0
-    lr: float | None = None  # None: the method's default learning rate
-    max_grad_norm: float = 1.0  # clip each local gradient's L2 norm to this (0: no clipping)
-    freeze: tuple[str, ...] = DEFAULT_FREEZE  # FFDAPT: what stays frozen (edgefed/methods/fdapt.py)
-    split_strategy: str = "sequential"  # FedBERT: clients take turns on one body, or train copies of it
-    split_codec: str = "fp16"  # FedBERT: how activations and gradients travel (none, fp16, bf16, int8)
-    batch_size: int = 16
-    max_seq_len: int = 64
-    train_limit: int | None = None  # use only the first N training examples
-    eval_limit: int | None = None  # evaluate on the first N evaluation examples
-    target_accuracy: float | None = None
-    stop_at_target: bool = False  # end the run at the first round that reaches target-accuracy
-    fused_kernels: bool = True  # LoRA/FeDeRA layers use edgefed.kernels.lora_linear on CUDA
-    transport: str = "inproc"  # inproc: clients in this process; grpc: client processes on loopback
-    min_clients: int | None = None  # None: all; connected clients a round needs, and updates it counts
-    round_deadline_s: float = 600.0  # a sampled client that has not pushed by then is dropped
-    max_update_norm: float | None = None  # reject client updates whose L2 norm exceeds this
-    chunk_bytes: int = 1 << 20  # largest slice of a state in one gRPC message
-    profiles: tuple[str, ...] = ()  # device profile of client k: profiles[k % len(profiles)]
-    budget_s: float | None = None  # a client's round (local steps + transfers) must fit, per its plan
-    host_profile: str | None = None  # this machine's profile for the simulated clock (None: measured)
-    seed: int = 0
-    out: str | None = None  # None: runs/<method>-<timestamp>
+    preset: str = option("demo", "demo, or smoke (a small slice, two short rounds)")
+    method: str = option(
+        "federa",
+        "fine-tuning: fft, lora, federa, bitfit, adapter or ee-adapter (early exits); masked-LM "
+        "pre-training: fdapt, ffdapt (part frozen) or fedbert (split learning)",
+    )
+    aggregator: str = option(
+        "fedavg",
+        "fedavg (A and B averaged apart), product (exact, in ΔW = B·A space) or hetero (clients with "
+        "different plans: each element averaged over the clients that trained it)",
+    )
+    codec: str = option("none", "how client deltas travel: none, fp16, bf16, int8, int4 or topk:<fraction>")
+    clients: int = option(4, "number of clients")
+    rounds: int = option(16, "federated rounds")
+    local_steps: int | None = option(5, "local optimizer steps per client per round")
+    local_epochs: float | None = option(
+        None, "local passes over the client's data per round, instead of local-steps"
+    )
+    sample_fraction: float = option(1.0, "share of clients sampled each round")
+    partition: str = option("dirichlet:0.5", "iid or dirichlet:<alpha> label skew")
+    data: str | None = option(
+        None,
+        "TSV/CSV/JSONL file (pre-training: also .txt, one document per line), or a folder with train.* "
+        "and dev.* (default: the SST-2 sample shipped in the package)",
+        "PATH",
+    )
+    model: str = option("all-MiniLM-L6-v2", "local model folder or a packaged model's name", "PATH_OR_NAME")
+    target_modules: tuple[str, ...] = option(
+        ("query", "value"), "comma-separated module names that LoRA/FeDeRA adapt"
+    )
+    rank: int = option(8, "LoRA/FeDeRA rank, adapter bottleneck width")
+    alpha: float = option(8.0, "LoRA/FeDeRA alpha; scale = alpha / rank")
+    lr: float | None = option(None, "learning rate (default: the method's own)")
+    max_grad_norm: float = option(1.0, "clip each local gradient's L2 norm to this; 0: no clipping")
+    freeze: tuple[str, ...] = option(
+        DEFAULT_FREEZE, "ffdapt: what stays frozen, comma-separated: embeddings, layers:<i>, layers:<i>-<j>"
+    )
+    split_strategy: str = option(
+        "sequential",
+        "fedbert: sequential (clients take turns on one body) or parallel (a body copy per client, "
+        "averaged each round)",
+    )
+    split_codec: str = option("fp16", "fedbert: activations and gradients travel as none, fp16, bf16 or int8")
+    batch_size: int = option(16, "local batch size")
+    max_seq_len: int = option(64, "tokens per example after truncation")
+    train_limit: int | None = option(None, "use only the first N training examples")
+    eval_limit: int | None = option(None, "evaluate on the first N evaluation examples")
+    target_accuracy: float | None = option(
+        None, "report rounds and time to this accuracy (a fraction, e.g. 0.85)"
+    )
+    stop_at_target: bool = option(False, "end the run at the first round that reaches target-accuracy")
+    fused_kernels: bool = option(
+        True, "LoRA/FeDeRA layers run edgefed's fused Triton kernel on CUDA (off for comparison)"
+    )
+    transport: str = option(
+        "inproc",
+        "inproc (clients in this process) or grpc (a server and one client process per client on "
+        "127.0.0.1, same metrics for the same seed)",
+    )
+    min_clients: int | None = option(
+        None, "connected clients a round needs, and updates it counts (default: all)"
+    )
+    round_deadline_s: float = option(600.0, "a sampled client that has not pushed by then is dropped")
+    max_update_norm: float | None = option(
+        None, "refuse client updates with a larger L2 norm (default: no bound)"
+    )
+    chunk_bytes: int = option(1 << 20, "largest slice of a state in one gRPC message")
+    profiles: tuple[str, ...] = option(
+        (),
+        "device profiles of the clients, comma-separated, assigned in turn (client k gets the k-th); each "
+        "client trains its own plan and metrics gain the SIMULATED device clock sim_s",
+    )
+    budget_s: float | None = option(
+        None, "with profiles: a client's round (local steps and transfers) must fit in this"
+    )
+    host_profile: str | None = option(
+        None, "this machine's profile for the simulated clock (default: measured when the run starts)", "FILE"
+    )
+    seed: int = option(0, "seed for partitioning, sampling, initialisation and batches")
+    out: str | None = option(None, "run directory (default runs/<method>-<time>)", "DIR")
+
+    def adapter_spec(self, head_modules: tuple[str, ...]) -> AdapterSpec:
+        """The methods' hyperparameters for a model whose newly initialised modules are `head_modules`."""
+        return AdapterSpec(self.rank, self.alpha, self.target_modules, head_modules, self.freeze)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -140,10 +184,7 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 def config_values(text: str, origin: str) -> dict[str, Any]:
     """The keys of a TOML text (a file, or the configuration a server sends its clients)."""
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise EdgefedError(f"{origin}: invalid TOML ({error})") from None
+    raw = parse_toml(text, origin)
     values = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
@@ -187,8 +228,8 @@ def validate(config: RunConfig) -> None:
     from edgefed.data import parse_partition
     from edgefed.methods import METHODS
     from edgefed.methods.fdapt import frozen_set
-    from edgefed.methods.fedbert import SPLIT_STRATEGIES
-    from edgefed.split import split_codec
+    from edgefed.methods.fedbert.method import SPLIT_STRATEGIES
+    from edgefed.split.wire import split_codec
 
     method = METHODS.create(config.method)
     frozen_set(config.freeze)
@@ -226,7 +267,7 @@ def validate(config: RunConfig) -> None:
         if value is not None and value <= 0:
             raise EdgefedError(f"{key_of(name)} must be positive, got {value}")
     if config.profiles:
-        from edgefed.profiles import load_profile
+        from edgefed.devices.profiles import load_profile
 
         for name in config.profiles:
             load_profile(name)

@@ -54,6 +54,11 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def default_device() -> torch.device:
+    """Where edgefed trains and evaluates: the GPU when torch sees one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_tokenizer(model_path: str):
     # transformers 5: BertTokenizer(vocab_file=...) ignores the file; AutoTokenizer reads the folder.
     return transformers.AutoTokenizer.from_pretrained(model_path, local_files_only=True)

@@ -16,12 +16,24 @@ computes with the same scale α/r of the run's rank.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 
-from edgefed.costmodel import EMBEDDINGS, layer_of
 from edgefed.methods.base import LowRankPair
+
+LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layer|adapters|exits)\.(\d+)\.")
+EMBEDDINGS = -1
+
+
+def layer_of(name: str) -> int | None:
+    """The encoder layer a parameter belongs to, EMBEDDINGS, or None for the head."""
+    if name.startswith("embeddings.") or ".embeddings." in name:
+        return EMBEDDINGS
+    match = LAYER_PATTERN.search(name)
+    return int(match.group(1)) if match else None
+
 
 Shape = tuple[int, ...]
 

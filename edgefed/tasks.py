@@ -18,11 +18,12 @@ from edgefed.data.splits import load_train
 from edgefed.errors import EdgefedError
 from edgefed.models import load_classifier, load_masked_lm
 from edgefed.registry import Registry
-from edgefed.training import Evaluation, evaluate
+from edgefed.types import Evaluation
 
 TASKS: Registry[Task] = Registry("task")
 # Masked-LM logits are [batch, length, vocabulary]: 30k floats per token, so evaluate in small batches.
 MLM_EVAL_BATCH_SIZE = 16
+EVAL_BATCH_SIZE = 64
 
 
 class Task(ABC):
@@ -70,7 +71,7 @@ class SequenceClassification(Task):
         return encode(data, tokenizer, max_seq_len)
 
     def evaluate(self, model: nn.Module, examples: EncodedExamples, device: torch.device) -> Evaluation:
-        return evaluate(model, examples, device)
+        return evaluate_classifier(model, examples, device)
 
 
 @TASKS.register("masked-lm")
@@ -105,3 +106,25 @@ class MaskedLanguageModeling(Task):
             correct += int((output.logits.argmax(dim=-1)[scored] == batch["labels"][scored]).sum())
             masked += count
         return Evaluation(correct / masked, loss_sum / masked, mlm_loss=loss_sum / masked)
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, examples: EncodedExamples, device: torch.device) -> Evaluation:
+    """Accuracy and mean cross-entropy over all examples (and per exit, for early-exit models)."""
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    exit_correct: list[int] = []
+    # Length-sorted batches pad less; the order does not change the metrics.
+    by_length = sorted(range(len(examples)), key=lambda i: len(examples.input_ids[i]))
+    for positions in ordered_batches(len(examples), EVAL_BATCH_SIZE):
+        indices = [by_length[position] for position in positions]
+        batch = {key: value.to(device) for key, value in examples.batch(indices).items()}
+        output = model(**batch)
+        loss_sum += output.loss.item() * len(indices)
+        correct += (output.logits.argmax(dim=-1) == batch["labels"]).sum().item()
+        for exit_index, logits in enumerate(getattr(output, "exit_logits", None) or ()):
+            if exit_index == len(exit_correct):
+                exit_correct.append(0)
+            exit_correct[exit_index] += (logits.argmax(dim=-1) == batch["labels"]).sum().item()
+    exits = [count / len(examples) for count in exit_correct] or None
+    return Evaluation(correct / len(examples), loss_sum / len(examples), exits)

@@ -10,6 +10,10 @@ import torch
 # Without a GPU, the Triton kernels run in Triton's interpreter; it must be chosen before triton loads.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist (`make test` runs a worker per core) each worker computes on one thread: two
+# threads a worker would oversubscribe the cores and slow every test down.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 import pytest
 
@@ -23,9 +27,9 @@ SHARED_SST2 = Path(os.environ.get("EDGEFED_SST2", ROOT.parent / "shared" / "data
 def crash_after_round(monkeypatch):
     """`crash_after_round(n)`: the next run dies (as on Ctrl-C) right after writing round n's checkpoint;
     `monkeypatch.undo()` lets the one after it resume."""
-    from edgefed import recipe
+    from edgefed.federation import policy
 
-    save = recipe.save_checkpoint
+    save = policy.save_checkpoint
 
     def arm(round_number: int) -> None:
         def save_then_die(run_dir, checkpoint):
@@ -33,7 +37,7 @@ def crash_after_round(monkeypatch):
             if checkpoint.round == round_number:
                 raise KeyboardInterrupt
 
-        monkeypatch.setattr(recipe, "save_checkpoint", save_then_die)
+        monkeypatch.setattr(policy, "save_checkpoint", save_then_die)
 
     return arm
 

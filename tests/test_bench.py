@@ -6,15 +6,18 @@ import json
 
 import pytest
 
-from edgefed import bench
-from edgefed.bench import Cell, Grid, cell_results, critical_path_s, load_grid, method_clocks, run_grid
-from edgefed.calibrate import write_profile
+from edgefed.bench.grid import REFERENCE, Cell, Grid, load_grid
+from edgefed.bench.replay import cell_results, critical_path_s, method_clocks
+from edgefed.bench.run import run_grid
 from edgefed.cli import main
 from edgefed.config import resolve_config
+from edgefed.devices.calibrate import write_profile
+from edgefed.devices.profiles import load_profile
 from edgefed.errors import EdgefedError
-from edgefed.profiles import load_profile
-from edgefed.recipe import run
-from edgefed.recorder import TIMING_KEYS
+from edgefed.federation.recorder import read_metrics
+from edgefed.federation.runner import run
+from edgefed.types import TIMING_FIELDS as TIMING_KEYS
+from edgefed.types import RoundMetrics
 
 PROFILES = ("jetson-agx-orin-64gb-maxn", "jetson-agx-orin-64gb-15w")
 
@@ -52,12 +55,11 @@ def tiny_grid(tiny_model_dir, small_data_dir, **changes) -> Grid:
 
 
 def test_the_critical_path_is_the_slowest_client_with_its_transfer_not_the_sum():
-    row = {
-        "clients": [0, 1, 2],
-        "client_train_s": [1.0, 3.0, 2.0],
-        "client_bytes": [[0, 0], [10, 0], [0, 5_000]],
-        "aggregate_s": 0.25,
-    }
+    row = RoundMetrics(
+        round=1, accuracy=0.5, loss=0.7, train_loss=0.7, bytes_up=5_000, bytes_down=10, clients=[0, 1, 2],
+        dropped=[], slowest_client_s=3.0, client_train_s=[1.0, 3.0, 2.0],
+        client_bytes=[[0, 0], [10, 0], [0, 5_000]], aggregate_s=0.25, round_s=3.25, wall_s=3.25,
+    )  # fmt: skip
     transfer = lambda down, up: down * 0.01 + up * 0.001  # noqa: E731
     # Client 2 is the slowest once its transfer counts: 2 + 5 s, not 3 + 0.1 s; the sum would be 11.1 s.
     assert critical_path_s(row, transfer) == pytest.approx(7.0 + 0.25)
@@ -74,11 +76,11 @@ def test_replaying_a_run_gives_the_simulated_clock_it_ran_on(
         resolve_config(None, dict(flags, profiles=PROFILES[1], host_profile=host_profile)),
         echo=lambda line: None,
     )
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     clock = method_clocks(grid, "federa", load_profile(host_profile))[PROFILES[1]]
     for row in rows[1:]:
-        assert clock.replay(row).seconds == pytest.approx(row["sim_round_s"], rel=1e-12)
-        assert clock.replay(row).slowest == row["sim_slowest_client"]
+        assert clock.replay(row).seconds == pytest.approx(row.sim_round_s, rel=1e-12)
+        assert clock.replay(row).slowest == row.sim_slowest_client
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +112,9 @@ def test_the_grid_writes_a_row_per_run_and_profile_a_table_and_plots(grid_run):
 def test_a_reached_target_gives_rounds_time_and_bytes_up_to_that_round(grid_run):
     grid, folder, _ = grid_run
     cell = Cell("lora", "iid", 0)
-    recorded = [json.loads(line) for line in (folder / "out" / "cells" / cell.id / "metrics.jsonl").open()]
+    recorded = read_metrics(folder / "out" / "cells" / cell.id / "metrics.jsonl")
     # The tiny model's accuracy barely moves; the recorded times and bytes with a curve that rises.
-    rounds = [dict(row, accuracy=0.5 + 0.1 * row["round"]) for row in recorded]
+    rounds = [dataclasses.replace(row, accuracy=0.5 + 0.1 * row.round) for row in recorded]
     clocks = method_clocks(grid, "lora", load_profile(str(folder / "out" / "host_profile.toml")))
     target, first = 0.7 - 1e-9, 2
     for result in cell_results(cell, rounds, target, clocks):
@@ -121,10 +123,8 @@ def test_a_reached_target_gives_rounds_time_and_bytes_up_to_that_round(grid_run)
         assert result.wall_s == pytest.approx(
             sum(critical_path_s(row, transfer) for row in rounds[1 : first + 1])
         )
-        assert result.bytes_to_target == sum(
-            row["bytes_up"] + row["bytes_down"] for row in rounds[1 : first + 1]
-        )
-        assert result.sequential_s == rounds[first]["wall_s"]
+        assert result.bytes_to_target == sum(row.bytes_up + row.bytes_down for row in rounds[1 : first + 1])
+        assert result.sequential_s == rounds[first].wall_s
     maxn, low_power = cell_results(cell, rounds, target, clocks)
     assert low_power.simulated_s > maxn.simulated_s  # 15 W is the slower clock
     assert maxn.wall_s == low_power.wall_s  # one training, one link: the same critical path
@@ -185,7 +185,7 @@ def test_a_target_margin_runs_centralised_full_fine_tuning_first(
         target_margin=0.05,
     )
     run_grid(grid, tmp_path / "out", tmp_path / "work", host_profile, echo=lambda line: None)
-    reference = tmp_path / "out" / "cells" / bench.REFERENCE
+    reference = tmp_path / "out" / "cells" / REFERENCE
     summary = json.loads((reference / "summary.json").read_text())
     assert (summary["method"], summary["clients"], summary["rounds"]) == ("fft", 1, 3)
     target = float((tmp_path / "out" / "table.md").read_text().split("**Target**: ")[1].split(" %")[0]) / 100

@@ -8,10 +8,10 @@ import re
 import pytest
 import torch
 
-from edgefed import calibrate
-from edgefed.calibrate import measure_machine, profile_header, write_profile
+from edgefed.devices import calibrate
+from edgefed.devices.calibrate import measure_machine, profile_header, write_profile
+from edgefed.devices.profiles import DeviceProfile, load_profile, parse_profile, profile_toml
 from edgefed.errors import EdgefedError
-from edgefed.profiles import DeviceProfile, load_profile, parse_profile, profile_toml
 
 
 @pytest.fixture(scope="module")

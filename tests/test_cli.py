@@ -1,15 +1,44 @@
-"""The command line as a user meets it: bad input exits non-zero with one clear line, never a traceback."""
+"""The command line as a user meets it: bad input exits non-zero with one clear line, never a traceback.
+
+Most cases call the command line's `main` in this process (what a user sees on stderr, captured at the
+file descriptor); the first ones start `python -m edgefed` itself, so that nothing the imports print
+escapes the check.
+"""
 
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 
+from edgefed.cli import main
 
-def edgefed(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "edgefed", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+
+class Result(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def edgefed(*args):
+    done = subprocess.run(
+        [sys.executable, "-m", "edgefed", *args], capture_output=True, text=True, timeout=300
     )
+    return Result(done.returncode, done.stdout, done.stderr)
+
+
+@pytest.fixture
+def edgefed_here(capfd, monkeypatch, tmp_path):
+    """`edgefed ARGS` in this process, run in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+
+    def call(*args) -> Result:
+        capfd.readouterr()
+        code = main(list(args))
+        out, err = capfd.readouterr()
+        return Result(code, out, err)
+
+    return call
 
 
 def write(path, text):
@@ -29,9 +58,10 @@ def write(path, text):
         ("empty", "", "empty.tsv: the file is empty"),
     ],
 )
-def test_bad_data_files(tmp_path, tiny_model_dir, case, content, expected):
+def test_bad_data_files(tmp_path, tiny_model_dir, case, content, expected, edgefed_here):
     data = write(tmp_path / f"{case}.tsv", content)
-    result = edgefed("run", "--data", data, "--model", str(tiny_model_dir), "--out", str(tmp_path / "run"))
+    run = edgefed if case == "missing_column" else edgefed_here  # one of them as its own process
+    result = run("run", "--data", data, "--model", str(tiny_model_dir), "--out", str(tmp_path / "run"))
     assert_one_clear_line(result, expected)
     assert not (tmp_path / "run").exists(), "bad input must not leave a run directory behind"
 
@@ -54,8 +84,8 @@ def test_bad_data_files(tmp_path, tiny_model_dir, case, content, expected):
         ),
     ],
 )
-def test_bad_options(tmp_path, args, expected):
-    assert_one_clear_line(edgefed("run", "--out", str(tmp_path / "run"), *args), expected)
+def test_bad_options(tmp_path, args, expected, edgefed_here):
+    assert_one_clear_line(edgefed_here("run", "--out", str(tmp_path / "run"), *args), expected)
 
 
 def assert_one_clear_line(result, expected):
@@ -99,6 +129,6 @@ def test_help_and_version():
         ),
     ],
 )
-def test_bad_federation_options(tmp_path, args, expected):
+def test_bad_federation_options(tmp_path, args, expected, edgefed_here):
     write(tmp_path / "tokens.txt", "client-0 0123456789abcdef0123\nclient-1 short\n")
-    assert_one_clear_line(edgefed(*args, cwd=tmp_path), expected)
+    assert_one_clear_line(edgefed_here(*args), expected)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from edgefed.cli import main
-from edgefed.profiles import load_profile, profile_toml
+from edgefed.devices.profiles import load_profile, profile_toml
 from tests.test_run import read_metrics, tiny_run
 
 

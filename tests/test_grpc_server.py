@@ -477,7 +477,8 @@ def self_signed_certificate() -> tuple[bytes, bytes]:
 
 
 def test_tls_serves_clients_that_trust_the_certificate_and_no_plaintext(federation):
-    from edgefed.transport.grpc_client import open_channel
+    from edgefed.transport.grpc_client import CHANNEL_MESSAGE_BYTES
+    from edgefed.wire.channels import open_channel
 
     key, certificate = self_signed_certificate()
     servicer = FederationServicer(
@@ -485,7 +486,7 @@ def test_tls_serves_clients_that_trust_the_certificate_and_no_plaintext(federati
     )
     secure = GrpcTransport(servicer, "127.0.0.1:0", min_clients=1, deadline_s=30, tls=(key, certificate))
     try:
-        with open_channel(secure.address, certificate) as channel:
+        with open_channel(secure.address, certificate, CHANNEL_MESSAGE_BYTES) as channel:
             reply = pb_grpc.FederationStub(channel).Join(
                 pb.JoinRequest(client_id="client-1"), metadata=auth("client-1")
             )

@@ -1,15 +1,16 @@
 """The real all-MiniLM-L6-v2 on real SST-2: the loss falls, and the smoke preset runs end to end."""
 
 import json
-import subprocess
-import sys
 
 import torch
 
+from edgefed.cli import main
+from edgefed.client.training import LocalTrainer
+from edgefed.config import RunConfig
 from edgefed.data import encode, load_splits
 from edgefed.methods import METHODS, AdapterSpec, trainable_state
 from edgefed.models import load_classifier, load_tokenizer
-from edgefed.training import LocalTrainer, evaluate
+from edgefed.tasks import evaluate_classifier as evaluate
 
 
 def test_federa_training_on_sst2_lowers_the_loss(minilm_path, sst2_dir):
@@ -17,7 +18,7 @@ def test_federa_training_on_sst2_lowers_the_loss(minilm_path, sst2_dir):
     train, _ = load_splits(str(sst2_dir), seed=0)
     examples = encode(train.subset(list(range(96))), load_tokenizer(minilm_path), max_seq_len=48)
     model, _ = METHODS.create("federa").prepare_global(load_classifier(minilm_path, 2)[0], AdapterSpec())
-    trainer = LocalTrainer(model, lr=3e-3, batch_size=16, device=torch.device("cpu"))
+    trainer = LocalTrainer(model, 3e-3, 16, torch.device("cpu"), RunConfig.max_grad_norm)
     before = evaluate(model, examples, trainer.device).loss
     update = trainer.fit(0, trainable_state(model), examples, steps=12, seed=0)
     after = evaluate(model, examples, trainer.device).loss
@@ -25,27 +26,10 @@ def test_federa_training_on_sst2_lowers_the_loss(minilm_path, sst2_dir):
     assert after < before - 0.03, (before, after)
 
 
-def test_smoke_preset_on_the_full_sst2_uses_its_dev_split(tmp_path, sst2_dir):
+def test_smoke_preset_on_the_full_sst2_uses_its_dev_split(tmp_path, sst2_dir, capsys):
     out = tmp_path / "smoke"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "edgefed",
-            "run",
-            "--preset",
-            "smoke",
-            "--data",
-            str(sst2_dir),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "final accuracy" in result.stdout
+    assert main(["run", "--preset", "smoke", "--data", str(sst2_dir), "--out", str(out)]) == 0
+    assert "final accuracy" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_source"].endswith("dev.tsv") and summary["model"] == "all-MiniLM-L6-v2"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

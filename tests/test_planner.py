@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from edgefed.cli import main
-from edgefed.costmodel import Workload, peak_memory_bytes, step_seconds
+from edgefed.devices.costmodel import Workload, peak_memory_bytes, step_seconds
+from edgefed.devices.fleet import adapt_and_measure
+from edgefed.devices.peakmem import measure_peak_memory
+from edgefed.devices.planner import Request, plan_for, plan_from_text, plan_text
+from edgefed.devices.profiles import load_profile
 from edgefed.errors import EdgefedError
-from edgefed.fleet import adapt_and_measure
 from edgefed.methods import METHODS, AdapterSpec
 from edgefed.models import load_classifier
-from edgefed.peakmem import measure_peak_memory
-from edgefed.planner import Request, plan_for, plan_from_text, plan_text
-from edgefed.profiles import load_profile
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, BertModel
 
-from edgefed.checkpoint import load_checkpoint
 from edgefed.cli import main
 from edgefed.codecs import make_codec
 from edgefed.config import RunConfig
@@ -20,14 +19,15 @@ from edgefed.data import EncodedExamples
 from edgefed.data.files import read_text_file
 from edgefed.data.masking import IGNORED, MLM_PROBABILITY, encode_for_mlm
 from edgefed.errors import EdgefedError
+from edgefed.federation.checkpoint import load_checkpoint
 from edgefed.models import load_tokenizer
-from edgefed.recorder import TIMING_KEYS
-from edgefed.split import SplitBodyServicer, StreamState, split_channel
-from edgefed.split_rounds import BodyTrainer
+from edgefed.split import BodyTrainer, SplitBodyServicer, split_channel
+from edgefed.split.servicer import StreamState
 from edgefed.tasks import TASKS
 from edgefed.transport import grpc_server
 from edgefed.transport.auth import TokenBook, bearer_metadata
 from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, RunDescription
+from edgefed.types import TIMING_FIELDS as TIMING_KEYS
 from edgefed.wire.framing import WireError, tensor_message
 from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
@@ -95,7 +95,8 @@ def assert_same_model(a: Path, b: Path) -> None:
             # Softmax ignores a shift shared by every key, so this gradient is 0 up to rounding, and
             # AdamW turns rounding noise into steps of ±lr: two runs that round differently differ.
             continue
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+        # atol: float32 rounding, which differs with the thread count; one AdamW step is lr = 1e-2.
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=5e-5, msg=name)
 
 
 # -- text and masking ------------------------------------------------------------------------------
@@ -303,30 +304,47 @@ def inproc_fedbert(tmp_path_factory, tiny_model_dir, reviews_dir):
     return get
 
 
+@pytest.fixture(scope="module")
+def grpc_fedbert(tmp_path_factory, tiny_model_dir, reviews_dir):
+    """FedBERT over gRPC per strategy: the run, the Split messages the server answered and the names of
+    the tensors each update pushed."""
+    made: dict[str, tuple[Path, list[pb.SplitMessage], list[set[str]]]] = {}
+
+    def get(strategy: str) -> tuple[Path, list[pb.SplitMessage], list[set[str]]]:
+        if strategy in made:
+            return made[strategy]
+        split_messages: list[pb.SplitMessage] = []
+        pushed: list[set[str]] = []
+        answer, receive = SplitBodyServicer._answer, grpc_server.receive_update
+
+        def recording_answer(self, message, stream, context):
+            split_messages.append(pb.SplitMessage.FromString(message.SerializeToString()))
+            return answer(self, message, stream, context)
+
+        def recording_receive(*args, **kwargs):
+            update = receive(*args, **kwargs)
+            pushed.append(set(update.delta))
+            return update
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(SplitBodyServicer, "_answer", recording_answer)
+            patch.setattr(grpc_server, "receive_update", recording_receive)
+            out = pretrain(
+                tmp_path_factory.mktemp("fedbert-grpc") / strategy, tiny_model_dir, reviews_dir,
+                method="fedbert", split_strategy=strategy, transport="grpc",
+            )  # fmt: skip
+        made[strategy] = (out, split_messages, pushed)
+        return made[strategy]
+
+    return get
+
+
 @pytest.mark.parametrize("strategy", ["sequential", "parallel"])
 def test_fedbert_over_grpc_computes_the_in_process_run_and_never_sends_tokens_or_labels(
-    strategy, inproc_fedbert, tiny_model_dir, reviews_dir, tmp_path, monkeypatch
+    strategy, inproc_fedbert, grpc_fedbert
 ):
     expected = inproc_fedbert(strategy)
-    split_messages: list[pb.SplitMessage] = []
-    pushed: list[set[str]] = []
-    answer, receive = SplitBodyServicer._answer, grpc_server.receive_update
-
-    def recording_answer(self, message, stream, context):
-        split_messages.append(pb.SplitMessage.FromString(message.SerializeToString()))
-        return answer(self, message, stream, context)
-
-    def recording_receive(*args, **kwargs):
-        update = receive(*args, **kwargs)
-        pushed.append(set(update.delta))
-        return update
-
-    monkeypatch.setattr(SplitBodyServicer, "_answer", recording_answer)
-    monkeypatch.setattr(grpc_server, "receive_update", recording_receive)
-    out = pretrain(
-        tmp_path / "grpc", tiny_model_dir, reviews_dir, method="fedbert", split_strategy=strategy,
-        transport="grpc",
-    )  # fmt: skip
+    out, split_messages, pushed = grpc_fedbert(strategy)
     exact = ("round", "clients", "bytes_up", "bytes_down", "split_bytes_up", "split_bytes_down")
     assert [{k: row.get(k) for k in exact} for row in rows_of(out)] == [
         {k: row.get(k) for k in exact} for row in rows_of(expected)
@@ -349,7 +367,14 @@ def test_fedbert_over_grpc_computes_the_in_process_run_and_never_sends_tokens_or
 
 @pytest.mark.parametrize("transport", ["inproc", "grpc"])
 def test_a_crashed_fedbert_run_resumes_with_its_body(
-    transport, inproc_fedbert, tiny_model_dir, reviews_dir, tmp_path, monkeypatch, crash_after_round
+    transport,
+    inproc_fedbert,
+    grpc_fedbert,
+    tiny_model_dir,
+    reviews_dir,
+    tmp_path,
+    monkeypatch,
+    crash_after_round,
 ):
     crash_after_round(1)
     out = tmp_path / "resumed"
@@ -361,8 +386,11 @@ def test_a_crashed_fedbert_run_resumes_with_its_body(
     assert load_checkpoint(out).server_state, "the body is in the checkpoint"
     monkeypatch.undo()
     assert main(["run", "--out", str(out), "--resume"]) == 0
-    assert_same_curves(inproc_fedbert("sequential"), out)
-    assert_same_model(inproc_fedbert("sequential"), out)
+    # The uninterrupted run on the same transport. (Across transports the runs agree up to rounding,
+    # which AdamW may turn into steps of ±lr: the client processes train on one thread each.)
+    uninterrupted = inproc_fedbert("sequential") if transport == "inproc" else grpc_fedbert("sequential")[0]
+    assert_same_curves(uninterrupted, out)
+    assert_same_model(uninterrupted, out)
 
 
 def test_the_split_servicer_asks_the_round_which_body_a_client_trains():

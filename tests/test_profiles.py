@@ -8,8 +8,7 @@ from importlib import resources
 
 import pytest
 
-from edgefed.errors import EdgefedError
-from edgefed.profiles import (
+from edgefed.devices.profiles import (
     PACKAGE,
     SCHEMA,
     DeviceProfile,
@@ -18,6 +17,7 @@ from edgefed.profiles import (
     profile_names,
     profile_toml,
 )
+from edgefed.errors import EdgefedError
 
 AGX_MODES = ["maxn", "50w", "30w", "15w"]  # highest power first
 

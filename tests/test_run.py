@@ -8,11 +8,11 @@ from peft import PeftModel
 
 from edgefed.cli import main
 from edgefed.data import encode, load_splits
+from edgefed.federation.setup import load_trained
 from edgefed.methods import METHODS
 from edgefed.models import load_classifier, load_tokenizer
-from edgefed.recipe import load_trained
-from edgefed.recorder import TIMING_KEYS
-from edgefed.training import evaluate
+from edgefed.tasks import evaluate_classifier as evaluate
+from edgefed.types import TIMING_FIELDS as TIMING_KEYS
 
 
 def tiny_run(tmp_path, tiny_model_dir, data_dir, name="run", **overrides):

@@ -14,10 +14,8 @@ from torch import nn
 from transformers import BertConfig, BertForMaskedLM
 
 from edgefed.errors import EdgefedError
+from edgefed.methods.fedbert.bert import BertBody, BertMaskedLMClient
 from edgefed.split import (
-    MASK_CODEC,
-    BertBody,
-    BertMaskedLMClient,
     BodySlot,
     RemoteBody,
     SplitBodyServicer,
@@ -26,6 +24,7 @@ from edgefed.split import (
     split_channel,
     split_codec,
 )
+from edgefed.split.wire import MASK_CODEC
 from edgefed.wire.framing import tensor_message
 from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgefed.checkpoint import load_checkpoint
 from edgefed.cli import main
 from edgefed.config import resolve_config
 from edgefed.data import load_splits
+from edgefed.federation.checkpoint import load_checkpoint
 from edgefed.transport.auth import TOKEN_ENV, TokenBook
 from edgefed.transport.loopback import write_shards
 
@@ -109,10 +109,13 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(
     runs, transport, tmp_path, tiny_model_dir, small_data_dir, monkeypatch, crash_after_round
 ):
     """The run dies right after round 2's checkpoint; `--resume` redoes round 3 only, and ends where the
-    uninterrupted run ended (codec none: a restarted client process has no error-feedback residual)."""
+    uninterrupted run ended (codec none: a restarted client process has no error-feedback residual).
+    The uninterrupted run is the in-process one, which a gRPC run computes (test above)."""
     uninterrupted, resumed = tmp_path / "whole", tmp_path / "resumed"
     base = ["run", "--transport", transport]
-    assert main([*base, *run_args(tiny_model_dir, small_data_dir, uninterrupted)]) == 0
+    assert (
+        main(["run", "--transport", "inproc", *run_args(tiny_model_dir, small_data_dir, uninterrupted)]) == 0
+    )
     crash_after_round(2)
     assert main([*base, *run_args(tiny_model_dir, small_data_dir, resumed)]) == 130
     assert load_checkpoint(resumed).round == 2 and not (resumed / "summary.json").exists()

@@ -4,30 +4,18 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from edgefed.codecs.delta import delta_shape, quantized_stack
 from edgefed.errors import EdgefedError
 from edgefed.kernels import weighted_sum
 from edgefed.methods.base import LowRankPair
 from edgefed.registry import Registry
+from edgefed.types import ClientUpdate, State
 
 AGGREGATORS: Registry[Aggregator] = Registry("aggregator")
-State = dict[str, torch.Tensor]
-
-
-@dataclass
-class ClientUpdate:
-    """What one client sends back after local training."""
-
-    client_id: int
-    delta: State  # local − global, one entry per communicated tensor
-    num_examples: int  # n_k: the client's training examples; FedAvg weight p_k = n_k / Σ n_j
-    train_loss: float  # mean loss over the client's local steps
-    steps: int
-    train_s: float  # wall-clock seconds of local training on this machine
 
 
 class Aggregator(ABC):
@@ -58,17 +46,23 @@ def client_weights(updates: Sequence[ClientUpdate]) -> list[float]:
 
 
 def weighted_mean_step(global_state: State, updates: Sequence[ClientUpdate], keys: Iterable[str]) -> State:
-    """global + Σ_k p_k·δ_k for each key, the sum fused and accumulated in float32 (`weighted_sum`)."""
+    """global + Σ_k p_k·δ_k for each key, the sum fused and accumulated in float32 (`weighted_sum`);
+    quantised deltas (int8, int4) are dequantised inside that one pass, never decoded apart."""
     weights = client_weights(updates)
+    deltas = [update.delta for update in updates]
     result = {}
     for key in keys:
         base = global_state[key]
         for update in updates:
-            if key not in update.delta or update.delta[key].shape != base.shape:
+            if key not in update.delta or delta_shape(update.delta, key) != tuple(base.shape):
                 raise EdgefedError(
                     f"client {update.client_id} sent {'no' if key not in update.delta else 'a partial'} "
                     f"{key}: clients with different plans need --aggregator hetero"
                 )
-        step = weighted_sum([update.delta[key] for update in updates], weights).view(base.shape)
-        result[key] = (base.to(torch.float32) + step).to(base.dtype)
+        quantized = quantized_stack(deltas, key)
+        if quantized is not None:
+            step = weighted_sum(quantized[0], weights, quantized[1])[: base.numel()]
+        else:
+            step = weighted_sum([delta[key] for delta in deltas], weights)
+        result[key] = (base.to(torch.float32) + step.view(base.shape)).to(base.dtype)
     return result

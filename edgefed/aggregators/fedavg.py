@@ -6,8 +6,9 @@ For LoRA factors this is what Flower, NVFlare, FedML and FeDeRA's paper do, and 
 
 from collections.abc import Sequence
 
-from edgefed.aggregators.base import AGGREGATORS, Aggregator, ClientUpdate, State, weighted_mean_step
+from edgefed.aggregators.base import AGGREGATORS, Aggregator, weighted_mean_step
 from edgefed.methods.base import LowRankPair
+from edgefed.types import ClientUpdate, State
 
 
 @AGGREGATORS.register("fedavg")

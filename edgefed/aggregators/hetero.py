@@ -19,9 +19,10 @@ from collections.abc import Sequence
 
 import torch
 
-from edgefed.aggregators.base import AGGREGATORS, Aggregator, ClientUpdate, State
+from edgefed.aggregators.base import AGGREGATORS, Aggregator
 from edgefed.methods.base import LowRankPair
 from edgefed.scope import leading_block
+from edgefed.types import ClientUpdate, State
 
 
 @AGGREGATORS.register("hetero")

@@ -1,9 +1,20 @@
 """Codecs for client deltas, one module per family, registered by name in `CODECS`."""
 
-from edgefed.codecs.base import CODECS, Codec, EncodedTensor, decode_state, encode_state, make_codec
+from edgefed.codecs.base import CODECS, Codec, decode_state, encode_state, make_codec
+from edgefed.codecs.delta import EncodedDelta
 from edgefed.codecs.feedback import ErrorFeedback
 from edgefed.registry import import_submodules
+from edgefed.types import EncodedTensor
 
 import_submodules(__name__, __path__)
 
-__all__ = ["CODECS", "Codec", "EncodedTensor", "ErrorFeedback", "decode_state", "encode_state", "make_codec"]
+__all__ = [
+    "CODECS",
+    "Codec",
+    "EncodedDelta",
+    "EncodedTensor",
+    "ErrorFeedback",
+    "decode_state",
+    "encode_state",
+    "make_codec",
+]

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from edgefed.errors import EdgefedError
 from edgefed.registry import Registry
+from edgefed.types import EncodedTensor, State
 
 CODECS: Registry[Codec] = Registry("codec")
-State = dict[str, torch.Tensor]
 DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -25,25 +24,6 @@ DTYPES = {
     "float64": torch.float64,
     "uint8": torch.uint8,  # checksums in FeDeRA's setup state (always the lossless `none` codec)
 }
-
-
-@dataclass(frozen=True)
-class EncodedTensor:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # the tensor's own dtype, restored by decoding
-    codec: str
-    data: bytes  # values: raw, fp16, int8, packed int4 or the kept top-k values
-    scales: bytes = b""  # float32 per block (int8, int4)
-    indices: bytes = b""  # int32 flat positions (top-k)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.data) + len(self.scales) + len(self.indices)
 
 
 class Codec(ABC):
@@ -61,6 +41,20 @@ class Codec(ABC):
     @abstractmethod
     def decode(self, encoded: EncodedTensor) -> torch.Tensor:
         """The tensor, on the CPU in its own dtype; ValueError when the fields do not fit its shape."""
+
+    def quantized(self, encoded: EncodedTensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(q, scales) in `edgefed.kernels.quantize_blockwise`'s format, which `weighted_sum` dequantises
+        on the fly, without decoding; None for codecs without that form. ValueError as `decode`."""
+        return None
+
+    def square_sum(self, encoded: EncodedTensor) -> float:
+        """Σ x² over the decoded values (NaN or Inf when any value is not finite): what the server's
+        norm and finiteness checks read. ValueError as `decode`."""
+        flat = self.decode(encoded).reshape(-1).float()
+        square_sum = float(torch.dot(flat, flat))  # one BLAS pass; NaN and Inf propagate into it
+        if math.isinf(square_sum) and bool(torch.isfinite(flat).all()):
+            square_sum = float(flat.double().square().sum())  # finite, but squares beyond float32
+        return square_sum
 
 
 def make_codec(spec: str) -> Codec:

@@ -32,13 +32,23 @@ class BlockwiseCodec(Codec):
             name, tuple(tensor.shape), dtype_name(tensor), self.name, to_bytes(q), to_bytes(scales)
         )
 
-    def decode(self, encoded: EncodedTensor) -> torch.Tensor:
+    def quantized(self, encoded: EncodedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         blocks = max(1, -(-encoded.numel // BLOCK))
         data = expect_length(encoded, "data", blocks * BLOCK * self.bits // 8)
         scales = from_bytes(expect_length(encoded, "scales", blocks * 4), torch.float32)
-        q = from_bytes(data, torch.int8 if self.bits == 8 else torch.uint8)
+        return from_bytes(data, torch.int8 if self.bits == 8 else torch.uint8), scales
+
+    def decode(self, encoded: EncodedTensor) -> torch.Tensor:
+        q, scales = self.quantized(encoded)
         values = dequantize_blockwise(q, scales, numel=encoded.numel)
         return values.to(dtype_of(encoded)).reshape(encoded.shape)
+
+    def square_sum(self, encoded: EncodedTensor) -> float:
+        """Σ_b scale_b²·Σ q² per block, in float64: no float copy of the values (the q are finite by
+        construction, so the values are exactly when the scales are)."""
+        q, scales = self.quantized(encoded)
+        per_block = dequantize_blockwise(q, torch.ones_like(scales)).double().view(scales.numel(), -1)
+        return float((per_block.square().sum(dim=1) * scales.double().square()).sum())
 
 
 @CODECS.register("int8")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from edgefed.codecs.base import Codec, EncodedTensor, State, encode_state
+from edgefed.codecs.base import Codec, encode_state
+from edgefed.types import EncodedTensor, State
 
 
 class ErrorFeedback:

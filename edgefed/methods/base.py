@@ -11,29 +11,13 @@ import torch
 from torch import nn
 
 from edgefed.registry import Registry
+from edgefed.types import AdapterSpec, State
 
 METHODS: Registry[Method] = Registry("method")
 
 # Tensors that a server sends once, before round 1, so that every client starts from the same point
 # (FeDeRA's SVD factors and residuals). Keys are method-defined.
-SetupState = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """Hyperparameters shared by the methods (each uses what applies to it)."""
-
-    rank: int = 8
-    alpha: float = 8.0
-    target_modules: tuple[str, ...] = ("query", "value")
-    # Modules the pre-trained checkpoint lacked (the classification head): always trained.
-    head_modules: tuple[str, ...] = ("classifier",)
-    # FFDAPT: what stays frozen (`embeddings`, `layers:<i>` or `layers:<i>-<j>`).
-    freeze: tuple[str, ...] = ()
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+SetupState = State
 
 
 @dataclass(frozen=True)
@@ -62,6 +46,8 @@ class Method(ABC):
     # Split learning (FedBERT): clients hold the model's ends, the server trains its body over the Split
     # stream, and the federated state is the clients' part only.
     splits_model: ClassVar[bool] = False
+    # Early exits (ee-adapter): the model predicts at every layer and a plan may cut it at any depth.
+    early_exits: ClassVar[bool] = False
 
     def prepare_global(self, model: nn.Module, spec: AdapterSpec) -> tuple[nn.Module, SetupState]:
         """Server side, once: adapt the global model and return what clients need to match it."""

@@ -252,6 +252,7 @@ class EarlyExitAdapters(Method):
     default_lr = 2e-3
     own_head_prefix = "exits"
     adapters_see_all_tokens = False  # the adapters attend over first-token states only
+    early_exits = True
 
     def adapt(self, model: nn.Module, spec: AdapterSpec, setup: SetupState) -> nn.Module:
         return _early_exit_model(model, model.config.num_labels, EarlyExitWidths.from_rank(spec.rank))

@@ -17,7 +17,6 @@ import re
 
 from torch import nn
 
-from edgefed.config import DEFAULT_FREEZE
 from edgefed.errors import EdgefedError
 from edgefed.methods.base import METHODS, AdapterSpec, SetupState
 from edgefed.methods.pretraining import MaskedLMPretraining
@@ -39,11 +38,11 @@ class FFDAPT(MaskedLMPretraining):
     name = "ffdapt"
 
     def adapt(self, model: nn.Module, spec: AdapterSpec, setup: SetupState) -> nn.Module:
-        frozen_set(spec.freeze or DEFAULT_FREEZE, model.config.num_hidden_layers)  # fits this model?
+        frozen_set(spec.freeze, model.config.num_hidden_layers)  # fits this model?
         return super().adapt(model, spec, setup)
 
     def is_trainable(self, name: str, spec: AdapterSpec) -> bool:
-        embeddings, layers = frozen_set(spec.freeze or DEFAULT_FREEZE)
+        embeddings, layers = frozen_set(spec.freeze)
         if embeddings and ".embeddings." in f".{name}":
             return False
         layer = LAYER_NAME.search(name)

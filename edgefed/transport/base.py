@@ -10,29 +10,17 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import torch
 
-from edgefed.aggregators.base import ClientUpdate, State
-from edgefed.codecs import Codec, encode_state, make_codec
+from edgefed.codecs import Codec, EncodedDelta, encode_state, make_codec
 from edgefed.scope import Scope
-from edgefed.wire.framing import Expected, WireError, parse_state, reassemble, serialize_state
+from edgefed.types import ClientUpdate, RoundResult, State
+from edgefed.wire.framing import Expected, WireError, parse_encoded, reassemble, serialize_state
 from edgefed.wire.v1 import federation_pb2 as pb
 
 # The global state and the setup go down losslessly; only client deltas use the run's codec.
 LOSSLESS = make_codec("none")
-
-
-@dataclass
-class RoundResult:
-    updates: list[ClientUpdate]
-    dropped: list[int] = field(default_factory=list)  # sampled clients that died, stalled or were refused
-    bytes_up: int = 0  # gRPC message bytes of the state streams, as sent
-    bytes_down: int = 0
-    client_bytes: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (down, up)
-    # Split learning (FedBERT): gRPC message bytes of the Split streams, (up, down); None without a split.
-    split_bytes: tuple[int, int] | None = None
 
 
 class Transport(ABC):
@@ -102,16 +90,17 @@ def receive_update(
     client_index: int,
     device: torch.device,
 ) -> ClientUpdate:
-    """Reassemble, check and decode one client's pushed delta; raises WireError, applying nothing."""
+    """Reassemble and check one client's pushed delta, kept encoded for the aggregator (edgefed.codecs
+    .EncodedDelta); raises WireError, applying nothing."""
     payload, first = reassemble(chunks, expected)
-    delta = parse_state(payload, codec, expected)
+    encoded = parse_encoded(payload, codec, expected)
     if first.num_examples <= 0 or first.steps <= 0:
         raise WireError("an update must report its examples and local steps (first chunk)")
     if not math.isfinite(first.train_loss) or not math.isfinite(first.train_s):
         raise WireError("an update's training loss and time must be finite")
     return ClientUpdate(
         client_index,
-        {name: tensor.to(device) for name, tensor in delta.items()},
+        EncodedDelta(encoded, codec, device),
         first.num_examples,
         first.train_loss,
         first.steps,

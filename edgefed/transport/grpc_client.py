@@ -13,28 +13,27 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-import torch
 
-from edgefed.client import FederatedClient
-from edgefed.codecs import make_codec
+from edgefed.client import build_worker
 from edgefed.config import config_from_text
+from edgefed.devices.fleet import scope_of_plan
+from edgefed.devices.planner import plan_from_text
 from edgefed.errors import EdgefedError
-from edgefed.fleet import scope_of_plan
-from edgefed.methods import METHODS, AdapterSpec, trainable_state
-from edgefed.methods.lora import use_fused_kernels
-from edgefed.models import load_tokenizer, model_fingerprint, resolve_model_path
-from edgefed.planner import plan_from_text
+from edgefed.methods import METHODS, trainable_state
+from edgefed.models import default_device, load_tokenizer, model_fingerprint, resolve_model_path
 from edgefed.split import RemoteBody, split_channel
 from edgefed.tasks import TASKS
-from edgefed.training import LocalTrainer, local_steps
 from edgefed.transport.auth import bearer_metadata
 from edgefed.transport.base import LOSSLESS, state_shapes
 from edgefed.transport.grpc_server import MESSAGE_HEADROOM
+from edgefed.wire.channels import open_channel
 from edgefed.wire.framing import Expected, parse_state, reassemble
 from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
 
 Code = grpc.StatusCode
+# The largest message a client takes or sends: a chunk of the largest chunk-bytes a run may set.
+CHANNEL_MESSAGE_BYTES = (4 << 20) + MESSAGE_HEADROOM
 # Refusals of one round's fetch or push: the client reports them and waits for the next round.
 ROUND_REFUSALS = (
     Code.FAILED_PRECONDITION,
@@ -42,16 +41,6 @@ ROUND_REFUSALS = (
     Code.INVALID_ARGUMENT,
     Code.RESOURCE_EXHAUSTED,
 )
-
-
-def open_channel(address: str, tls_ca: bytes | None, chunk_bytes: int = 4 << 20) -> grpc.Channel:
-    limit = chunk_bytes + MESSAGE_HEADROOM
-    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
-    if tls_ca is None:
-        return grpc.insecure_channel(address, options=options)
-    return grpc.secure_channel(
-        address, grpc.ssl_channel_credentials(root_certificates=tls_ca), options=options
-    )
 
 
 class GrpcClient:
@@ -76,7 +65,7 @@ class GrpcClient:
         self.retry_s = retry_s
         self.echo = echo
         self.tls_ca = tls_ca
-        self.stub = pb_grpc.FederationStub(open_channel(server, tls_ca))
+        self.stub = pb_grpc.FederationStub(open_channel(server, tls_ca, CHANNEL_MESSAGE_BYTES))
         self.run_id = ""
         self.finished = threading.Event()  # a heartbeat said DONE
 
@@ -104,8 +93,7 @@ class GrpcClient:
 
     def _build(self, joined: pb.JoinReply) -> None:
         config = config_from_text(joined.config_toml, f"{self.server} (the run's configuration)")
-        method = METHODS.create(config.method)
-        task = TASKS.create(method.task)
+        task = TASKS.create(METHODS.create(config.method).task)
         model_path = resolve_model_path(self.model or config.model)
         base, new_modules = task.load_model(model_path, joined.num_labels)
         mine = model_fingerprint(base, new_modules)
@@ -115,27 +103,19 @@ class GrpcClient:
                 f"{joined.model_fingerprint[:12]}); load the same pre-trained model (--model PATH)"
             )
         plan = plan_from_text(joined.plan_toml) if joined.plan_toml else None
-        tokenizer = load_tokenizer(model_path)
         examples = task.encode(
-            task.client_data(self.data), tokenizer, plan.seq_len if plan else config.max_seq_len
+            task.client_data(self.data),
+            load_tokenizer(model_path),
+            plan.seq_len if plan else config.max_seq_len,
         )
         request = pb.FetchRequest(run_id=self.run_id, round=0, client_id=self.client_id)
         chunks = self._call(lambda r, **kw: list(self.stub.FetchSetup(r, **kw)), request)
         expected = Expected(self.run_id, 0, None, self.client_id)
         setup = parse_state(reassemble(chunks, expected)[0], LOSSLESS, expected)
-        spec = AdapterSpec(
-            config.rank, config.alpha, config.target_modules, tuple(joined.head_modules), config.freeze
-        )
-        worker = method.adapt(base, spec, setup)
-        if config.fused_kernels:
-            use_fused_kernels(worker)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        lr = config.lr if config.lr is not None else method.default_lr
-        batch_size = plan.batch_size if plan else config.batch_size
-        steps = local_steps(len(examples), batch_size, config.local_steps, config.local_epochs)
-        trainer = LocalTrainer(worker, lr, config.batch_size, self.device, config.max_grad_norm)
+        self.device = default_device()
+        worker = build_worker(config, base, tuple(joined.head_modules), self.device, setup)
         remote_body = None
-        if method.splits_model:  # FedBERT: the body runs on the server, over the Split stream
+        if worker.method.splits_model:  # FedBERT: the body runs on the server, over the Split stream
             remote_body = RemoteBody(
                 split_channel(self.server, self.tls_ca),
                 self.run_id,
@@ -143,22 +123,12 @@ class GrpcClient:
                 self.client_id,
                 metadata=self.metadata,
             )
-        state = trainable_state(worker)
+        state = trainable_state(worker.model)
         shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
-        scope = scope_of_plan(plan, shapes, method.low_rank_pairs(worker)) if plan else None
+        scope = scope_of_plan(plan, shapes, worker.method.low_rank_pairs(worker.model)) if plan else None
         self.shapes = state_shapes({name: state[name] for name in (scope.received if scope else state)})
         self.chunk_bytes = config.chunk_bytes
-        self.client = FederatedClient(
-            joined.client_index,
-            trainer,
-            examples,
-            steps,
-            config.seed,
-            make_codec(config.codec),
-            plan=plan,
-            scope=scope,
-            remote_body=remote_body,
-        )
+        self.client = worker.client(joined.client_index, examples, plan, scope, remote_body)
         if plan is not None:
             self.echo(
                 f"edgefed: {self.client_id}: plan for {plan.profile}: layers {plan.frozen_layers}-"
@@ -168,7 +138,7 @@ class GrpcClient:
         self.echo(
             f"edgefed: {self.client_id} is client {joined.client_index} of run {self.run_id}: "
             f"{config.method} on {len(examples):,} examples from {Path(self.data).name}, "
-            f"{steps} local steps, {self.device.type}"
+            f"{self.client.steps} local steps, {self.device.type}"
         )
 
     def _train(self, round_number: int) -> int:

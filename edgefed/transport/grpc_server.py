@@ -13,30 +13,29 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
 import torch
 
-from edgefed.aggregators.base import ClientUpdate, State
 from edgefed.codecs import make_codec
 from edgefed.config import RunConfig, config_text
+from edgefed.devices.fleet import FleetPlans
+from edgefed.devices.planner import Plan, plan_text
 from edgefed.errors import EdgefedError
-from edgefed.fleet import FleetPlans
 from edgefed.methods import METHODS
-from edgefed.planner import Plan, plan_text
 from edgefed.scope import Scope
 from edgefed.split import MAX_MESSAGE_BYTES as SPLIT_MESSAGE_BYTES
 from edgefed.split import SplitBodyServicer
 from edgefed.transport.auth import BearerTokenInterceptor, TokenBook, bearer_token
 from edgefed.transport.base import (
-    RoundResult,
     ScopedStates,
     Transport,
     max_update_bytes,
     receive_update,
 )
+from edgefed.types import ClientUpdate, RoundResult, State
+from edgefed.wire.channels import start_server
 from edgefed.wire.framing import Expected, WireError, chunk_stream, wire_size
 from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
@@ -393,30 +392,21 @@ class GrpcTransport(Transport):
         self.watchdog = watchdog
         workers = 2 * servicer.num_clients + 8
         limit = servicer.run.config.chunk_bytes + MESSAGE_HEADROOM
-        if split is not None:  # a Split message is a whole micro-batch (edgefed/split.py)
+        services = [lambda server: pb_grpc.add_FederationServicer_to_server(servicer, server)]
+        if split is not None:  # a Split message is a whole micro-batch (edgefed/split/wire.py)
             limit = max(limit, SPLIT_MESSAGE_BYTES)
             split.authorize = servicer.authorize_split
-        self.server = grpc.server(
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edgefed-rpc"),
+            services.append(lambda server: pb_grpc.add_SplitServicer_to_server(split, server))
+        self.server, port = start_server(
+            services,
+            address,
+            max_message_bytes=limit,
+            workers=workers,
+            max_concurrent_rpcs=4 * workers,
+            tls=tls,
             interceptors=[BearerTokenInterceptor(servicer.tokens)] if servicer.tokens else [],
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
-            maximum_concurrent_rpcs=4 * workers,
         )
-        pb_grpc.add_FederationServicer_to_server(servicer, self.server)
-        if split is not None:
-            pb_grpc.add_SplitServicer_to_server(split, self.server)
-        host = address.rsplit(":", 1)[0]
-        try:
-            if tls is None:
-                port = self.server.add_insecure_port(address)
-            else:
-                port = self.server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
-        except RuntimeError:
-            port = 0
-        if port == 0:
-            raise EdgefedError(f"cannot listen on {address} (in use, or not an address of this machine)")
-        self.address = f"{host}:{port}"
-        self.server.start()
+        self.address = f"{address.rsplit(':', 1)[0]}:{port}"
 
     def wait_for_clients(self) -> list[int]:
         servicer, announced = self.servicer, None

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from edgefed.aggregators.base import State
-from edgefed.client import FederatedClient, client_name
+from edgefed.client.federated import FederatedClient
 from edgefed.codecs import Codec
 from edgefed.methods.base import SetupState
 from edgefed.scope import Scope
@@ -24,6 +23,7 @@ from edgefed.transport.base import (
     receive_update,
     state_payload,
 )
+from edgefed.types import State, client_name
 from edgefed.wire.framing import Expected, chunk_stream, parse_state, reassemble, wire_size
 
 

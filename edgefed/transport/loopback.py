@@ -12,54 +12,46 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from edgefed.client import client_name
+import torch
+
 from edgefed.config import RunConfig
 from edgefed.data import LabeledTexts, partition
+from edgefed.devices.fleet import FleetPlans
 from edgefed.errors import EdgefedError
+from edgefed.split import SplitBodyServicer
 from edgefed.transport.auth import TOKEN_ENV, TokenBook
-from edgefed.transport.base import state_payload
 from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, RunDescription
-
-if TYPE_CHECKING:
-    from edgefed.recipe import ServerSide
-    from edgefed.split import SplitBodyServicer
-    from edgefed.split_rounds import SplitSide
+from edgefed.types import client_name
 
 
 class LoopbackFleet(GrpcTransport):
     @classmethod
     def start(
-        cls, side: ServerSide, run_id: str, run_dir: Path, slots: dict[str, int], log, split: SplitSide | None
+        cls,
+        description: RunDescription,
+        train: LabeledTexts,
+        fleet: FleetPlans,
+        device: torch.device,
+        run_dir: Path,
+        slots: dict[str, int],
+        log: Callable[[str], None],
+        split: SplitBodyServicer | None,
     ) -> LoopbackFleet:
-        config = side.config
+        """Serve the run on 127.0.0.1 and start one client process per client on its own shard."""
+        config = description.config
         names = [client_name(index) for index in range(config.clients)]
         tokens = TokenBook.generate(names)
-        description = RunDescription(
-            run_id,
-            config,
-            side.num_labels,
-            side.spec.head_modules,
-            side.fingerprint,
-            state_payload(side.setup),
-        )
-        servicer = FederationServicer(
-            description, tokens, slots, device=side.device, log=log, fleet=side.fleet
-        )
-        fleet = cls(
-            servicer,
-            config.min_clients or config.clients,
-            config.round_deadline_s,
-            split.servicer if split else None,
-        )
+        servicer = FederationServicer(description, tokens, slots, device=device, log=log, fleet=fleet)
+        loopback = cls(servicer, config.min_clients or config.clients, config.round_deadline_s, split)
         try:
-            fleet._spawn(side, names, tokens, run_dir / "clients")
+            loopback._spawn(train, config, names, tokens, run_dir / "clients")
         except BaseException:
-            fleet.close()
+            loopback.close()
             raise
-        return fleet
+        return loopback
 
     def __init__(
         self,
@@ -72,10 +64,11 @@ class LoopbackFleet(GrpcTransport):
         self.shard_dir: tempfile.TemporaryDirectory | None = None
         super().__init__(servicer, "127.0.0.1:0", min_clients, deadline_s, watchdog=self.check, split=split)
 
-    def _spawn(self, side: ServerSide, names: list[str], tokens: TokenBook, log_dir: Path) -> None:
-        config = side.config
+    def _spawn(
+        self, train: LabeledTexts, config: RunConfig, names: list[str], tokens: TokenBook, log_dir: Path
+    ) -> None:
         self.shard_dir = tempfile.TemporaryDirectory(prefix="edgefed-shards-")
-        shard_files = write_shards(side.train, config, Path(self.shard_dir.name))
+        shard_files = write_shards(train, config, Path(self.shard_dir.name))
         threads = max(1, (os.cpu_count() or 1) // config.clients)
         log_dir.mkdir(parents=True, exist_ok=True)
         for name, data in zip(names, shard_files, strict=True):

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from google.protobuf.message import DecodeError
 
-from edgefed.codecs import Codec, EncodedTensor
+from edgefed.codecs import Codec
+from edgefed.types import EncodedTensor
 from edgefed.wire.v1 import federation_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
@@ -135,7 +136,13 @@ def reassemble(chunks: Iterable[pb.Chunk], expected: Expected) -> tuple[bytes, p
 
 
 def parse_state(payload: bytes, codec: Codec, expected: Expected) -> dict[str, torch.Tensor]:
-    """Decode and check every tensor; returns float tensors on the CPU."""
+    """Decode and check every tensor; returns tensors on the CPU in their own dtypes."""
+    return {item.name: codec.decode(item) for item in parse_encoded(payload, codec, expected)}
+
+
+def parse_encoded(payload: bytes, codec: Codec, expected: Expected) -> list[EncodedTensor]:
+    """Check every tensor (names, shapes, dtypes, codec, sha256, finite values, the norm bound) and
+    return them still encoded: a server aggregates quantised deltas without decoding them."""
     message = pb.StatePayload()
     try:
         message.ParseFromString(payload)
@@ -150,7 +157,7 @@ def parse_state(payload: bytes, codec: Codec, expected: Expected) -> dict[str, t
             sorted(set(expected.shapes) - set(names)),
         )
         raise WireError(f"tensors do not match the model: unknown {unknown[:3]}, missing {missing[:3]}")
-    state, squares = {}, 0.0
+    checked, squares = [], 0.0
     for tensor in message.tensors:
         encoded = encoded_from_message(tensor)
         shape, dtype = (
@@ -164,17 +171,13 @@ def parse_state(payload: bytes, codec: Codec, expected: Expected) -> dict[str, t
         if encoded.codec != codec.spec:
             raise WireError(f"tensor {tensor.name}: codec '{encoded.codec}', this run uses '{codec.spec}'")
         try:
-            value = codec.decode(encoded)
+            square_sum = codec.square_sum(encoded)
         except ValueError as error:
             raise WireError(str(error)) from None
-        flat = value.reshape(-1).float()
-        square_sum = float(torch.dot(flat, flat))  # one BLAS pass; NaN and Inf propagate into it
         if not math.isfinite(square_sum):
-            if not torch.isfinite(value).all():
-                raise WireError(f"tensor {tensor.name}: NaN or Inf values")
-            square_sum = float(flat.double().square().sum())  # finite, but squares beyond float32
+            raise WireError(f"tensor {tensor.name}: NaN or Inf values")
         squares += square_sum
-        state[tensor.name] = value
+        checked.append(encoded)
     if expected.max_norm is not None and math.sqrt(squares) > expected.max_norm:
         raise WireError(f"update norm {math.sqrt(squares):.4g} over the bound {expected.max_norm:.4g}")
-    return state
+    return checked

@@ -1,0 +1,261 @@
+"""The `edgefed` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgefed import __version__
+from edgefed.cli.bench import add_bench_options, bench_command
+from edgefed.cli.options import add_config_option, add_run_options
+from edgefed.errors import EdgefedError
+from edgefed.transport.auth import TOKEN_ENV
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgefed",
+        description="Federated fine-tuning of pre-trained transformer language models across edge devices.",
+    )
+    parser.add_argument("--version", action="version", version=f"edgefed {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = commands.add_parser(
+        "run",
+        help="run a federation from this command (no arguments: the FeDeRA demo on the shipped SST-2 sample)",
+        description="Run a federated fine-tuning. Every option can also be set in a TOML file (--config) "
+        "under the same name without the dashes; flags override the file, the file overrides the preset.",
+        argument_default=argparse.SUPPRESS,
+    )
+    add_run_options(run)
+    server = commands.add_parser(
+        "server",
+        help="serve a federation to `edgefed client`s over gRPC",
+        description="Serve a federated fine-tuning to clients on other processes or devices. The run's "
+        "options are those of `edgefed run` (the server evaluates on the data's evaluation split).",
+        argument_default=argparse.SUPPRESS,
+    )
+    server.add_argument("--address", required=True, help="HOST:PORT to listen on, e.g. 0.0.0.0:50051")
+    server.add_argument(
+        "--tokens", metavar="FILE", help="one `client-id token` pair per line; only they may join"
+    )
+    server.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve over TLS")
+    server.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    server.add_argument(
+        "--heartbeat-s", type=float, help="client heartbeat interval; 3 missed = dropped (default 1)"
+    )
+    add_run_options(server, skip=("transport",))
+    client = commands.add_parser(
+        "client",
+        help="join a federation served by `edgefed server` and train on local data",
+        description="Join a federation and train on this device's data; the data never leaves it.",
+    )
+    client.add_argument("--server", required=True, help="HOST:PORT of the edgefed server")
+    client.add_argument(
+        "--data",
+        required=True,
+        metavar="PATH",
+        help="TSV/CSV/JSONL file (pre-training: also .txt, one document per line), or a folder with train.*",
+    )
+    client.add_argument(
+        "--name", default=socket.gethostname(), help="client id, stable across restarts (default: host name)"
+    )
+    client.add_argument("--token", help=f"bearer token (default: ${TOKEN_ENV})")
+    client.add_argument(
+        "--profile",
+        default="",
+        help="this device's profile (a name from `edgefed plan --list` or a file from `edgefed profile`); "
+        "the server plans what this client trains from it",
+    )
+    client.add_argument("--model", metavar="PATH", help="pre-trained model (default: the one the run names)")
+    client.add_argument("--tls-ca", metavar="FILE", help="PEM certificate(s) to trust: connect over TLS")
+    client.add_argument("--threads", type=int, help="CPU threads for training (default: torch's)")
+    client.add_argument(
+        "--retry-s", type=float, default=120.0, help="how long to retry an unreachable server (default 120)"
+    )
+    profile = commands.add_parser(
+        "profile",
+        help="measure this machine and write its device profile",
+        description="Measure this machine (cores and memory through psutil; timed forward and backward "
+        "of reference layers; memory bandwidth; operator overhead) and write a calibrated device profile.",
+    )
+    profile.add_argument("--out", metavar="FILE", help="write the profile here (default: print it)")
+    profile.add_argument("--name", help="the profile's name (default measured-<host name>)")
+    profile.add_argument("--quick", action="store_true", help="fewer, smaller measurements (seconds)")
+    plan = commands.add_parser(
+        "plan",
+        help="print the plan a device profile gets: frozen layers, adapter layers, rank, exit, batch, length",
+        description="Plan what a client on this device trains, with its predicted step time and peak memory, "
+        "and say why. The run's settings are the request; the plan departs from them only where the "
+        "device's memory or the time budget forces it.",
+    )
+    plan.add_argument("--profile", help="a shipped profile name or a profile file")
+    plan.add_argument("--list", action="store_true", help="list the shipped profiles")
+    for name in ("model", "method", "budget_s", "rank", "batch_size", "max_seq_len", "local_steps", "codec"):
+        add_config_option(plan, name, with_default=True)
+    plan.add_argument("--memory-gb", type=float, help="use at most this much memory (besides the profile's)")
+    plan.add_argument("--num-labels", type=int, default=2, help="classes of the head (default 2)")
+    bench = commands.add_parser(
+        "bench",
+        help="time to a target accuracy over a grid: methods × partitions × device profiles × seeds",
+        description="Run a grid of federated runs, each to a target accuracy or its round cap, and write "
+        "results.csv, table.md and plots of accuracy against time (critical path: this machine's "
+        "training, and the SIMULATED device clock) and of bytes to target. Resumable: run it again "
+        "to continue a killed grid.",
+    )
+    add_bench_options(bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    command = args.pop("command", None)
+    if command is None:
+        parser.print_help()
+        return 0
+    return report_errors(lambda: COMMANDS[command](args))
+
+
+def report_errors(command: Callable[[], int]) -> int:
+    """Run a command; an EdgefedError is one line on stderr and exit status 2, not a traceback."""
+    try:
+        return command()
+    except EdgefedError as error:
+        print(f"edgefed: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgefed: interrupted", file=sys.stderr)
+        return 130
+
+
+def run_command(args: dict[str, Any]) -> int:
+    from edgefed.federation.runner import run
+
+    resume = args.pop("resume", False)
+    run(run_config(args, resume), resume=resume)
+    return 0
+
+
+def run_config(args: dict[str, Any], resume: bool):
+    """Flags over --config; a resumed run without --config reads its own config.toml."""
+    from edgefed.config import resolve_config
+
+    config_file = args.pop("config", None)
+    if resume and config_file is None and "out" in args:
+        config_file = str(Path(args["out"]) / "config.toml")
+    return resolve_config(config_file, args)
+
+
+def server_command(args: dict[str, Any]) -> int:
+    from edgefed.federation.runner import serve
+    from edgefed.transport.auth import TokenBook
+
+    address, tokens = args.pop("address"), args.pop("tokens", None)
+    cert, key = args.pop("tls_cert", None), args.pop("tls_key", None)
+    heartbeat_s, resume = args.pop("heartbeat_s", 1.0), args.pop("resume", False)
+    if (cert is None) != (key is None):
+        raise EdgefedError("--tls-cert and --tls-key go together")
+    serve(
+        run_config(args, resume),
+        address,
+        tokens=TokenBook.read(tokens) if tokens else None,
+        tls=(read_bytes(key), read_bytes(cert)) if cert else None,
+        resume=resume,
+        heartbeat_s=heartbeat_s,
+    )
+    return 0
+
+
+def client_command(args: dict[str, Any]) -> int:
+    import torch
+
+    from edgefed.transport.grpc_client import GrpcClient
+
+    if args["threads"] is not None:
+        torch.set_num_threads(args["threads"])
+    client = GrpcClient(
+        args["server"],
+        args["data"],
+        args["name"],
+        token=args["token"] or os.environ.get(TOKEN_ENV),
+        profile=args["profile"],
+        model=args["model"],
+        tls_ca=read_bytes(args["tls_ca"]) if args["tls_ca"] else None,
+        retry_s=args["retry_s"],
+    )
+    client.run()
+    return 0
+
+
+def read_bytes(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise EdgefedError(f"{path}: {error.strerror}") from None
+
+
+def profile_command(args: dict[str, Any]) -> int:
+    from edgefed.devices.calibrate import measure_machine, profile_header, write_profile
+    from edgefed.devices.profiles import profile_toml
+
+    profile = measure_machine(
+        args["name"], quick=args["quick"], echo=lambda line: print(line, file=sys.stderr)
+    )
+    if args["out"]:
+        path = write_profile(profile, args["out"])
+        print(f"edgefed: wrote {path}; use it with `edgefed plan --profile {path}`", file=sys.stderr)
+    else:
+        print(profile_toml(profile, profile_header(profile)), end="")
+    return 0
+
+
+def plan_command(args: dict[str, Any]) -> int:
+    from edgefed.devices.fleet import adapt_and_measure, codec_bytes_per_value
+    from edgefed.devices.planner import Request, format_plan, plan_for
+    from edgefed.devices.profiles import load_profile, profile_names
+    from edgefed.methods import METHODS
+    from edgefed.models import load_classifier, resolve_model_path
+    from edgefed.types import AdapterSpec
+
+    if args["list"]:
+        for name in profile_names():
+            profile = load_profile(name)
+            print(f"{name:<28} {profile.description}")
+        return 0
+    if not args["profile"]:
+        raise EdgefedError("--profile NAME_OR_FILE is required (or --list)")
+    profile = load_profile(args["profile"])
+    for key in ("rank", "batch_size", "max_seq_len", "local_steps", "num_labels"):
+        if args[key] <= 0:
+            raise EdgefedError(f"--{key.replace('_', '-')} must be positive")
+    method = METHODS.create(args["method"])
+    base, new_modules = load_classifier(resolve_model_path(args["model"]), args["num_labels"])
+    spec = AdapterSpec(rank=args["rank"], alpha=float(args["rank"]), head_modules=tuple(new_modules))
+    _, _, shape = adapt_and_measure(method, base, spec)
+    request = Request(
+        rank=args["rank"],
+        batch_size=args["batch_size"],
+        seq_len=args["max_seq_len"],
+        local_steps=args["local_steps"],
+        bytes_per_sent_value=codec_bytes_per_value(args["codec"]),
+        budget_s=args["budget_s"],
+        memory_gb=args["memory_gb"],
+    )
+    plan = plan_for(shape, profile, request, method.early_exits)
+    print(format_plan(plan, shape, args["model"], args["method"]))
+    return 0
+
+
+COMMANDS = {
+    "run": run_command,
+    "bench": bench_command,
+    "server": server_command,
+    "client": client_command,
+    "profile": profile_command,
+    "plan": plan_command,
+}

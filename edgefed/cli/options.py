@@ -1,0 +1,55 @@
+"""Command-line flags built from RunConfig's fields: the flag, its type, its help and its default are
+the field's own (edgefed/config.py), so they are written once."""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from dataclasses import MISSING, fields
+from typing import Any
+
+from edgefed.config import RunConfig, key_of
+
+FIELDS = {field.name: field for field in fields(RunConfig)}
+TYPES = typing.get_type_hints(RunConfig)
+
+
+def default_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(value) if value else "none"
+    return str(value)
+
+
+def add_config_option(parser: argparse.ArgumentParser, name: str, with_default: bool = False) -> None:
+    """`--<name>` for the RunConfig field `name`. Without `with_default` the flag is absent from the
+    parsed arguments unless given (the configuration's layers fill it); with it, the field's default."""
+    field = FIELDS[name]
+    help_text = field.metadata["help"]
+    if field.default not in (None, MISSING):
+        help_text += f" (default {default_text(field.default)})"
+    kinds = set(typing.get_args(TYPES[name])) or {TYPES[name]}
+    options: dict[str, Any] = {"help": help_text}
+    if with_default:
+        options["default"] = field.default
+    if bool in kinds:
+        options["action"] = argparse.BooleanOptionalAction
+    else:
+        options["metavar"] = field.metadata.get("metavar")
+        if int in kinds:
+            options["type"] = int
+        elif float in kinds:
+            options["type"] = float
+    parser.add_argument(f"--{key_of(name)}", **options)
+
+
+def add_run_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Every RunConfig field as a flag, with --config and --resume."""
+    parser.add_argument("--config", metavar="FILE", help="TOML file with the same keys as these flags")
+    for name in FIELDS:
+        if name not in skip:
+            add_config_option(parser, name)
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last completed round"
+    )

@@ -1,0 +1,102 @@
+"""A client's part of a round, whatever carries it: train from the global state, encode the delta."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from edgefed.client.training import LocalTrainer
+from edgefed.codecs import Codec, ErrorFeedback
+from edgefed.data import EncodedExamples
+from edgefed.devices.planner import Plan
+from edgefed.scope import Scope
+from edgefed.split import RemoteBody
+from edgefed.types import State
+from edgefed.wire.framing import CHUNK_BYTES, chunk_stream, serialize_state
+from edgefed.wire.v1 import federation_pb2 as pb
+
+
+class FederatedClient:
+    """One client: its data, its step budget, its seed stream and its codec's error-feedback residual."""
+
+    def __init__(
+        self,
+        index: int,
+        trainer: LocalTrainer,
+        examples: EncodedExamples,
+        steps: int,
+        seed: int,
+        codec: Codec,
+        on_step: Callable[[int, int, float], None] = lambda round_number, client, loss: None,
+        plan: Plan | None = None,
+        scope: Scope | None = None,
+        remote_body: RemoteBody | None = None,
+    ) -> None:
+        """`plan` and `scope`: what this client's device trains (edgefed/planner.py); None: the run's all.
+        `remote_body`: split learning (FedBERT): the client's stream to the server's body."""
+        self.index = index
+        self.trainer = trainer
+        self.examples = examples
+        self.steps = steps
+        self.seed = seed
+        self.feedback = ErrorFeedback(codec)
+        self.on_step = on_step
+        self.plan = plan
+        self.scope = scope
+        self.remote_body = remote_body
+
+    def fit(self, round_number: int, global_state: State) -> EncodedUpdate:
+        if self.remote_body is not None:  # the (maybe shared) worker calls this client's stream
+            self.trainer.model.body = self.remote_body
+            self.remote_body.start_round(round_number)
+        try:
+            update = self.trainer.fit(
+                self.index,
+                global_state,
+                self.examples,
+                self.steps,
+                seed=client_round_seed(self.seed, round_number, self.index),
+                on_step=lambda loss: self.on_step(round_number, self.index, loss),
+                scope=self.scope,
+                exit_layer=self.plan.exit_layer if self.plan else None,
+                batch_size=self.plan.batch_size if self.plan else None,
+            )
+        finally:
+            if self.remote_body is not None:
+                self.remote_body.close()  # the server frees this client's stream until next round
+        return EncodedUpdate(
+            serialize_state(self.feedback.compress(update.delta, round_number)),
+            update.num_examples,
+            update.train_loss,
+            update.steps,
+            update.train_s,
+        )
+
+
+@dataclass
+class EncodedUpdate:
+    payload: bytes  # a serialised StatePayload of the encoded delta
+    num_examples: int
+    train_loss: float
+    steps: int
+    train_s: float
+
+    def chunks(
+        self, run_id: str, round_number: int, client_id: str, chunk_bytes: int = CHUNK_BYTES
+    ) -> Iterator[pb.Chunk]:
+        return chunk_stream(
+            self.payload,
+            run_id,
+            round_number,
+            client_id,
+            chunk_bytes,
+            num_examples=self.num_examples,
+            train_loss=self.train_loss,
+            steps=self.steps,
+            train_s=self.train_s,
+        )
+
+
+def client_round_seed(seed: int, round_number: int, client_id: int) -> int:
+    """Distinct, reproducible randomness (batch order, dropout) per run, round and client."""
+    return (seed * 1_000_003 + round_number * 10_007 + client_id) % (2**63)

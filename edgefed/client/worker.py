@@ -1,0 +1,83 @@
+"""The one worker builder: a client's model, adapted and fused, its trainer, and its federated clients.
+
+Every runtime builds its clients here: the in-process simulation (one worker shared by the clients,
+which take turns), `edgefed client` over gRPC (one worker, one client), and the peak-memory probe
+(edgefed/client/probe.py). A worker starts from a freshly loaded pre-trained model and the server's
+setup state, so it computes what the server's global model computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edgefed.client.federated import FederatedClient
+from edgefed.client.training import LocalTrainer, local_steps
+from edgefed.codecs import make_codec
+from edgefed.config import RunConfig
+from edgefed.data import EncodedExamples
+from edgefed.devices.planner import Plan
+from edgefed.methods import METHODS, Method, SetupState
+from edgefed.methods.lora import use_fused_kernels
+from edgefed.scope import Scope
+from edgefed.split import RemoteBody
+
+StepHook = Callable[[int, int, float], None]  # (round, client, loss) after each local step
+
+
+@dataclass
+class Worker:
+    config: RunConfig
+    method: Method
+    model: nn.Module
+    trainer: LocalTrainer
+
+    def client(
+        self,
+        index: int,
+        examples: EncodedExamples,
+        plan: Plan | None = None,
+        scope: Scope | None = None,
+        remote_body: RemoteBody | None = None,
+        on_step: StepHook = lambda round_number, client, loss: None,
+    ) -> FederatedClient:
+        """Client `index` on this worker: its data, its plan (None: the run's settings) and, for split
+        learning, its stream to the server's body."""
+        config = self.config
+        batch_size = plan.batch_size if plan else config.batch_size
+        steps = local_steps(len(examples), batch_size, config.local_steps, config.local_epochs)
+        return FederatedClient(
+            index,
+            self.trainer,
+            examples,
+            steps,
+            config.seed,
+            make_codec(config.codec),
+            on_step,
+            plan,
+            scope,
+            remote_body,
+        )
+
+
+def build_worker(
+    config: RunConfig,
+    base: nn.Module,
+    head_modules: tuple[str, ...],
+    device: torch.device,
+    setup: SetupState | None,
+) -> Worker:
+    """Adapt the freshly loaded pre-trained model `base` with the server's `setup` (None: adapt it as
+    the server adapts its global model, for a worker with no server), fuse its kernels, and give it
+    the run's trainer."""
+    method = METHODS.create(config.method)
+    spec = config.adapter_spec(head_modules)
+    model = method.adapt(base, spec, setup) if setup is not None else method.prepare_global(base, spec)[0]
+    if config.fused_kernels:
+        use_fused_kernels(model)
+    lr = config.lr if config.lr is not None else method.default_lr
+    trainer = LocalTrainer(model, lr, config.batch_size, device, config.max_grad_norm)
+    return Worker(config, method, model, trainer)

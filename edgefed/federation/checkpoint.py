@@ -1,0 +1,116 @@
+"""The server's checkpoint, written after every completed round so a killed server resumes exactly.
+
+`checkpoint/` in the run directory holds the round, the run id, the client slots, the global
+trainable state, the aggregator's state and the RNG states. It is written to a temporary folder
+and swapped in with a rename, so a kill at any moment leaves the previous round's checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from edgefed.errors import EdgefedError
+from edgefed.types import State
+
+DIRNAME = "checkpoint"
+
+
+@dataclass
+class Checkpoint:
+    round: int  # the last completed round
+    run_id: str
+    global_state: State
+    wall_s: float  # training wall clock up to that round
+    aggregator_state: State = field(default_factory=dict)
+    clients: dict[str, int] = field(default_factory=dict)  # client id -> slot, so rejoining keeps it
+    rng: dict = field(default_factory=dict)
+    sim_s: float | None = None  # the simulated device clock up to that round (fleets with profiles)
+    server_state: State = field(default_factory=dict)  # what only the server trains (FedBERT's body)
+
+
+def rng_state() -> dict:
+    """Python's, NumPy's and torch's global generators (JSON-able)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), position, has_gauss, cached],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def restore_rng(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:
+    final, staging = run_dir / DIRNAME, run_dir / f"{DIRNAME}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    tensors = {f"global.{name}": t.detach().cpu().contiguous() for name, t in checkpoint.global_state.items()}
+    tensors.update(
+        {
+            f"aggregator.{name}": t.detach().cpu().contiguous()
+            for name, t in checkpoint.aggregator_state.items()
+        }
+    )
+    tensors.update(
+        {f"server.{name}": t.detach().cpu().contiguous() for name, t in checkpoint.server_state.items()}
+    )
+    save_file(tensors, staging / "state.safetensors")
+    meta = {
+        "round": checkpoint.round,
+        "run_id": checkpoint.run_id,
+        "wall_s": checkpoint.wall_s,
+        "sim_s": checkpoint.sim_s,
+        "clients": checkpoint.clients,
+        "rng": checkpoint.rng,
+    }
+    (staging / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    for path in staging.iterdir():  # on disk before the swap, not just in the page cache
+        with path.open("rb") as handle:
+            os.fsync(handle.fileno())
+    old = run_dir / f"{DIRNAME}.old"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run_dir: Path) -> Checkpoint:
+    folder = run_dir / DIRNAME
+    if not (folder / "meta.json").is_file() and (run_dir / f"{DIRNAME}.old" / "meta.json").is_file():
+        folder = run_dir / f"{DIRNAME}.old"  # killed between the two renames
+    if not (folder / "meta.json").is_file():
+        raise EdgefedError(f"{run_dir}: no checkpoint to resume from (a run writes one after each round)")
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        tensors = load_file(folder / "state.safetensors")
+    except (OSError, ValueError) as error:
+        raise EdgefedError(f"{folder}: unreadable checkpoint ({error})") from None
+    return Checkpoint(
+        round=meta["round"],
+        run_id=meta["run_id"],
+        global_state={k.removeprefix("global."): v for k, v in tensors.items() if k.startswith("global.")},
+        wall_s=meta["wall_s"],
+        aggregator_state={
+            k.removeprefix("aggregator."): v for k, v in tensors.items() if k.startswith("aggregator.")
+        },
+        clients=meta["clients"],
+        rng=meta["rng"],
+        sim_s=meta.get("sim_s"),
+        server_state={k.removeprefix("server."): v for k, v in tensors.items() if k.startswith("server.")},
+    )

@@ -1,0 +1,153 @@
+"""Building a federation from a configuration: the data, the global model, the setup state, the fleet's
+plans and the simulated clock; and loading what a finished run trained."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgefed.config import RunConfig, resolve_config
+from edgefed.data import EncodedExamples, LabeledTexts
+from edgefed.devices.calibrate import measure_machine
+from edgefed.devices.clock import SimulatedClock
+from edgefed.devices.fleet import FleetPlans, adapt_and_measure, codec_bytes_per_value
+from edgefed.devices.planner import Request
+from edgefed.devices.profiles import load_profile
+from edgefed.errors import EdgefedError
+from edgefed.methods import METHODS, AdapterSpec, Method
+from edgefed.methods.base import SetupState, trainable_state
+from edgefed.methods.lora import use_fused_kernels
+from edgefed.models import default_device, load_tokenizer, model_fingerprint, resolve_model_path
+from edgefed.tasks import TASKS, Task
+
+
+@dataclass
+class ServerSide:
+    """What a server builds from a configuration: data, the global model and the clients' setup state."""
+
+    config: RunConfig
+    method: Method
+    task: Task
+    spec: AdapterSpec
+    global_model: nn.Module
+    setup: SetupState
+    tokenizer: object
+    train: LabeledTexts
+    evaluation: LabeledTexts
+    eval_examples: EncodedExamples
+    num_labels: int
+    fingerprint: str
+    device: torch.device
+    fleet: FleetPlans
+
+
+def prepare(config: RunConfig) -> ServerSide:
+    method = METHODS.create(config.method)
+    task = TASKS.create(method.task)
+    device = default_device()
+    model_path = resolve_model_path(config.model)
+    tokenizer = load_tokenizer(model_path)
+    train, evaluation = task.splits(config.data, config.seed)
+    train = train.subset(list(range(min(config.train_limit or len(train), len(train)))))
+    evaluation = evaluation.subset(list(range(min(config.eval_limit or len(evaluation), len(evaluation)))))
+    num_labels = task.num_labels(train, evaluation)
+    # The global model, adapted once (FeDeRA's SVD happens here and nowhere else).
+    base, new_modules = task.load_model(model_path, num_labels)
+    positions = getattr(base.config, "max_position_embeddings", None)
+    if positions is not None and config.max_seq_len > positions:
+        raise EdgefedError(f"max-seq-len {config.max_seq_len} exceeds the model's {positions} positions")
+    fingerprint = model_fingerprint(base, new_modules)
+    spec = config.adapter_spec(tuple(new_modules) or ("classifier",))
+    global_model, setup, shape = adapt_and_measure(method, base, spec)
+    pairs = method.low_rank_pairs(global_model)
+    global_state = trainable_state(global_model)
+    fleet = FleetPlans(
+        shape,
+        plan_request(config),
+        method.early_exits,
+        {name: tuple(tensor.shape) for name, tensor in global_state.items()},
+        pairs,
+        config.profiles,
+    )
+    global_model.to(device)
+    if config.fused_kernels:
+        use_fused_kernels(global_model)
+    eval_examples = task.encode(evaluation, tokenizer, config.max_seq_len)
+    return ServerSide(
+        config,
+        method,
+        task,
+        spec,
+        global_model,
+        setup,
+        tokenizer,
+        train,
+        evaluation,
+        eval_examples,
+        num_labels,
+        fingerprint,
+        device,
+        fleet,
+    )
+
+
+def plan_request(config: RunConfig) -> Request:
+    if config.local_steps is None and config.budget_s is not None:
+        raise EdgefedError("budget-s bounds a round's local steps: set local-steps, not local-epochs")
+    return Request(
+        rank=config.rank,
+        batch_size=config.batch_size,
+        seq_len=config.max_seq_len,
+        local_steps=config.local_steps or 1,
+        bytes_per_sent_value=codec_bytes_per_value(config.codec),
+        budget_s=config.budget_s,
+    )
+
+
+def describe_fleet(side: ServerSide, echo) -> None:
+    """Each client's profile and plan, and the check that the aggregator can combine them."""
+    config, fleet = side.config, side.fleet
+    for index in range(config.clients):
+        plan = fleet.plan(index)
+        echo(
+            f"edgefed: client {index}: {plan.profile}: layers {plan.frozen_layers}-{plan.exit_layer - 1} "
+            f"train (exit {plan.exit_layer}), rank {plan.rank}, batch {plan.batch_size}, length "
+            f"{plan.seq_len}; predicted {plan.step_s:.3f} s/step, {plan.peak_gb:.2f} GB"
+        )
+    if config.aggregator != "hetero" and fleet.heterogeneous(range(config.clients)):
+        raise EdgefedError(
+            "the clients' plans train different tensors (frozen layers, exits or ranks differ from the "
+            "run's); combine them with --aggregator hetero"
+        )
+
+
+def simulated_clock(side: ServerSide, echo) -> SimulatedClock:
+    if side.config.host_profile:
+        host = load_profile(side.config.host_profile)
+    else:
+        echo("edgefed: measuring this machine for the simulated device clock (edgefed profile)")
+        host = measure_machine(device=side.device, quick=True, echo=lambda line: None)
+    echo(
+        f"edgefed: simulated device clock: this machine runs {host.fp32_tflops:.3f} TFLOP/s FP32 GEMMs and "
+        f"streams {host.bandwidth_gbs:.1f} GB/s; each client's measured time is scaled to its profile"
+    )
+    return SimulatedClock(side.fleet, host, side.fleet.shape)
+
+
+def load_trained(run_dir: str | Path) -> nn.Module:
+    """The trained model of a finished run, for any method (peft adapters on the original model)."""
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise EdgefedError(f"{run_dir}: no summary.json; the run did not finish")
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    config = resolve_config(str(run_dir / "config.toml"), {})
+    spec = config.adapter_spec(tuple(summary["head_modules"]))
+    method = METHODS.create(config.method)
+    return method.load(
+        run_dir / method.result_dir, resolve_model_path(config.model), summary["num_labels"], spec
+    )

@@ -1,0 +1,158 @@
+"""The records that cross module lines: states, encoded tensors, client updates, rounds and their metrics.
+
+Everything here is plain data. The round loop (edgefed/federation/loop.py) produces `RoundMetrics`;
+the recorder, the summary, the bench and the simulated clock consume it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:  # torch stays unimported here, so the command line starts without it
+    import torch
+
+# Named tensors: a model's communicated (trainable) state, a delta, a server's setup.
+State = dict[str, "torch.Tensor"]
+# FFDAPT's frozen set: the embeddings (with the MLM decoder tied to them) and the first layer.
+DEFAULT_FREEZE = ("embeddings", "layers:0")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Hyperparameters shared by the methods (each uses what applies to it)."""
+
+    rank: int = 8
+    alpha: float = 8.0
+    target_modules: tuple[str, ...] = ("query", "value")
+    # Modules the pre-trained checkpoint lacked (the classification head): always trained.
+    head_modules: tuple[str, ...] = ("classifier",)
+    # FFDAPT: what stays frozen (`embeddings`, `layers:<i>` or `layers:<i>-<j>`).
+    freeze: tuple[str, ...] = DEFAULT_FREEZE
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class EncodedTensor:
+    """A tensor as a codec wrote it: name, shape and dtype beside the codec's byte fields, so the wire
+    format (protobuf, never pickle) maps it field by field; `nbytes` is what it costs on the wire."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # the tensor's own dtype, restored by decoding
+    codec: str
+    data: bytes  # values: raw, fp16, int8, packed int4 or the kept top-k values
+    scales: bytes = b""  # float32 per block (int8, int4)
+    indices: bytes = b""  # int32 flat positions (top-k)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) + len(self.scales) + len(self.indices)
+
+
+@dataclass
+class ClientUpdate:
+    """What one client sends back after local training."""
+
+    client_id: int
+    # local − global, one entry per communicated tensor. On the server it is the update as it arrived
+    # (edgefed.codecs.EncodedDelta): decoded per tensor on first use, and the aggregators' fused path
+    # reads quantised tensors without decoding them.
+    delta: Mapping[str, torch.Tensor]
+    num_examples: int  # n_k: the client's training examples; FedAvg weight p_k = n_k / Σ n_j
+    train_loss: float  # mean loss over the client's local steps
+    steps: int
+    train_s: float  # wall-clock seconds of local training on this machine
+
+
+@dataclass
+class RoundResult:
+    """What a transport brings back from one round."""
+
+    updates: list[ClientUpdate]
+    dropped: list[int] = field(default_factory=list)  # sampled clients that died, stalled or were refused
+    bytes_up: int = 0  # gRPC message bytes of the state streams, as sent
+    bytes_down: int = 0
+    client_bytes: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (down, up)
+    # Split learning (FedBERT): gRPC message bytes of the Split streams, (up, down); None without a split.
+    split_bytes: tuple[int, int] | None = None
+
+
+class Evaluation(NamedTuple):
+    """The global model on the evaluation set."""
+
+    accuracy: float
+    loss: float
+    exit_accuracy: list[float] | None = None  # early-exit models: the accuracy at each exit
+    mlm_loss: float | None = None  # masked-LM pre-training: the loss over masked tokens (= loss)
+
+
+# Field metadata: `timing` marks figures measured on this machine (they differ between otherwise
+# identical runs); `optional` marks fields written to metrics.jsonl only when they apply.
+TIMING = {"timing": True}
+OPTIONAL = {"optional": True}
+
+
+@dataclass
+class RoundMetrics:
+    """One line of metrics.jsonl: a completed round (round 0: the starting model)."""
+
+    round: int
+    accuracy: float
+    loss: float
+    train_loss: float | None  # the clients' mean local loss, weighted by their examples
+    bytes_up: int
+    bytes_down: int
+    clients: list[int]  # the slots whose updates were aggregated
+    dropped: list[int]
+    slowest_client_s: float = field(metadata=TIMING)
+    # Each client's measured training and bytes (down, up), in `clients` order, and the server's
+    # aggregation: what a critical-path clock needs (edgefed/bench replays them per profile).
+    client_train_s: list[float] = field(metadata=TIMING)
+    client_bytes: list[list[int]]
+    aggregate_s: float = field(metadata=TIMING)
+    round_s: float = field(metadata=TIMING)
+    wall_s: float = field(metadata=TIMING)
+    # The simulated device clock (edgefed/devices/clock.py): never measured on a device.
+    sim_s: float | None = None
+    sim_round_s: float | None = None
+    sim_slowest_client: int | None = None
+    exit_accuracy: list[float] | None = field(default=None, metadata=OPTIONAL)
+    mlm_loss: float | None = field(default=None, metadata=OPTIONAL)
+    split_bytes_up: int | None = field(default=None, metadata=OPTIONAL)
+    split_bytes_down: int | None = field(default=None, metadata=OPTIONAL)
+
+    def to_json(self) -> dict[str, Any]:
+        """The metrics.jsonl record: every field, less optional ones that do not apply."""
+        return {
+            key: value
+            for key, value in asdict(self).items()
+            if not (value is None and key in OPTIONAL_FIELDS)
+        }
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> RoundMetrics:
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in record.items() if key in known})
+
+    def without_timing(self) -> dict[str, Any]:
+        """The record less what was measured on this machine: equal for runs that computed the same."""
+        return {key: value for key, value in self.to_json().items() if key not in TIMING_FIELDS}
+
+
+TIMING_FIELDS = tuple(f.name for f in fields(RoundMetrics) if f.metadata.get("timing"))
+OPTIONAL_FIELDS = tuple(f.name for f in fields(RoundMetrics) if f.metadata.get("optional"))
+
+
+def client_name(index: int) -> str:
+    """Simulated client `index`'s id (in-process, and in the processes of `edgefed run --transport grpc`)."""
+    return f"client-{index}"
