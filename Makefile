@@ -19,13 +19,15 @@ demo: $(STAMP)
 	$(VENV)/bin/edgefed run
 
 test: $(STAMP)
+	@# One pytest-xdist worker per core, each computing on one thread (tests/conftest.py).
 	@# pytest exits 5 when it collects no tests; that is a fact to report, not a failure.
-	@$(PY) -m pytest -q; rc=$$?; \
+	@$(PY) -m pytest -q -n auto --dist worksteal; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check edgefed kernels tests benchmarks
-	$(VENV)/bin/ruff format --check edgefed kernels tests benchmarks
+	$(VENV)/bin/ruff check edgefed tests benchmarks
+	$(VENV)/bin/ruff format --check edgefed tests benchmarks
+	$(VENV)/bin/lint-imports
 
 install: $(STAMP)
 

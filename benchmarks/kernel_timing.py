@@ -4,8 +4,8 @@
 
 Per shape it times forward + backward of (a) peft's LoRA Linear, (b) edgefed's `lora_linear`
 (fused Triton on CUDA, the torch path on CPU) and (c) the frozen `nn.Linear` alone — the floor — and
-prints the ratios, the achieved TFLOP/s and GB/s (compulsory traffic of PERFORMANCE.md §1's floor
-over the measured time) against this device's peaks, measured in the same run (a large matmul; a
+prints the ratios, the achieved TFLOP/s and GB/s (compulsory traffic: every input read once, the output
+written once, over the measured time) against this device's peaks, measured in the same run (a large matmul; a
 large device-to-device copy). Then the aggregation reduction Σ_k w_k·dequant(q_k) over int8 deltas:
 fused `weighted_sum` against dequantising each client and adding, in GB/s of compulsory traffic.
 The default grid is the full one on CUDA and a quick one on CPU (the full one takes hours there).

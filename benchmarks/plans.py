@@ -4,7 +4,7 @@
 
 Part 1 prints the plan each profile gets for the demo's FeDeRA run (rank 8, batch 16, length 64,
 5 local steps) with and without a per-round budget. Part 2 runs local steps of real training in fresh
-processes (edgefed/peakmem.py) and compares the measured peak memory with the cost model's prediction.
+processes (edgefed/devices/peakmem.py) and compares the measured peak memory with the cost model's prediction.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main() -> None:
         "",
         "## Plans for FeDeRA (rank 8, batch 16, length 64, 5 local steps), no budget",
         "",
-        "Predicted by the cost model (edgefed/costmodel.py) from each profile's figures, "
+        "Predicted by the cost model (edgefed/devices/costmodel.py) from each profile's figures, "
         "not measured on the devices.",
         "",
         *plan_rows(args.model, None),

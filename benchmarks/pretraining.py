@@ -5,8 +5,8 @@
   local steps × batch sequences (centralised: one client taking all the clients' steps each round);
 - FFDAPT's compute saving against FDAPT: local steps (forward, backward, AdamW) on identical batches,
   timed alternately, and the clients' measured training time in the runs;
-- FedBERT's split traffic per step, measured on the wire for each split codec, against PAPERS.md
-  §1.4's formula: 4 tensors of [B, T, d] values per micro-batch (activations and body output,
+- FedBERT's split traffic per step, measured on the wire for each split codec, against the
+  formula: 4 tensors of [B, T, d] values per micro-batch (activations and body output,
   the gradients at both ends).
 
     python benchmarks/pretraining.py [--rounds 8] [--out benchmarks/results/pretraining.md]
@@ -209,7 +209,7 @@ def report(args, results, step_times, traffic) -> str:
         f"- In the runs above (slowest client's training time, summed over rounds): FDAPT "
         f"{run_train['fdapt']:.1f} s, FFDAPT {run_train['ffdapt']:.1f} s: {100 * run_saving:.1f} % less.",
         "",
-        "## FedBERT's split traffic per step against PAPERS.md §1.4",
+        "## FedBERT's split traffic per step against its formula",
         "",
         f"One micro-batch of {args.batch_size} × {args.max_seq_len} tokens, d = 384. Formula: 4 × B·T·d "
         "values × bytes per value (int8: 1 byte + a 4-byte scale per block of 64). Measured: gRPC message "

@@ -10,7 +10,7 @@ from typing import Any
 
 from edgefed.errors import EdgefedError
 from edgefed.toml_io import parse_toml, toml_scalar
-from edgefed.types import DEFAULT_FREEZE, AdapterSpec
+from edgefed.types import AdapterSpec
 
 
 def option(default: Any, help: str, metavar: str | None = None) -> Any:
@@ -50,15 +50,17 @@ class RunConfig:
         "PATH",
     )
     model: str = option("all-MiniLM-L6-v2", "local model folder or a packaged model's name", "PATH_OR_NAME")
+    # The methods' hyperparameters default to AdapterSpec's (edgefed/types.py).
     target_modules: tuple[str, ...] = option(
-        ("query", "value"), "comma-separated module names that LoRA/FeDeRA adapt"
+        AdapterSpec.target_modules, "comma-separated module names that LoRA/FeDeRA adapt"
     )
-    rank: int = option(8, "LoRA/FeDeRA rank, adapter bottleneck width")
-    alpha: float = option(8.0, "LoRA/FeDeRA alpha; scale = alpha / rank")
+    rank: int = option(AdapterSpec.rank, "LoRA/FeDeRA rank, adapter bottleneck width")
+    alpha: float = option(AdapterSpec.alpha, "LoRA/FeDeRA alpha; scale = alpha / rank")
     lr: float | None = option(None, "learning rate (default: the method's own)")
     max_grad_norm: float = option(1.0, "clip each local gradient's L2 norm to this; 0: no clipping")
     freeze: tuple[str, ...] = option(
-        DEFAULT_FREEZE, "ffdapt: what stays frozen, comma-separated: embeddings, layers:<i>, layers:<i>-<j>"
+        AdapterSpec.freeze,
+        "ffdapt: what stays frozen, comma-separated: embeddings, layers:<i>, layers:<i>-<j>",
     )
     split_strategy: str = option(
         "sequential",

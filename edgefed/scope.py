@@ -1,6 +1,6 @@
 """A client's scope: the global tensors it runs on, and the ones it trains and sends under its plan.
 
-A plan (edgefed/planner.py) becomes, for every communicated tensor:
+A plan (edgefed/devices/planner.py) becomes, for every communicated tensor:
 
 - received: the tensor belongs to the embeddings, the head, or a layer below the plan's exit;
 - sent: received, and not in a frozen layer (the embeddings train only when no layer is frozen);

@@ -16,8 +16,6 @@ if TYPE_CHECKING:  # torch stays unimported here, so the command line starts wit
 
 # Named tensors: a model's communicated (trainable) state, a delta, a server's setup.
 State = dict[str, "torch.Tensor"]
-# FFDAPT's frozen set: the embeddings (with the MLM decoder tied to them) and the first layer.
-DEFAULT_FREEZE = ("embeddings", "layers:0")
 
 
 @dataclass(frozen=True)
@@ -29,8 +27,9 @@ class AdapterSpec:
     target_modules: tuple[str, ...] = ("query", "value")
     # Modules the pre-trained checkpoint lacked (the classification head): always trained.
     head_modules: tuple[str, ...] = ("classifier",)
-    # FFDAPT: what stays frozen (`embeddings`, `layers:<i>` or `layers:<i>-<j>`).
-    freeze: tuple[str, ...] = DEFAULT_FREEZE
+    # FFDAPT: what stays frozen (`embeddings`, `layers:<i>` or `layers:<i>-<j>`); by default the
+    # embeddings (with the MLM decoder tied to them) and the first layer.
+    freeze: tuple[str, ...] = ("embeddings", "layers:0")
 
     @property
     def scale(self) -> float:

@@ -18,6 +18,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 import pytest
 
 from edgefed.models import load_tokenizer, resolve_model_path
+from tests.tiny import tiny_bert_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SST2 = Path(os.environ.get("EDGEFED_SST2", ROOT.parent / "shared" / "data" / "sst2"))
@@ -59,18 +60,11 @@ def minilm_path() -> str:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, minilm_path) -> Path:
     """A 2-layer, 32-wide random BERT with MiniLM's tokenizer, saved without a classification head."""
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(1234)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
+    config = tiny_bert_config()
     BertModel(config).save_pretrained(folder)
     load_tokenizer(minilm_path).save_pretrained(folder)
     return folder

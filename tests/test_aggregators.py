@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from edgefed.aggregators import AGGREGATORS, ClientUpdate
+from edgefed.codecs import EncodedDelta, encode_state, make_codec
+from edgefed.kernels import weighted_sum
 from edgefed.methods import LowRankPair
+
+CPU = torch.device("cpu")
 
 D_OUT, D_IN, RANK = 12, 7, 3  # non-square, so a transposed ΔW cannot pass
 PAIRS = [LowRankPair(a="layer.lora_A", b="layer.lora_B", scale=2.0)]
@@ -152,3 +156,45 @@ def test_product_is_the_best_rank_r_approximation_of_the_mean_product():
     # Balanced factors, as FeDeRA starts them: AAᵀ = BᵀB.
     a, b = product["layer.lora_A"].double(), product["layer.lora_B"].double()
     torch.testing.assert_close(a @ a.T, b.T @ b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("codec", ["none", "fp16", "int8", "int4", "topk:0.5"])
+def test_an_encoded_update_aggregates_as_its_decoded_delta(aggregator, codec):
+    """Updates reach the aggregator still encoded (as the server receives them); every aggregator gives
+    exactly what it gives on the decoded deltas, whether or not its sum dequantises on the fly."""
+    codec = make_codec(codec)
+    global_state = random_state(0)
+    encoded = [
+        EncodedDelta(encode_state(codec, delta_between(random_state(seed), global_state)), codec, CPU)
+        for seed in (1, 2, 3)
+    ]
+    as_received = [update(k, delta, 10 * (k + 1)) for k, delta in enumerate(encoded)]
+    as_decoded = [
+        update(k, {name: delta[name] for name in delta}, 10 * (k + 1)) for k, delta in enumerate(encoded)
+    ]
+    got = aggregator.aggregate(global_state, as_received, PAIRS)
+    expected = aggregator.aggregate(global_state, as_decoded, PAIRS)
+    assert got.keys() == expected.keys()
+    for key in got:
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_the_server_sums_quantised_updates_without_decoding_them(
+    tmp_path, tiny_model_dir, small_data_dir, monkeypatch
+):
+    """A run with int8 deltas: the server's FedAvg hands every tensor to `weighted_sum` as int8 values
+    and scales (the fused dequantise-and-sum path), never as decoded floats."""
+    from edgefed.aggregators import base
+    from edgefed.cli import main
+
+    calls = []
+
+    def recording_sum(deltas, weights, scales=None, **kwargs):
+        calls.append((deltas.dtype if scales is not None else "float", len(weights)))
+        return weighted_sum(deltas, weights, scales, **kwargs)
+
+    monkeypatch.setattr(base, "weighted_sum", recording_sum)
+    argv = ["run", "--model", str(tiny_model_dir), "--data", str(small_data_dir), "--clients", "2"]
+    argv += ["--rounds", "2", "--local-steps", "1", "--batch-size", "8", "--max-seq-len", "16"]
+    assert main([*argv, "--codec", "int8", "--out", str(tmp_path / "run")]) == 0
+    assert calls and all(call == (torch.int8, 2) for call in calls)

@@ -9,6 +9,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 from edgefed.methods import METHODS, AdapterSpec, trainable_state
 from edgefed.methods.ee_adapter import EarlyExitModel
+from tests.tiny import tiny_bert_config
 
 SPEC = AdapterSpec(rank=4)
 NUM_LAYERS = 4
@@ -17,14 +18,8 @@ TRAINABLE_NAME = re.compile(r"^(adapters|exits)\.(\d+)\.")
 
 
 def tiny_config() -> BertConfig:
-    return BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=NUM_LABELS,
+    return tiny_bert_config(
+        vocab_size=100, num_hidden_layers=NUM_LAYERS, max_position_embeddings=64, num_labels=NUM_LABELS
     )
 
 

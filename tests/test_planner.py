@@ -14,6 +14,7 @@ from edgefed.devices.profiles import load_profile
 from edgefed.errors import EdgefedError
 from edgefed.methods import METHODS, AdapterSpec
 from edgefed.models import load_classifier
+from tests.tiny import tiny_bert_config
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +28,11 @@ def shape(tiny_model_dir):
 @pytest.fixture(scope="module")
 def four_layers(tmp_path_factory):
     """A 4-layer, 128-wide BERT: big enough that activations dominate the resident memory."""
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
     folder = tmp_path_factory.mktemp("four-layers")
     torch.manual_seed(0)
-    config = BertConfig(
+    config = tiny_bert_config(
         vocab_size=2000,
         hidden_size=128,
         num_hidden_layers=4,

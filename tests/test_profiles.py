@@ -1,4 +1,4 @@
-"""Device profiles (edgefed/profiles.py and device_profiles/*.toml): shipped files, parsing, round trips."""
+"""Device profiles (edgefed/devices/profiles.py, device_profiles/): shipped files, parsing, round trips."""
 
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def test_agx_orin_compute_and_bandwidth_scale_separately() -> None:
         bandwidth_share = profile.bandwidth_gbs / maxn.bandwidth_gbs
         assert bandwidth_share > compute_share, mode
     low = agx("15w")
-    # PERFORMANCE.md §7: (6/16)·(408/1300) = 0.118 of the compute, 2133/3200 = 0.67 of the bandwidth
+    # device_profiles/README.md: (6/16)·(408/1300) = 0.118 of the compute, 2133/3200 = 0.67 of the bandwidth
     assert low.fp32_tflops / maxn.fp32_tflops == pytest.approx(0.118, abs=0.005)
     assert low.bandwidth_gbs / maxn.bandwidth_gbs == pytest.approx(0.67, abs=0.01)
     assert agx("30w").fp32_tflops / maxn.fp32_tflops == pytest.approx(0.235, abs=0.005)

@@ -11,7 +11,7 @@ import grpc
 import pytest
 import torch
 from torch import nn
-from transformers import BertConfig, BertForMaskedLM
+from transformers import BertForMaskedLM
 
 from edgefed.errors import EdgefedError
 from edgefed.methods.fedbert.bert import BertBody, BertMaskedLMClient
@@ -28,6 +28,7 @@ from edgefed.split.wire import MASK_CODEC
 from edgefed.wire.framing import tensor_message
 from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
+from tests.tiny import tiny_bert_config
 
 VOCAB, HIDDEN, BATCH, SEQ, STEPS = 120, 32, 6, 12, 4
 MASK_ID = 4
@@ -36,12 +37,9 @@ Kind = pb.SplitMessage.Kind
 
 def tiny_bert() -> BertForMaskedLM:
     torch.manual_seed(0)
-    config = BertConfig(
+    config = tiny_bert_config(
         vocab_size=VOCAB,
         hidden_size=HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
         max_position_embeddings=SEQ,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,

@@ -1,7 +1,8 @@
 """FedAvg (McMahan et al., 2017): the weighted mean of every tensor, LoRA's A and B each on their own.
 
 For LoRA factors this is what Flower, NVFlare, FedML and FeDeRA's paper do, and it is inexact:
-(Σ p_k B_k)(Σ p_k A_k) ≠ Σ p_k B_k A_k (PAPERS.md §6.2). The `product` aggregator is the exact one.
+(Σ p_k B_k)(Σ p_k A_k) ≠ Σ p_k B_k A_k (the cross terms B_j·A_k, j ≠ k, do not cancel). The
+`product` aggregator is the exact one.
 """
 
 from collections.abc import Sequence

@@ -1,6 +1,6 @@
 """Heterogeneous FedAvg: every element averaged over the clients that hold it, weighted by data size.
 
-Clients with different plans (edgefed/planner.py) send different parts of the global state: a
+Clients with different plans (edgefed/devices/planner.py) send different parts of the global state: a
 client with frozen layers sends nothing for them, a client with an early exit nothing beyond it, a
 client with a lower rank the leading components of each LoRA factor pair (A[:r_k], B[:, :r_k]).
 Every client tensor is the leading block of the global one (edgefed/scope.py), so
@@ -11,7 +11,8 @@ with m_k the indicator of client k's block; an element nobody trained keeps its 
 factors this is rank-aware: rank component j of a layer is the n_k-weighted mean over the clients
 whose rank exceeds j, never diluted by the zeros of clients that did not train it (HetLoRA's
 zero-padding is). All clients of a run compute with the run's scale α/r, so their components are
-commensurable. A and B are still averaged apart (PAPERS.md §6.2), as FedAvg does. With every client
+commensurable. A and B are still averaged apart, as FedAvg does
+(edgefed/aggregators/fedavg.py says why that is inexact). With every client
 holding everything this is FedAvg.
 """
 

@@ -1,7 +1,8 @@
 """Product-space aggregation of low-rank factors: average s·B_k·A_k, not A and B apart.
 
 For each adapted layer the target is ΔW* = Σ_k p_k·s·B_k·A_k (B_k, A_k = global + the client's
-delta). It is re-factored to rank r without forming the d_out×d_in matrix (LANDSCAPE.md §4):
+delta). It is re-factored to rank r without forming the d_out×d_in matrix (the QR-then-small-SVD route of
+FLoRA, arXiv 2409.05976, and FedEx-LoRA, arXiv 2410.09432, which aggregate in product space too):
 
     B_cat = [p_1·s·B_1 | … | p_K·s·B_K]   [d_out, K·r]      A_cat = [A_1; …; A_K]   [K·r, d_in]
     Q_B, R_B = qr(B_cat)      Q_A, R_A = qr(A_catᵀ)      U, Σ, Vᵀ = svd(R_B·R_Aᵀ)

@@ -130,7 +130,7 @@ def markdown_report(grid: Grid, results: list[CellResult], host) -> str:
         "slowest participating client's local training plus its transfers over the device profile's link, "
         "plus the server's aggregation. *wall* uses the training times measured on this machine "
         f"({host.description or host.name}); *SIMULATED* scales them to the device profile "
-        "(edgefed/clock.py; never measured on a device). *sequential* is this machine's own wall "
+        "(edgefed/devices/clock.py; never measured on a device). *sequential* is this machine's own wall "
         "clock for the same rounds, clients trained one after another and the server's evaluation "
         "included. Means ± standard deviation over the seeds that reached the target; *reached* counts them.",
         "",

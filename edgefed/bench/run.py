@@ -4,7 +4,7 @@ A grid is methods × partitions × device profiles × seeds. Each (method, parti
 federated run (`edgefed run`) that stops at the target accuracy or at the round cap. The device
 profiles do not change what a client trains when their plans are the run's own (the bench checks
 this), so each profile's clock is computed from the same run: its recorded per-client training times
-and bytes, replayed through the simulated clock (edgefed/clock.py). Time to target is the round's
+and bytes, replayed through the simulated clock (edgefed/devices/clock.py). Time to target is the round's
 critical path, as a deployed fleet would see it, summed over rounds:
 
     critical path = max over the round's clients of (local training + transfer over the link)

@@ -32,7 +32,8 @@ class FederatedClient:
         scope: Scope | None = None,
         remote_body: RemoteBody | None = None,
     ) -> None:
-        """`plan` and `scope`: what this client's device trains (edgefed/planner.py); None: the run's all.
+        """`plan` and `scope`: what this client's device trains (edgefed/devices/planner.py); None: all
+        of what the run trains.
         `remote_body`: split learning (FedBERT): the client's stream to the server's body."""
         self.index = index
         self.trainer = trainer

@@ -1,7 +1,7 @@
 """`int8` and `int4`: blockwise absmax quantisation (blocks of 64 values, one float32 scale each).
 
 The format is `edgefed.kernels.quantize_blockwise`'s, which `weighted_sum` dequantises on the fly:
-≈ 1.06 bytes a value for int8, ≈ 0.56 for int4 (PERFORMANCE.md §2). Use int4 with error feedback.
+≈ 1.06 bytes a value for int8 (1 + 4/64), ≈ 0.56 for int4 (0.5 + 4/64). Use int4 with error feedback.
 """
 
 from typing import ClassVar

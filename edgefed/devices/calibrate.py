@@ -1,8 +1,9 @@
 """`edgefed profile`: measure the machine this runs on and describe it as a `DeviceProfile`.
 
-Shipped profiles carry datasheet peaks and guessed efficiencies (PERFORMANCE.md §7); a measured profile
-instead carries what this machine reaches with this torch build and thread count, so both efficiencies
-are 1.0 and the cost model's t = max(FLOPs / F, bytes / BW) + t_launch uses the measured figures as is.
+Shipped profiles carry datasheet peaks and guessed efficiencies (device_profiles/README.md); a measured
+profile instead carries what this machine reaches with this torch build and thread count, so both
+efficiencies are 1.0 and the cost model's t = max(FLOPs / F, bytes / BW) + t_launch uses the measured
+figures as is.
 
     compute   timed forward + backward of nn.Linear(d, 4d) and nn.Linear(4d, d) on T tokens, FP32, the
               best FLOP/s over the sizes (fp32_tflops); on CUDA also a half-precision GEMM (fp16_tflops)
@@ -32,6 +33,7 @@ from torch import nn
 
 from edgefed.devices.profiles import GB, DeviceProfile, profile_toml
 from edgefed.errors import EdgefedError
+from edgefed.models import default_device
 
 # The link needs a peer to measure; these defaults match the shipped profiles' Wi-Fi/LTE-class edge link.
 DEFAULT_UPLINK_MBPS = 50.0
@@ -244,10 +246,6 @@ def write_profile(profile: DeviceProfile, path: str | Path) -> Path:
 
 
 # --- measurements -------------------------------------------------------------------------------------
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def cuda_sync(device: torch.device) -> Callable[[], None]:

@@ -1,13 +1,13 @@
 """The simulated device clock: how long a round would take if each client were its device profile.
 
 Always labelled simulated: nothing here is measured on the devices. Per round, for each client k
-that returned an update (the model of the time is edgefed/costmodel.py's, in one place):
+that returned an update (the model of the time is edgefed/devices/costmodel.py's, in one place):
 
     compute_k  = train_s_k (measured on this machine) · step_s(plan_k, profile_k) / step_s(plan_k, host)
     transfer_k = profile_k.transfer_s(bytes down to k, bytes up from k)      the link's rates and latency
     round      = max_k (compute_k + transfer_k) + aggregate_s (measured on this machine: the server)
 
-`host` is this machine's own profile, measured by `edgefed profile` (edgefed/calibrate.py) when
+`host` is this machine's own profile, measured by `edgefed profile` (edgefed/devices/calibrate.py) when
 the run starts, so the ratio scales the kind of work the plan does (GEMMs, memory traffic, launches)
 from this machine's rates to the device's. The round's critical path is its slowest client, so a
 straggler shows in simulated time-to-accuracy even when this machine trained it quickly.

@@ -1,7 +1,7 @@
 """The cost model of one local training step: FLOPs, memory traffic, time on a device, peak memory.
 
-This is the one place where edgefed models device time and memory. The planner (edgefed/planner.py)
-uses it to choose what each client trains; the simulated device clock (edgefed/clock.py) uses it to
+This is the one place where edgefed models device time and memory. The planner (edgefed/devices/planner.py)
+uses it to choose what each client trains; the simulated device clock (edgefed/devices/clock.py) uses it to
 scale compute measured on this machine to a device profile.
 
 Shapes: a BERT-family encoder with L layers, hidden width d, FFN width f, h attention heads; a step
@@ -19,7 +19,7 @@ A plan's lower rank changes what a client sends, not what it computes: it trains
 components of the run's factors (the others' gradients are masked), so compute and optimizer
 memory are those of the run's rank.
 
-Time on a device, per step (PERFORMANCE.md §7's roofline, one term per kind of work, added because
+Time on a device, per step (a roofline with one term per kind of work, added because
 GEMMs and element-wise kernels run one after the other):
 
     t = FLOPs / (fp32_tflops·η_c) + bytes / (bandwidth·η_m) + launches · launch_us

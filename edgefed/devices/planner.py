@@ -4,7 +4,7 @@ A plan fixes the frozen layers (the bottom layers a client does not train; backw
 them), the adapter layers (those it trains), the rank of the low-rank factors it sends, the
 early-exit depth (the layers it runs; early-exit methods only), its batch size and sequence length.
 The planner predicts each candidate's step time and peak memory with the cost model
-(edgefed/costmodel.py) and picks, among the candidates that fit the device's memory and the time
+(edgefed/devices/costmodel.py) and picks, among the candidates that fit the device's memory and the time
 budget, the one closest to what the run asks for, in this order of importance:
 
     sequence length > batch size > exit depth > trained layers > rank
@@ -241,5 +241,7 @@ def format_plan(plan: Plan, shape: ModelShape, model: str, method: str) -> str:
     lines += [f"  {label:<16} {value}" for label, value in rows]
     lines.append("why:")
     lines += [f"  - {reason}" for reason in plan.reasons]
-    lines.append("(predictions come from the cost model in edgefed/costmodel.py, not from a measurement)")
+    lines.append(
+        "(predictions come from the cost model in edgefed/devices/costmodel.py, not from a measurement)"
+    )
     return "\n".join(lines)

@@ -4,7 +4,8 @@ A profile is a TOML file (the shipped ones live in `device_profiles/`, installed
 `edgefed.device_profiles`; `edgefed profile --out FILE` writes one measured on the machine it runs
 on). Compute and memory bandwidth are separate figures because power modes scale them separately:
 a Jetson AGX Orin in 15 W mode keeps 67 % of its bandwidth but 12 % of its GEMM throughput
-(PERFORMANCE.md §7). The cost model (edgefed/costmodel.py) turns these figures into step times.
+(device_profiles/README.md). The cost model (edgefed/devices/costmodel.py) turns these figures into
+step times.
 
     name = "jetson-agx-orin-64gb-maxn"      # the file's stem
     description = "..."

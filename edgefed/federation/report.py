@@ -48,7 +48,7 @@ def finish_run(side: ServerSide, run_dir: Path, rounds: list[RoundMetrics], tota
         "best_round": best.round,
         "target_accuracy": config.target_accuracy,
         "rounds_to_target": target_round,
-        # "simulated": the simulated device clock (edgefed/clock.py), only for fleets with profiles.
+        # "simulated": the simulated device clock (edgefed/devices/clock.py), only for fleets with profiles.
         "time_to_target_s": {"wall": target_wall, "simulated": target_sim},
         "profiles": list(config.profiles),
         "plans": {

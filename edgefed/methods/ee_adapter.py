@@ -1,4 +1,5 @@
-"""Attention-based early-exit adapters (Liu et al., arXiv 2212.04084; formulas from ReeFL, PAPERS.md §3).
+"""Attention-based early-exit adapters ("Federated Learning for Inference at Anytime
+and Anywhere", arXiv 2212.04084; formulas from ReeFL, ICML 2024, arXiv 2405.14791).
 
 After every transformer block i (0-based) of a frozen encoder, an adapter attends over the history of
 first-token ("CLS") states and does two things: it makes an early prediction through exit head i, and it
@@ -11,7 +12,7 @@ state after block j:
     ŷ_i = exits.i(LN(Z[:, 0] + z_i))           # exit head: LayerNorm + Linear(d → num_labels)
     x_i[:, 0] ← Z[:, -1]                       # the first token that block i+1 sees
 
-The choices that the paper leaves open (PAPERS.md §3.6), as made here:
+The choices that the paper leaves open, as made here:
 
 - Parameters: one adapter and one exit head per block (the paper's "at each block"; ReeFL shares one
   module). Everything adapter i owns is under `adapters.{i}.`, its head under `exits.{i}.`, so a client

@@ -4,7 +4,7 @@ Every client continues the model's own masked-LM pre-training on its unlabelled 
 the server averages the models (FedAvg). FFDAPT freezes part of the model to save client compute;
 frozen tensors neither train nor travel, and backward stops at the lowest trained layer.
 
-The paper leaves the frozen set open (PAPERS.md §4.2). The default, `embeddings,layers:0`, freezes
+The paper leaves the frozen set open. The default, `embeddings,layers:0`, freezes
 the embeddings (the largest share of a small BERT: 52 % of MiniLM, including the MLM decoder, which
 is tied to the word embeddings) and the first encoder layer (general features). With the embeddings
 frozen the vocabulary-sized weight gradient of the decoder is never formed, and no backward runs

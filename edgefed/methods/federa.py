@@ -1,14 +1,15 @@
 """FeDeRA (Yan et al., arXiv 2404.18848): LoRA whose factors start from the SVD of the pre-trained weight.
 
-Per adapted weight W₀ [d_out, d_in], with s = α/r (PAPERS.md §2.2):
+Per adapted weight W₀ [d_out, d_in], with s = α/r (PiSSA, arXiv 2404.02948, starts the same way):
 
     U, S, Vᵀ = svd(W₀)                       the server computes it once, in float64
     B₀ = U_r·diag(√(S_r/s))   A₀ = diag(√(S_r/s))·V_rᵀ
     W_res = W₀ − s·B₀·A₀                     frozen base during federated training
 
 so at round 0 the adapted layer computes W_res·x + s·B₀·A₀·x = W₀·x. Singular vectors are defined
-only up to sign, so clients never run an SVD (PAPERS.md §6.1): the server fixes the signs (the
-largest-magnitude entry of each left singular vector positive) and ships A₀ and B₀ with the sha256
+only up to sign (and an SVD's signs differ between libraries and machines), so clients never run an
+SVD: the server fixes the signs (the largest-magnitude entry of each left singular vector positive)
+and ships A₀ and B₀ with the sha256
 of W_res. Each client forms W_res from its own copy of W₀ with `residual_from`, whose float64
 element-wise arithmetic in a fixed order is correctly rounded on every IEEE machine, and checks the
 digest, so every client trains on bit-identical frozen weights — or learns at once that it loaded a

@@ -5,13 +5,12 @@
 - `parallel`: every client trains its own copy of the round's starting body, and the copies of the
   clients whose updates arrived are averaged, weighted by their examples, as the client parts are.
 
-Design choices the paper leaves open (PAPERS.md §1.7): the body's optimizer is AdamW, fresh at every
-round (as every client's own is), so a round is a function of the round's starting state alone; the
-client part is averaged every round; the body clips its own gradient at `max-grad-norm` (a joint norm
-with the client's part would cost one more exchange per step). A round that is run again (too few
-updates) restarts from the body it started with. A client dropped in the middle of its sequential
-turn leaves the steps it took in the body; in parallel mode its copy is discarded with its update.
-"""
+Design choices the FedBERT paper (DOI 10.1145/3510033) leaves open: the body's optimizer is AdamW, fresh
+at every round (as every client's own is), so a round is a function of the round's starting state alone;
+the client part is averaged every round; the body clips its own gradient at `max-grad-norm` (a joint
+norm with the client's part would cost one more exchange per step). A round that is run again (too few
+updates) restarts from the body it started with. A client dropped in the middle of its sequential turn
+leaves the steps it took in the body; in parallel mode its copy is discarded with its update."""
 
 from __future__ import annotations
 
@@ -39,7 +38,7 @@ class BodyTrainer:
         device: torch.device,
         seed: int | None = None,
     ) -> None:
-        """`seed`: of the body's dropout, drawn per (round, client, step) (edgefed/split.py)."""
+        """`seed`: of the body's dropout, drawn per (round, client, step) (edgefed/split/)."""
         self.body = body.to(device).train()  # dropout as in the whole model's training (and in copies)
         self.seed = seed
         self.strategy = strategy

@@ -4,9 +4,9 @@ A client holds only the model's ends — the embeddings and the masked-LM head, 
 tied to the word embeddings as the model ties them — and the server holds the transformer body.
 Per micro-batch the client sends the embedding output over the Split stream, the server returns the
 body's output, the client sends the gradient there and the server, after one step of the body's
-optimizer, returns the gradient at the embedding output (edgefed/split.py). Token ids and labels never
+optimizer, returns the gradient at the embedding output (edgefed/split/). Token ids and labels never
 leave the client. Each round the client parts are averaged (FedAvg); how the body trains across
-clients is the strategy (edgefed/split_rounds.py): `sequential` (one body, clients take turns) or
+clients is the strategy (edgefed/split/body.py): `sequential` (one body, clients take turns) or
 `parallel` (a copy per client, averaged at the end of the round).
 
 The server's global model is the whole masked-LM model with its body frozen to the federation: the

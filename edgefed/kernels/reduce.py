@@ -2,7 +2,8 @@
 
 The Triton kernel tiles the N parameters and loops over the K clients inside each tile, keeping the
 float32 accumulator in registers: every input byte is read once and the output written once — the
-bandwidth floor of PERFORMANCE.md §2. (No pointer tables: the interpreter cannot load pointers.)
+bandwidth floor of a reduction (K·N values read, N written). (No pointer tables: the interpreter
+cannot load pointers.)
 """
 
 from __future__ import annotations
