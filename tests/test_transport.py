@@ -2,7 +2,7 @@
 
 For the same seed the two must compute the same run: the same clients, the same bytes (both count
 the gRPC messages of the same wire format) and the same metrics, up to float summation order
-(client processes train with one thread, the in-process clients with two).
+(client processes train with one thread each, the in-process clients with as many as torch takes).
 """
 
 from __future__ import annotations
