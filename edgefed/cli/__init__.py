@@ -6,14 +6,13 @@ import argparse
 import os
 import socket
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from edgefed import __version__
 from edgefed.cli.bench import add_bench_options, bench_command
 from edgefed.cli.options import add_config_option, add_run_options
-from edgefed.errors import EdgefedError
+from edgefed.errors import EdgefedError, report_errors
 from edgefed.transport.auth import TOKEN_ENV
 
 
@@ -119,18 +118,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     return report_errors(lambda: COMMANDS[command](args))
-
-
-def report_errors(command: Callable[[], int]) -> int:
-    """Run a command; an EdgefedError is one line on stderr and exit status 2, not a traceback."""
-    try:
-        return command()
-    except EdgefedError as error:
-        print(f"edgefed: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("edgefed: interrupted", file=sys.stderr)
-        return 130
 
 
 def run_command(args: dict[str, Any]) -> int:

@@ -25,9 +25,9 @@ import torch
 from edgefed.config import RunConfig
 from edgefed.data import LabeledTexts, partition
 from edgefed.devices.fleet import FleetPlans
-from edgefed.errors import EdgefedError
+from edgefed.errors import EdgefedError, report_errors
 from edgefed.split import SplitBodyServicer
-from edgefed.transport.auth import TOKEN_ENV, TokenBook
+from edgefed.transport.auth import TokenBook
 from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, RunDescription
 from edgefed.types import client_name
 
@@ -82,13 +82,11 @@ class LoopbackFleet(GrpcTransport):
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([CLIENT_MODULE])
         for name, data in zip(names, shard_files, strict=True):
-            argv = [
-                "client", "--server", self.address, "--data", str(data), "--name", name,
-                "--threads", str(threads),
-            ]  # fmt: skip
             log_path = log_dir / f"{name}.log"
             process = context.Process(
-                target=client_process, args=(argv, str(log_path), tokens.token_for(name)), name=name
+                target=client_process,
+                args=(self.address, str(data), name, tokens.token_for(name), threads, str(log_path)),
+                name=name,
             )
             process.start()
             self.processes.append((name, process, log_path))
@@ -112,9 +110,11 @@ class LoopbackFleet(GrpcTransport):
             self.shard_dir.cleanup()
 
 
-def client_process(argv: list[str], log_path: str, token: str) -> None:
-    """A client process: `edgefed client ARGV` with its token in the environment, writing to its log."""
-    from edgefed.cli import main
+def client_process(server: str, data: str, name: str, token: str, threads: int, log_path: str) -> None:
+    """A client process: `edgefed client` for one shard, writing to its log."""
+    import torch
+
+    from edgefed.transport.grpc_client import GrpcClient
 
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log, 1)
@@ -122,8 +122,13 @@ def client_process(argv: list[str], log_path: str, token: str) -> None:
     os.close(log)
     sys.stdout.reconfigure(line_buffering=True)
     sys.stderr.reconfigure(line_buffering=True)
-    os.environ[TOKEN_ENV] = token
-    sys.exit(main(argv))
+    torch.set_num_threads(threads)
+
+    def train() -> int:
+        GrpcClient(server, data, name, token=token).run()
+        return 0
+
+    sys.exit(report_errors(train))
 
 
 def write_shards(train: LabeledTexts, config: RunConfig, folder: Path) -> list[Path]:
