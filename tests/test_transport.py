@@ -22,9 +22,12 @@ import torch
 from edgefed.cli import main
 from edgefed.config import resolve_config
 from edgefed.data import load_splits
+from edgefed.errors import EdgefedError
 from edgefed.federation.checkpoint import load_checkpoint
 from edgefed.transport.auth import TOKEN_ENV, TokenBook
-from edgefed.transport.loopback import write_shards
+from edgefed.transport.base import state_payload
+from edgefed.transport.grpc_server import RunDescription
+from edgefed.transport.loopback import LoopbackFleet, write_shards
 
 TRANSPORTS = ["inproc", "grpc"]
 EXACT_KEYS = ("round", "clients", "dropped", "bytes_up", "bytes_down", "accuracy")
@@ -188,3 +191,19 @@ def test_a_killed_server_resumes_and_its_clients_carry_on(tmp_path, tiny_model_d
             log.close()
     assert "resuming run" in (tmp_path / "server2.log").read_text()
     assert_same_run(runs("inproc"), tmp_path / "served")
+
+
+def test_a_client_process_that_dies_stops_the_run_with_its_reason(tmp_path, tiny_model_dir, small_data_dir):
+    """Client processes that cannot build the run's model (here: the server names another model's
+    fingerprint) exit after joining; the server's round ends with the client's own error line."""
+    config = resolve_config(None, {"model": str(tiny_model_dir), "data": str(small_data_dir), "clients": 2})
+    description = RunDescription("run-1", config, 2, ("classifier",), "0" * 64, state_payload({}))
+    train = load_splits(str(small_data_dir), 0)[0]
+    fleet = LoopbackFleet.start(
+        description, train, None, torch.device("cpu"), tmp_path, {}, lambda line: None, None
+    )
+    try:
+        with pytest.raises(EdgefedError, match=r"client-\d exited with status 2 .*differs from the server's"):
+            fleet.fit_round(1, fleet.wait_for_clients(), {})
+    finally:
+        fleet.close()

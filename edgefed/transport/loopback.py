@@ -41,7 +41,7 @@ class LoopbackFleet(GrpcTransport):
         cls,
         description: RunDescription,
         train: LabeledTexts,
-        fleet: FleetPlans,
+        fleet: FleetPlans | None,
         device: torch.device,
         run_dir: Path,
         slots: dict[str, int],
