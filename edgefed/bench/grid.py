@@ -62,7 +62,7 @@ def grid_names() -> list[str]:
 
 def load_grid(name_or_path: str, overrides: dict[str, Any] | None = None) -> Grid:
     """A shipped grid by name (`edgefed bench --list`) or a TOML file; `overrides` replace its keys."""
-    text, _ = read_shipped(name_or_path, GRIDS, "grid", "edgefed/bench_grids")
+    text, _ = read_shipped(name_or_path, GRIDS, "grid", "edgefed/bench/grids")
     raw = parse_toml(text, name_or_path)
     values = {key.replace("-", "_"): value for key, value in raw.items()}
     values.update({key: value for key, value in (overrides or {}).items() if value is not None})
