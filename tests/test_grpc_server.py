@@ -120,7 +120,7 @@ def keep_beating(federation: Federation, clients: list[str], stop: threading.Eve
             try:
                 for client in clients:
                     federation.beat(client)
-            except grpc.RpcError:  # the fixture closed the server first
+            except (grpc.RpcError, ValueError):  # the fixture closed the server (or the channel) first
                 return
             time.sleep(HEARTBEAT_S / 2)
 
@@ -395,6 +395,9 @@ def test_fuzzed_streams_never_crash_the_server_or_corrupt_the_round(federation):
     manages to get accepted must be its genuine delta (every tensor is sha256-checked)."""
     for client in CLIENTS:
         federation.join(client)
+    # Thousands of streams load the server and this process: a wider heartbeat window, so that a
+    # heartbeat held up by the load does not drop client-2 (dropping is tested on its own above).
+    federation.servicer.heartbeat_s = 10 * HEARTBEAT_S
     stop = threading.Event()
     keep_beating(federation, CLIENTS, stop)
     future = federation.open_round(1, [2])
