@@ -6,7 +6,6 @@ format (protobuf, never pickle) maps it field by field; `nbytes` is what it cost
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -46,15 +45,6 @@ class Codec(ABC):
         """(q, scales) in `edgefed.kernels.quantize_blockwise`'s format, which `weighted_sum` dequantises
         on the fly, without decoding; None for codecs without that form. ValueError as `decode`."""
         return None
-
-    def square_sum(self, encoded: EncodedTensor) -> float:
-        """Σ x² over the decoded values (NaN or Inf when any value is not finite): what the server's
-        norm and finiteness checks read. ValueError as `decode`."""
-        flat = self.decode(encoded).reshape(-1).float()
-        square_sum = float(torch.dot(flat, flat))  # one BLAS pass; NaN and Inf propagate into it
-        if math.isinf(square_sum) and bool(torch.isfinite(flat).all()):
-            square_sum = float(flat.double().square().sum())  # finite, but squares beyond float32
-        return square_sum
 
 
 def make_codec(spec: str) -> Codec:

@@ -43,13 +43,6 @@ class BlockwiseCodec(Codec):
         values = dequantize_blockwise(q, scales, numel=encoded.numel)
         return values.to(dtype_of(encoded)).reshape(encoded.shape)
 
-    def square_sum(self, encoded: EncodedTensor) -> float:
-        """Σ_b scale_b²·Σ q² per block, in float64: no float copy of the values (the q are finite by
-        construction, so the values are exactly when the scales are)."""
-        q, scales = self.quantized(encoded)
-        per_block = dequantize_blockwise(q, torch.ones_like(scales)).double().view(scales.numel(), -1)
-        return float((per_block.square().sum(dim=1) * scales.double().square()).sum())
-
 
 @CODECS.register("int8")
 class Int8BlockCodec(BlockwiseCodec):

@@ -16,11 +16,18 @@ from edgefed.types import EncodedTensor
 
 
 class EncodedDelta(Mapping[str, torch.Tensor]):
-    def __init__(self, encoded: Sequence[EncodedTensor], codec: Codec, device: torch.device) -> None:
+    def __init__(
+        self,
+        encoded: Sequence[EncodedTensor],
+        codec: Codec,
+        device: torch.device,
+        decoded: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """`decoded`: tensors already decoded on arrival (the checks decode what has no quantised form)."""
         self.encoded = {item.name: item for item in encoded}
         self.codec = codec
         self.device = device
-        self._decoded: dict[str, torch.Tensor] = {}
+        self._decoded = {name: tensor.to(device) for name, tensor in (decoded or {}).items()}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._decoded:

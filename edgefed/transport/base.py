@@ -93,14 +93,14 @@ def receive_update(
     """Reassemble and check one client's pushed delta, kept encoded for the aggregator (edgefed.codecs
     .EncodedDelta); raises WireError, applying nothing."""
     payload, first = reassemble(chunks, expected)
-    encoded = parse_encoded(payload, codec, expected)
+    encoded, decoded = parse_encoded(payload, codec, expected)
     if first.num_examples <= 0 or first.steps <= 0:
         raise WireError("an update must report its examples and local steps (first chunk)")
     if not math.isfinite(first.train_loss) or not math.isfinite(first.train_s):
         raise WireError("an update's training loss and time must be finite")
     return ClientUpdate(
         client_index,
-        EncodedDelta(encoded, codec, device),
+        EncodedDelta(encoded, codec, device, decoded),
         first.num_examples,
         first.train_loss,
         first.steps,

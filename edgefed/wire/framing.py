@@ -18,6 +18,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from edgefed.codecs import Codec
+from edgefed.kernels import dequantize_blockwise
 from edgefed.types import EncodedTensor
 from edgefed.wire.v1 import federation_pb2 as pb
 
@@ -137,12 +138,16 @@ def reassemble(chunks: Iterable[pb.Chunk], expected: Expected) -> tuple[bytes, p
 
 def parse_state(payload: bytes, codec: Codec, expected: Expected) -> dict[str, torch.Tensor]:
     """Decode and check every tensor; returns tensors on the CPU in their own dtypes."""
-    return {item.name: codec.decode(item) for item in parse_encoded(payload, codec, expected)}
+    encoded, decoded = parse_encoded(payload, codec, expected)
+    return {item.name: decoded[item.name] if item.name in decoded else codec.decode(item) for item in encoded}
 
 
-def parse_encoded(payload: bytes, codec: Codec, expected: Expected) -> list[EncodedTensor]:
+def parse_encoded(
+    payload: bytes, codec: Codec, expected: Expected
+) -> tuple[list[EncodedTensor], dict[str, torch.Tensor]]:
     """Check every tensor (names, shapes, dtypes, codec, sha256, finite values, the norm bound) and
-    return them still encoded: a server aggregates quantised deltas without decoding them."""
+    return them still encoded: a server aggregates quantised deltas without decoding them. The second
+    value holds the tensors the checks had to decode (those without a quantised form), by name."""
     message = pb.StatePayload()
     try:
         message.ParseFromString(payload)
@@ -157,7 +162,7 @@ def parse_encoded(payload: bytes, codec: Codec, expected: Expected) -> list[Enco
             sorted(set(expected.shapes) - set(names)),
         )
         raise WireError(f"tensors do not match the model: unknown {unknown[:3]}, missing {missing[:3]}")
-    checked, squares = [], 0.0
+    checked, decoded, squares = [], {}, 0.0
     for tensor in message.tensors:
         encoded = encoded_from_message(tensor)
         shape, dtype = (
@@ -171,13 +176,33 @@ def parse_encoded(payload: bytes, codec: Codec, expected: Expected) -> list[Enco
         if encoded.codec != codec.spec:
             raise WireError(f"tensor {tensor.name}: codec '{encoded.codec}', this run uses '{codec.spec}'")
         try:
-            square_sum = codec.square_sum(encoded)
+            square_sum, value = squares_of(codec, encoded)
         except ValueError as error:
             raise WireError(str(error)) from None
         if not math.isfinite(square_sum):
             raise WireError(f"tensor {tensor.name}: NaN or Inf values")
         squares += square_sum
         checked.append(encoded)
+        if value is not None:
+            decoded[encoded.name] = value
     if expected.max_norm is not None and math.sqrt(squares) > expected.max_norm:
         raise WireError(f"update norm {math.sqrt(squares):.4g} over the bound {expected.max_norm:.4g}")
-    return checked
+    return checked, decoded
+
+
+def squares_of(codec: Codec, encoded: EncodedTensor) -> tuple[float, torch.Tensor | None]:
+    """Σ x² over a tensor's values (NaN or Inf when a value is not finite), and the decoded tensor when
+    decoding was needed for it. A quantised tensor's sum comes from its q and scales, Σ_b scale_b²·Σ q²,
+    in float64 and without decoding: its q are finite by construction, so its values are when its
+    scales are. ValueError when the fields do not fit the shape."""
+    quantized = codec.quantized(encoded)
+    if quantized is not None:
+        q, scales = quantized
+        per_block = dequantize_blockwise(q, torch.ones_like(scales)).double().view(scales.numel(), -1)
+        return float((per_block.square().sum(dim=1) * scales.double().square()).sum()), None
+    value = codec.decode(encoded)
+    flat = value.reshape(-1).float()
+    square_sum = float(torch.dot(flat, flat))  # one BLAS pass; NaN and Inf propagate into it
+    if math.isinf(square_sum) and bool(torch.isfinite(flat).all()):
+        square_sum = float(flat.double().square().sum())  # finite, but squares beyond float32
+    return square_sum, value
