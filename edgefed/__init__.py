@@ -13,6 +13,10 @@ def __getattr__(name: str):
         from edgefed.federation.setup import load_trained
 
         return load_trained
+    if name == "AnytimePredictor":
+        from edgefed.anytime import AnytimePredictor
+
+        return AnytimePredictor
     if name == "RunConfig":
         from edgefed.config import RunConfig
 

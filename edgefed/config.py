@@ -94,14 +94,19 @@ class RunConfig:
     chunk_bytes: int = option(1 << 20, "largest slice of a state in one gRPC message")
     profiles: tuple[str, ...] = option(
         (),
-        "device profiles of the clients, comma-separated, assigned in turn (client k gets the k-th); each "
-        "client trains its own plan and metrics gain the SIMULATED device clock sim_s",
+        "the clients' device profiles, assigned in turn (client k gets the k-th): a list like "
+        "'2×jetson-agx-orin-64gb-maxn+2×raspberry-pi-5-8gb' (COUNT×NAME, NAME@EXIT caps an early-exit "
+        "device's depth); each client trains its fleet strategy's plan and metrics gain the SIMULATED "
+        "device clock sim_s",
+    )
+    fleet_strategy: str = option(
+        "planned",
+        "with profiles: planned (each device the planner's plan within budget-s), uniform (every device "
+        "the run's settings, rounds wait for the slowest) or deadline (the run's settings; clients whose "
+        "round exceeds budget-s are dropped)",
     )
     budget_s: float | None = option(
-        None, "with profiles: a client's round (local steps and transfers) must fit in this"
-    )
-    host_profile: str | None = option(
-        None, "this machine's profile for the simulated clock (default: measured when the run starts)", "FILE"
+        None, "with profiles: a client's round (local steps and transfers) must fit in this (SIMULATED s)"
     )
     seed: int = option(0, "seed for partitioning, sampling, initialisation and batches")
     out: str | None = option(None, "run directory (default runs/<method>-<time>)", "DIR")
@@ -127,7 +132,7 @@ TRANSPORTS = ("inproc", "grpc")
 # Fields that hold comma-separated names, with an example for errors.
 LIST_EXAMPLES = {
     "target_modules": "query,value",
-    "profiles": "jetson-agx-orin-64gb-maxn,raspberry-pi-5-8gb",
+    "profiles": "2×jetson-agx-orin-64gb-maxn+raspberry-pi-5-8gb",
     "freeze": "embeddings,layers:0-1",
 }
 FIELDS = {field.name: field for field in fields(RunConfig)}
@@ -206,6 +211,10 @@ def coerce(name: str, value: Any) -> Any:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list | tuple) or not all(isinstance(item, str) and item for item in items):
             raise EdgefedError(f"{key_of(name)}: expected names like '{LIST_EXAMPLES[name]}'")
+        if name == "profiles":
+            from edgefed.devices.profiles import parse_fleet
+
+            return parse_fleet(items)
         return tuple(item.strip() for item in items)
     if bool in kinds:
         if not isinstance(value, bool):
@@ -269,10 +278,16 @@ def validate(config: RunConfig) -> None:
         if value is not None and value <= 0:
             raise EdgefedError(f"{key_of(name)} must be positive, got {value}")
     if config.profiles:
-        from edgefed.devices.profiles import load_profile
+        from edgefed.devices.fleet import FLEET_STRATEGIES
+        from edgefed.devices.profiles import device_entry, load_profile
 
-        for name in config.profiles:
-            load_profile(name)
+        for entry in config.profiles:
+            load_profile(device_entry(entry)[0])
+        if config.fleet_strategy not in FLEET_STRATEGIES:
+            choices = ", ".join(FLEET_STRATEGIES)
+            raise EdgefedError(f"unknown fleet-strategy '{config.fleet_strategy}'; choose one of: {choices}")
+        if config.fleet_strategy == "deadline" and config.budget_s is None:
+            raise EdgefedError("fleet-strategy deadline drops the clients that miss budget-s: set budget-s")
     if config.transport not in TRANSPORTS:
         raise EdgefedError(f"unknown transport '{config.transport}'; choose one of: {', '.join(TRANSPORTS)}")
     if config.min_clients is not None and config.min_clients > config.clients:

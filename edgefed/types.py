@@ -125,6 +125,11 @@ class RoundMetrics:
     sim_s: float | None = None
     sim_round_s: float | None = None
     sim_slowest_client: int | None = None
+    # Each client's local steps, in `clients` order (absent from runs recorded before it was).
+    client_steps: list[int] | None = None
+    # The plans (edgefed/devices/planner.py Plan, as a dict) of the clients that joined since the last
+    # record, by slot: which device trained what.
+    plans: dict[str, dict[str, Any]] | None = field(default=None, metadata=OPTIONAL)
     exit_accuracy: list[float] | None = field(default=None, metadata=OPTIONAL)
     mlm_loss: float | None = field(default=None, metadata=OPTIONAL)
     split_bytes_up: int | None = field(default=None, metadata=OPTIONAL)

@@ -77,4 +77,24 @@ def small_data_dir(tmp_path_factory, sst2_dir) -> Path:
     for name, rows in (("train.tsv", 400), ("dev.tsv", 100)):
         lines = (sst2_dir / name).read_text(encoding="utf-8").splitlines()[: rows + 1]
         (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (folder / "labels.txt").write_text(
+        (sst2_dir / "labels.txt").read_text(encoding="utf-8"), encoding="utf-8"
+    )
     return folder
+
+
+@pytest.fixture(scope="session")
+def fleet_profiles(tmp_path_factory) -> str:
+    """Two device profiles for the tiny model, as a fleet list: a fast device and a slow one (slow enough
+    that a budget of 1.5 s makes it freeze a layer)."""
+    from edgefed.devices.profiles import load_profile, profile_toml
+
+    folder = tmp_path_factory.mktemp("profiles")
+    base = load_profile("jetson-agx-orin-64gb-maxn")
+    paths = []
+    for name, tflops in (("fast-device", 5.0), ("slow-device", 0.00005)):
+        profile = base.__class__(**{**base.__dict__, "name": name, "fp32_tflops": tflops, "source": ""})
+        path = folder / f"{name}.toml"
+        path.write_text(profile_toml(profile), encoding="utf-8")
+        paths.append(str(path))
+    return ",".join(paths)

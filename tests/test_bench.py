@@ -7,11 +7,10 @@ import json
 import pytest
 
 from edgefed.bench.grid import REFERENCE, Cell, Grid, load_grid
-from edgefed.bench.replay import cell_results, critical_path_s, method_clocks
+from edgefed.bench.replay import cell_results, critical_path_s, grid_clocks
 from edgefed.bench.run import run_grid
 from edgefed.cli import main
 from edgefed.config import resolve_config
-from edgefed.devices.calibrate import write_profile
 from edgefed.devices.profiles import load_profile
 from edgefed.errors import EdgefedError
 from edgefed.federation.recorder import read_metrics
@@ -20,14 +19,6 @@ from edgefed.types import TIMING_FIELDS as TIMING_KEYS
 from edgefed.types import RoundMetrics
 
 PROFILES = ("jetson-agx-orin-64gb-maxn", "jetson-agx-orin-64gb-15w")
-
-
-@pytest.fixture(scope="module")
-def host_profile(tmp_path_factory) -> str:
-    """A fixed host profile (a shipped one, renamed), so no test measures this machine."""
-    path = tmp_path_factory.mktemp("host") / "host.toml"
-    write_profile(load_profile("raspberry-pi-5-8gb"), path)
-    return str(path)
 
 
 def tiny_grid(tiny_model_dir, small_data_dir, **changes) -> Grid:
@@ -60,34 +51,32 @@ def test_the_critical_path_is_the_slowest_client_with_its_transfer_not_the_sum()
         dropped=[], slowest_client_s=3.0, client_train_s=[1.0, 3.0, 2.0],
         client_bytes=[[0, 0], [10, 0], [0, 5_000]], aggregate_s=0.25, round_s=3.25, wall_s=3.25,
     )  # fmt: skip
-    transfer = lambda down, up: down * 0.01 + up * 0.001  # noqa: E731
+    transfer = lambda client, down, up: down * 0.01 + up * 0.001  # noqa: E731
     # Client 2 is the slowest once its transfer counts: 2 + 5 s, not 3 + 0.1 s; the sum would be 11.1 s.
     assert critical_path_s(row, transfer) == pytest.approx(7.0 + 0.25)
 
 
-def test_replaying_a_run_gives_the_simulated_clock_it_ran_on(
-    tiny_model_dir, small_data_dir, tmp_path, host_profile
-):
+def test_replaying_a_run_gives_the_simulated_clock_it_ran_on(tiny_model_dir, small_data_dir, tmp_path):
     """The bench replays a run without profiles on each profile's clock; the run that trained with that
     profile got the same seconds from the live clock."""
     grid = tiny_grid(tiny_model_dir, small_data_dir)
     flags = dict(grid.run, method="federa", partition="iid", out=str(tmp_path / "run"))
-    run(
-        resolve_config(None, dict(flags, profiles=PROFILES[1], host_profile=host_profile)),
-        echo=lambda line: None,
-    )
+    run(resolve_config(None, dict(flags, profiles=PROFILES[1])), echo=lambda line: None)
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    clock = method_clocks(grid, "federa", load_profile(host_profile))[PROFILES[1]]
+    clock = grid_clocks(grid)[("federa", "", "")][PROFILES[1]]
     for row in rows[1:]:
-        assert clock.replay(row).seconds == pytest.approx(row.sim_round_s, rel=1e-12)
-        assert clock.replay(row).slowest == row.sim_slowest_client
+        assert clock.replay(row, 0).seconds == pytest.approx(row.sim_round_s, rel=1e-12)
+        assert clock.replay(row, 0).slowest == row.sim_slowest_client
+        # Rounds recorded before metrics carried each client's steps count the run's local steps.
+        old = dataclasses.replace(row, client_steps=None)
+        assert clock.replay(old, grid.run["local_steps"]).seconds == pytest.approx(row.sim_round_s)
 
 
 @pytest.fixture(scope="module")
-def grid_run(tmp_path_factory, tiny_model_dir, small_data_dir, host_profile):
+def grid_run(tmp_path_factory, tiny_model_dir, small_data_dir):
     folder = tmp_path_factory.mktemp("bench")
     grid = tiny_grid(tiny_model_dir, small_data_dir)
-    results = run_grid(grid, folder / "out", folder / "work", host_profile, echo=lambda line: None)
+    results = run_grid(grid, folder / "out", folder / "work", echo=lambda line: None)
     return grid, folder, results
 
 
@@ -115,32 +104,33 @@ def test_a_reached_target_gives_rounds_time_and_bytes_up_to_that_round(grid_run)
     recorded = read_metrics(folder / "out" / "cells" / cell.id / "metrics.jsonl")
     # The tiny model's accuracy barely moves; the recorded times and bytes with a curve that rises.
     rounds = [dataclasses.replace(row, accuracy=0.5 + 0.1 * row.round) for row in recorded]
-    clocks = method_clocks(grid, "lora", load_profile(str(folder / "out" / "host_profile.toml")))
+    clocks = grid_clocks(grid)[cell.setting]
     target, first = 0.7 - 1e-9, 2
-    for result in cell_results(cell, rounds, target, clocks):
-        transfer = load_profile(result.profile).transfer_s
+    for result in cell_results(cell, rounds, target, clocks, 0):
+        transfer = clocks[result.profile].transfer_s
+        assert transfer(0, 10**6, 10**6) == load_profile(result.profile).transfer_s(10**6, 10**6)
         assert result.reached and result.rounds_to_target == first
         assert result.wall_s == pytest.approx(
             sum(critical_path_s(row, transfer) for row in rounds[1 : first + 1])
         )
         assert result.bytes_to_target == sum(row.bytes_up + row.bytes_down for row in rounds[1 : first + 1])
         assert result.sequential_s == rounds[first].wall_s
-    maxn, low_power = cell_results(cell, rounds, target, clocks)
+    maxn, low_power = cell_results(cell, rounds, target, clocks, 0)
     assert low_power.simulated_s > maxn.simulated_s  # 15 W is the slower clock
     assert maxn.wall_s == low_power.wall_s  # one training, one link: the same critical path
 
 
 def test_a_killed_grid_resumes_at_the_unfinished_run(
-    grid_run, tiny_model_dir, small_data_dir, host_profile, tmp_path, monkeypatch, crash_after_round
+    grid_run, tiny_model_dir, small_data_dir, tmp_path, monkeypatch, crash_after_round
 ):
     grid, folder, _ = grid_run
     out, work = tmp_path / "out", tmp_path / "work"
     crash_after_round(1)  # the first run dies after its first round
     with pytest.raises(KeyboardInterrupt):
-        run_grid(grid, out, work, host_profile, echo=lambda line: None)
+        run_grid(grid, out, work, echo=lambda line: None)
     monkeypatch.undo()
     lines = []
-    run_grid(grid, out, work, host_profile, echo=lines.append)
+    run_grid(grid, out, work, echo=lines.append)
     assert "0 done, 4 to run" in lines[0]
     assert any("resuming run" in line and "after round 1" in line for line in lines)
     # Resumed, the run computes what the uninterrupted grid's did (what goes down in the round after a
@@ -157,25 +147,23 @@ def test_a_killed_grid_resumes_at_the_unfinished_run(
         assert a == b
     # Finished, the grid runs nothing again and only rewrites its reports.
     lines = []
-    run_grid(grid, out, work, host_profile, echo=lines.append)
+    run_grid(grid, out, work, echo=lines.append)
     assert "4 done, 0 to run" in lines[0] and not any("[1/4]" in line for line in lines)
 
 
-def test_runs_stop_at_the_first_round_that_reaches_the_target(grid_run, host_profile, tmp_path):
+def test_runs_stop_at_the_first_round_that_reaches_the_target(grid_run, tmp_path):
     grid, _, _ = grid_run
     # With these settings the tiny model's accuracy goes 0.42, 0.42, 0.42, 0.58 (seeded).
     learning = {**grid.run, "local_steps": 4, "lr": 0.03, "rounds": 5}
     short = dataclasses.replace(grid, methods=("lora",), seeds=(0,), target_accuracy=0.5, run=learning)
-    (result, _) = run_grid(short, tmp_path / "out", tmp_path / "work", host_profile, echo=lambda line: None)
+    (result, _) = run_grid(short, tmp_path / "out", tmp_path / "work", echo=lambda line: None)
     assert result.reached and result.rounds_to_target == 3 == result.rounds_run
     started = dataclasses.replace(short, target_accuracy=0.42)
-    (result, _) = run_grid(started, tmp_path / "0", tmp_path / "work0", host_profile, echo=lambda line: None)
+    (result, _) = run_grid(started, tmp_path / "0", tmp_path / "work0", echo=lambda line: None)
     assert result.rounds_to_target == 0 == result.rounds_run  # the starting model trains no round
 
 
-def test_a_target_margin_runs_centralised_full_fine_tuning_first(
-    tiny_model_dir, small_data_dir, host_profile, tmp_path
-):
+def test_a_target_margin_runs_centralised_full_fine_tuning_first(tiny_model_dir, small_data_dir, tmp_path):
     grid = tiny_grid(
         tiny_model_dir,
         small_data_dir,
@@ -184,7 +172,7 @@ def test_a_target_margin_runs_centralised_full_fine_tuning_first(
         target_accuracy=None,
         target_margin=0.05,
     )
-    run_grid(grid, tmp_path / "out", tmp_path / "work", host_profile, echo=lambda line: None)
+    run_grid(grid, tmp_path / "out", tmp_path / "work", echo=lambda line: None)
     reference = tmp_path / "out" / "cells" / REFERENCE
     summary = json.loads((reference / "summary.json").read_text())
     assert (summary["method"], summary["clients"], summary["rounds"]) == ("fft", 1, 3)
@@ -192,21 +180,20 @@ def test_a_target_margin_runs_centralised_full_fine_tuning_first(
     assert target == pytest.approx(summary["best_accuracy"] - 0.05, abs=1e-3)
 
 
-def test_a_results_folder_of_another_grid_is_refused(grid_run, host_profile):
+def test_a_results_folder_of_another_grid_is_refused(grid_run):
     grid, folder, _ = grid_run
     other = tiny_grid(grid.run["model"], grid.run["data"], seeds=(5,))
     with pytest.raises(EdgefedError, match="different grid"):
-        run_grid(other, folder / "out", folder / "work", host_profile, echo=lambda line: None)
+        run_grid(other, folder / "out", folder / "work", echo=lambda line: None)
 
 
-def test_a_profile_whose_plan_differs_from_the_run_is_refused(grid_run, host_profile):
+def test_a_profile_whose_plan_differs_from_the_run_is_refused(grid_run):
     grid, _, _ = grid_run
-    host = load_profile(host_profile)
-    asked = method_clocks(grid, "lora", host)[PROFILES[1]].fleet.plan(0)
+    asked = grid_clocks(grid)[("lora", "", "")][PROFILES[1]].fleet.plan(0)
     # A budget just under the plan's round: the planner must train less (freeze, exit early, lower rank).
     tight = dataclasses.replace(grid, run={**grid.run, "budget_s": 0.99 * asked.round_s})
     with pytest.raises(EdgefedError, match="departs from the run's settings"):
-        method_clocks(tight, "lora", host)
+        grid_clocks(tight)
 
 
 GRID_HEAD = (
@@ -239,7 +226,13 @@ def test_bad_grids_get_one_line_errors(tmp_path, text, message):
 
 def test_the_command_lists_grids_and_reports_bad_flags(capsys):
     assert main(["bench", "--list"]) == 0
-    assert capsys.readouterr().out.split() == ["federa-sst2", "smoke"]
+    assert capsys.readouterr().out.split() == [
+        "federa-sst2",
+        "federa-sst2-skew",
+        "fleet-sst2",
+        "fleet-trec",
+        "smoke",
+    ]
     assert main(["bench", "--grid", "smoke", "--seeds", "one"]) == 2
     assert "--seeds: expected integers" in capsys.readouterr().err
     assert main(["bench", "--grid", "no-such-grid"]) == 2

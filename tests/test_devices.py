@@ -2,26 +2,17 @@
 
 import itertools
 import json
+import subprocess
+import sys
 
 import pytest
 
 from edgefed.cli import main
-from edgefed.devices.profiles import load_profile, profile_toml
+from edgefed.config import resolve_config
+from edgefed.data import load_splits
+from edgefed.transport.loopback import write_shards
 from tests.test_run import read_metrics, tiny_run
-
-
-@pytest.fixture(scope="module")
-def fleet_profiles(tmp_path_factory):
-    """A fast device and a slow one (slow enough that a budget makes it freeze a layer)."""
-    folder = tmp_path_factory.mktemp("profiles")
-    base = load_profile("jetson-agx-orin-64gb-maxn")
-    paths = []
-    for name, tflops in (("fast-device", 5.0), ("slow-device", 0.00005)):
-        profile = base.__class__(**{**base.__dict__, "name": name, "fp32_tflops": tflops, "source": ""})
-        path = folder / f"{name}.toml"
-        path.write_text(profile_toml(profile), encoding="utf-8")
-        paths.append(str(path))
-    return ",".join(paths)
+from tests.test_transport import free_port, wait_for
 
 
 def fleet_flags(profiles: str) -> dict:
@@ -84,3 +75,61 @@ def test_early_exit_run_reports_accuracy_per_exit(tmp_path, tiny_model_dir, smal
     assert rows[-1]["exit_accuracy"][-1] == rows[-1]["accuracy"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final_exit_accuracy"] == rows[-1]["exit_accuracy"]
+
+
+def test_a_served_fleet_puts_each_announced_device_in_its_slot_and_sends_its_plan(
+    fleet_run, tmp_path, tiny_model_dir, small_data_dir, fleet_profiles
+):
+    """`edgefed server --profiles fast,slow,fast` and one `edgefed client --profile` process per device,
+    the slow device joining first: it gets the fleet's slow slot, its plan arrives in the Join reply, and
+    the run's metrics are the in-process fleet's."""
+    fast, slow = fleet_profiles.split(",")
+    config = resolve_config(None, {"model": str(tiny_model_dir), "data": str(small_data_dir), "clients": 3})
+    shards = write_shards(load_splits(str(small_data_dir), 0)[0], config, tmp_path)
+    address = f"127.0.0.1:{free_port()}"
+    flags = {
+        "model": tiny_model_dir, "data": small_data_dir, "clients": 3, "rounds": 3, "local_steps": 3,
+        "batch_size": 8, "max_seq_len": 24, "rank": 4, "lr": 0.01, "out": tmp_path / "served",
+        **fleet_flags(fleet_profiles),
+    }  # fmt: skip
+    argv = [sys.executable, "-m", "edgefed", "server", "--address", address]
+    argv += [item for key, value in flags.items() for item in (f"--{key.replace('_', '-')}", str(value))]
+    server_log = (tmp_path / "server.log").open("wb")
+    server = subprocess.Popen(argv, stdout=server_log, stderr=subprocess.STDOUT)
+    clients = []
+    try:
+        for joined, (name, profile, shard) in enumerate(
+            [("client-1", slow, shards[1]), ("client-0", fast, shards[0]), ("client-2", fast, shards[2])],
+            start=1,
+        ):
+            client = [sys.executable, "-m", "edgefed", "client", "--server", address, "--data", str(shard)]
+            client += ["--name", name, "--profile", profile, "--threads", "1", "--retry-s", "60"]
+            log = (tmp_path / f"{name}.log").open("wb")
+            clients.append((subprocess.Popen(client, stdout=log, stderr=subprocess.STDOUT), log))
+            # One at a time, so that each shard is the in-process client's of the slot it gets.
+            wait_for(
+                lambda n=joined: (tmp_path / "server.log").read_text().count("joined as") >= n, 120, name
+            )
+        assert server.wait(timeout=180) == 0, (tmp_path / "server.log").read_text()
+        for client, _ in clients:
+            assert client.wait(timeout=30) == 0
+    finally:
+        for process in [server, *(client for client, _ in clients)]:
+            process.kill()
+        for log in [server_log, *(log for _, log in clients)]:
+            log.close()
+    served_log = (tmp_path / "server.log").read_text()
+    # Named as the in-process clients (the names travel in every message, so the bytes match), the slow
+    # device joins first and still gets the fleet's slow slot.
+    assert "client-1 joined as client 1, profile" in served_log
+    assert "client-0 joined as client 0, profile" in served_log
+    assert "plan for slow-device: layers 1-1 train" in (tmp_path / "client-1.log").read_text()
+    for ours, theirs in zip(read_metrics(tmp_path / "served"), read_metrics(fleet_run), strict=True):
+        assert ours["bytes_up"] == theirs["bytes_up"] and ours["bytes_down"] == theirs["bytes_down"]
+        assert ours["accuracy"] == pytest.approx(theirs["accuracy"], abs=1e-9)
+        assert ours["sim_s"] == theirs["sim_s"]
+
+    def plans_of(run):  # recorded when the clients joined: round 0 in process, round 1 when served
+        return {slot: plan for row in read_metrics(run) for slot, plan in (row.get("plans") or {}).items()}
+
+    assert plans_of(tmp_path / "served") == plans_of(fleet_run) and len(plans_of(fleet_run)) == 3

@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+from torch.nn import functional as F
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 from edgefed.methods import METHODS, AdapterSpec, trainable_state
@@ -92,8 +93,10 @@ def test_at_init_every_block_sees_the_plain_encoders_hidden_states():
     torch.testing.assert_close(output.logits, output.exit_logits[-1])
 
 
-def test_trained_adapters_replace_the_first_token_and_attend_over_unmodulated_history():
+@pytest.mark.parametrize("modulation", [True, False])
+def test_trained_adapters_read_pooled_history_and_shift_the_first_token_only_when_modulating(modulation):
     model = early_exit().eval()
+    model.modulation = modulation  # off by default: the blocks compute what the pre-trained ones do
     with torch.no_grad():  # stand-in for training: the zero-initialised projections move
         for param in model.adapters.parameters():
             param.add_(0.1 * torch.randn_like(param))
@@ -113,12 +116,15 @@ def test_trained_adapters_replace_the_first_token_and_attend_over_unmodulated_hi
         model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
     for i in range(NUM_LAYERS - 1):
         fed = block_in[i + 1]
-        assert not torch.allclose(fed[:, 0], block_out[i][:, 0], atol=1e-3)
-        torch.testing.assert_close(fed[:, 0], adapter_out[i][:, -1], atol=0, rtol=0)
+        # Modulating, the first token moves by what the adapter made of the block's pooled state.
+        shift = adapter_out[i][:, -1] - adapter_in[i][:, -1] if modulation else 0
+        assert torch.allclose(fed[:, 0], block_out[i][:, 0], atol=1e-3) != modulation
+        torch.testing.assert_close(fed[:, 0], block_out[i][:, 0] + shift, atol=1e-6, rtol=0)
         torch.testing.assert_close(fed[:, 1:], block_out[i][:, 1:], atol=0, rtol=0)
     history = adapter_in[-1]
-    expected = torch.stack([out[:, 0] for out in block_out], dim=1)
-    torch.testing.assert_close(history, expected, atol=0, rtol=0)
+    mask = inputs["attention_mask"].unsqueeze(-1).float()
+    expected = torch.stack([(out * mask).sum(1) / mask.sum(1) for out in block_out], dim=1)
+    torch.testing.assert_close(history, expected, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("exit_layer", [1, 2, NUM_LAYERS])
@@ -142,8 +148,12 @@ def test_exit_layer_runs_only_the_blocks_before_it(exit_layer):
     # Anytime: an exit's prediction does not depend on how many blocks run after it.
     for ours, full_depth in zip(truncated.exit_logits, full.exit_logits[:exit_layer], strict=True):
         torch.testing.assert_close(ours, full_depth, atol=1e-6, rtol=1e-6)
+    # Balanced softmax: each exit's logits shifted by the log of the batch's (add-one) label frequencies.
+    labels = inputs["labels"]
+    counts = torch.tensor([(labels == k).sum().item() + 1.0 for k in range(NUM_LABELS)])
+    prior = (counts / counts.sum()).log()
     expected = torch.stack(
-        [torch.nn.functional.cross_entropy(logits, inputs["labels"]) for logits in truncated.exit_logits]
+        [torch.nn.functional.cross_entropy(logits + prior, labels) for logits in truncated.exit_logits]
     ).mean()
     torch.testing.assert_close(truncated.loss, expected)
 
@@ -185,6 +195,31 @@ def test_training_a_shallow_client_moves_only_its_own_adapters_and_lowers_the_lo
     assert {block_of(name) for name in changed} == set(range(exit_layer))
     shallow = {name for name in trainable if block_of(name) < exit_layer}
     assert len(changed) >= 0.9 * len(shallow), sorted(shallow - changed)
+
+
+def test_training_lowers_every_exits_loss():
+    model = early_exit()
+    params = [param for param in model.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
+    inputs = batch(seed=4)
+    labels = inputs["labels"].view(-1)
+
+    def exit_losses() -> list[float]:
+        with torch.no_grad():
+            model.eval()
+            output = model(**{key: value for key, value in inputs.items() if key != "labels"})
+        return [F.cross_entropy(logits, labels).item() for logits in output.exit_logits]
+
+    before = exit_losses()
+    torch.manual_seed(0)
+    model.train()
+    for _ in range(25):
+        model(**inputs).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    after = exit_losses()
+    assert all(late < 0.7 * early for early, late in zip(before, after, strict=True)), (before, after)
 
 
 def test_padding_does_not_change_the_unpadded_examples_logits():

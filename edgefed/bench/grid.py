@@ -1,12 +1,23 @@
-"""A bench grid: methods × partitions × device profiles × seeds, the runs' shared settings and the target."""
+"""A bench grid: methods × partitions × (device profiles, or fleets × strategies) × seeds, the runs'
+shared settings and the target.
+
+Two kinds of grid. A *profile* grid trains each (method, partition, seed) once, every client on the
+run's settings, and replays the run on each named device profile's simulated clock. A *fleet* grid
+names fleets (`[fleets]`, each a mixed list of devices like `2×jetson-agx-orin-64gb-maxn +
+2×raspberry-pi-5-8gb`), strategies (edgefed/devices/fleet.py FLEET_STRATEGIES) and a per-round budget;
+each (method, partition, fleet, strategy, seed) is its own run, because what the clients train depends
+on the strategy.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from edgefed.config import RunConfig, key_of, resolve_config
+from edgefed.devices.fleet import FLEET_STRATEGIES
+from edgefed.devices.profiles import parse_fleet
 from edgefed.errors import EdgefedError
 from edgefed.shipped import read_shipped, shipped_names
 from edgefed.toml_io import parse_toml, toml_scalar
@@ -21,27 +32,40 @@ class Grid:
     name: str
     methods: tuple[str, ...]
     partitions: tuple[str, ...]
-    profiles: tuple[str, ...]
     seeds: tuple[int, ...]
     run: dict[str, Any]  # `edgefed run` keys every cell shares
+    profiles: tuple[str, ...] = ()  # a profile grid's clocks, or:
+    fleets: dict[str, str] = field(default_factory=dict)  # a fleet grid's fleets: name -> devices
+    strategies: tuple[str, ...] = ()  # a fleet grid's strategies
+    budget_s: float | None = None  # a fleet grid's per-round budget (SIMULATED seconds)
     target_accuracy: float | None = None  # a fixed target, or:
     target_margin: float | None = None  # this far under what centralised full fine-tuning reaches
     target_note: str = ""  # how the target was chosen, for the table
 
+    def settings(self) -> list[tuple[str, str]]:
+        """(fleet, strategy) of each run per (method, partition, seed); ("", "") in a profile grid."""
+        return [(fleet, strategy) for fleet in self.fleets for strategy in self.strategies] or [("", "")]
+
     def cells(self) -> list[Cell]:
         return [
-            Cell(method, partition, seed)
+            Cell(method, partition, seed, fleet, strategy)
             for partition in self.partitions
             for method in self.methods
+            for fleet, strategy in self.settings()
             for seed in self.seeds
         ]
 
     def to_toml(self) -> str:
         lines = ["# The grid these results come from (edgefed bench --grid grid.toml reruns it)", ""]
-        for key in ("name", "methods", "partitions", "profiles", "seeds", *TARGET_KEYS, "target_note"):
-            if getattr(self, key) is not None:
+        keys = ("name", "methods", "partitions", "profiles", "strategies", "budget_s", "seeds")
+        for key in (*keys, *TARGET_KEYS, "target_note"):
+            if getattr(self, key) not in (None, ()):
                 lines.append(f"{key_of(key)} = {toml_scalar(getattr(self, key))}")
         lines += ["", "[run]"] + [f"{key_of(key)} = {toml_scalar(value)}" for key, value in self.run.items()]
+        if self.fleets:
+            lines += ["", "[fleets]"] + [
+                f"{name} = {toml_scalar(spec)}" for name, spec in self.fleets.items()
+            ]
         return "\n".join(lines) + "\n"
 
 
@@ -50,10 +74,18 @@ class Cell:
     method: str
     partition: str
     seed: int
+    fleet: str = ""
+    strategy: str = ""
 
     @property
     def id(self) -> str:
-        return f"{self.method}-{self.partition.replace(':', '')}-s{self.seed}"
+        setting = f"-{self.fleet}-{self.strategy}" if self.fleet else ""
+        return f"{self.method}-{self.partition.replace(':', '')}{setting}-s{self.seed}"
+
+    @property
+    def setting(self) -> tuple[str, str, str]:
+        """What the cell's clocks depend on: runs of other seeds and partitions share them."""
+        return self.method, self.fleet, self.strategy
 
 
 def grid_names() -> list[str]:
@@ -66,26 +98,41 @@ def load_grid(name_or_path: str, overrides: dict[str, Any] | None = None) -> Gri
     raw = parse_toml(text, name_or_path)
     values = {key.replace("-", "_"): value for key, value in raw.items()}
     values.update({key: value for key, value in (overrides or {}).items() if value is not None})
-    fields = {field.name for field in dataclasses.fields(Grid)}
+    fields = {each.name for each in dataclasses.fields(Grid)}
     unknown = sorted(set(values) - fields)
     if unknown:
         raise EdgefedError(f"{name_or_path}: unknown grid keys {unknown}; valid: {sorted(fields)}")
-    missing = sorted(field for field in fields - {"target_note", *TARGET_KEYS} if not values.get(field))
+    optional = {"target_note", "profiles", "fleets", "strategies", "budget_s", *TARGET_KEYS}
+    missing = sorted(name for name in fields - optional if not values.get(name))
     if missing:
         raise EdgefedError(f"{name_or_path}: the grid needs {missing}")
     if (values.get("target_accuracy") is None) == (values.get("target_margin") is None):
         raise EdgefedError(f"{name_or_path}: set one of target-accuracy and target-margin")
     run = {key.replace("-", "_"): value for key, value in values.pop("run").items()}
-    for key in ("method", "partition", "seed", "target_accuracy", "stop_at_target", "out", "profiles"):
+    per_cell = ("method", "partition", "seed", "target_accuracy", "stop_at_target", "out", "profiles")
+    per_fleet = ("clients", "fleet_strategy", "budget_s", "aggregator") if values.get("fleets") else ()
+    for key in (*per_cell, *per_fleet):
         if key in run:
             raise EdgefedError(f"{name_or_path}: [run] must not set {key}: the grid sets it per cell")
+    if bool(values.get("profiles")) == bool(values.get("fleets")):
+        raise EdgefedError(f"{name_or_path}: name device profiles (replayed) or [fleets], one of the two")
+    if values.get("fleets") and not values.get("strategies"):
+        raise EdgefedError(f"{name_or_path}: a fleet grid needs strategies, e.g. {list(FLEET_STRATEGIES)}")
+    unknown = sorted(set(values.get("strategies", ())) - set(FLEET_STRATEGIES))
+    if unknown:
+        raise EdgefedError(
+            f"{name_or_path}: unknown strategies {unknown}; choose from {list(FLEET_STRATEGIES)}"
+        )
     grid = Grid(
         name=str(values["name"]),
         methods=tuple(values["methods"]),
         partitions=tuple(values["partitions"]),
-        profiles=tuple(values["profiles"]),
         seeds=tuple(int(seed) for seed in values["seeds"]),
         run=run,
+        profiles=tuple(values.get("profiles", ())),
+        fleets={str(name): str(spec) for name, spec in values.get("fleets", {}).items()},
+        strategies=tuple(values.get("strategies", ())),
+        budget_s=optional_float(values.get("budget_s")),
         target_accuracy=optional_float(values.get("target_accuracy")),
         target_margin=optional_float(values.get("target_margin")),
         target_note=str(values.get("target_note", "")),
@@ -113,6 +160,13 @@ def cell_config(grid: Grid, cell: Cell, target: float) -> RunConfig:
         target_accuracy=target,
         stop_at_target=True,
     )
+    if cell.fleet:
+        devices = parse_fleet([grid.fleets[cell.fleet]])
+        flags.update(
+            profiles=devices, clients=len(devices), fleet_strategy=cell.strategy, budget_s=grid.budget_s
+        )
+        # Planned clients train different tensors; the others all train everything: plain FedAvg.
+        flags["aggregator"] = "hetero" if cell.strategy == "planned" else "fedavg"
     return resolve_config(None, flags)
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgefed.bench.grid import Grid
-from edgefed.bench.replay import MB, CellResult, round_seconds
+from edgefed.bench.replay import MB, CellResult, critical_path_s, recorded_plans
+from edgefed.devices.costmodel import inference_seconds
+from edgefed.devices.fleet import FLEET_STRATEGIES
 from edgefed.plotting import pyplot
 
 PEFT_BASELINES = ("lora", "adapter", "bitfit")  # "the fastest other PEFT method" is one of these
@@ -17,15 +20,24 @@ PAPER_CUT_VS_FFT = "95.9–97.9 %"
 PAPER_CUT_VS_PEFT = "up to 74.6 %"
 
 
-def write_reports(grid: Grid, out: Path, results: list[CellResult], rounds: dict, clocks: dict, host) -> None:
+def write_reports(
+    grid: Grid, out: Path, results: list[CellResult], rounds: dict, clocks: dict, default_steps: int
+) -> None:
+    """`rounds`: Cell -> its metrics; `clocks`: Cell.setting -> clock name -> SimulatedClock."""
     fields = [field.name for field in dataclasses.fields(CellResult)]
     with (out / "results.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         for result in results:
             writer.writerow(dataclasses.asdict(result))
-    (out / "table.md").write_text(markdown_report(grid, results, host), encoding="utf-8")
-    plot_reports(grid, out, results, rounds, clocks)
+    if grid.fleets:
+        report = fleet_report(grid, results, rounds, anytime_rows(grid, results, clocks))
+    else:
+        report = markdown_report(grid, results)
+    (out / "table.md").write_text(report, encoding="utf-8")
+    plot_reports(grid, out, results, rounds, clocks, default_steps)
+    if grid.fleets:
+        plot_anytime(out, anytime_rows(grid, results, clocks))
 
 
 def mean_sd(values: list[float], digits: int = 1) -> str:
@@ -112,12 +124,24 @@ def cut(ours: float | None, theirs: float | None) -> str:
     return f"{100 * (1 - ours / theirs):.1f} %"
 
 
-def markdown_report(grid: Grid, results: list[CellResult], host) -> str:
+CLOCKS = (
+    "**Clocks.** Time to target is the federation's critical path summed over rounds: per round, the "
+    "slowest participating client. *SIMULATED* is the cost model's time for that client's local steps "
+    "on its device (the plan's predicted step time × its steps) plus its transfers over the device's "
+    "link: equal work gives equal simulated time whatever this machine's load (edgefed/devices/clock.py; "
+    "never measured on a device). *wall* is measured: the training times on this machine plus the same "
+    "transfers and the server's aggregation. *sequential* is this machine's own wall clock for the same "
+    "rounds, clients trained one after another and the server's evaluation included. Means ± standard "
+    "deviation over the seeds that reached the target; *reached* counts them."
+)
+
+
+def header_lines(grid: Grid, kinds: str) -> list[str]:
     run = ", ".join(f"{key.replace('_', '-')} {value}" for key, value in grid.run.items())
-    lines = [
+    return [
         f"# Time to {100 * grid.target_accuracy:.1f} % accuracy: grid `{grid.name}`",
         "",
-        f"Methods {', '.join(grid.methods)}; partitions {', '.join(grid.partitions)}; seeds "
+        f"Methods {', '.join(grid.methods)}; partitions {', '.join(grid.partitions)}; {kinds}seeds "
         f"{', '.join(map(str, grid.seeds))}; every run: {run}. Each run stops at the first round whose "
         "global model reaches the target on the evaluation set, or at the round cap.",
         "",
@@ -126,14 +150,196 @@ def markdown_report(grid: Grid, results: list[CellResult], host) -> str:
         "",
         f"**Target**: {100 * grid.target_accuracy:.1f} % accuracy. {grid.target_note}",
         "",
-        "**Clocks.** Time to target is the federation's critical path summed over rounds: per round, the "
-        "slowest participating client's local training plus its transfers over the device profile's link, "
-        "plus the server's aggregation. *wall* uses the training times measured on this machine "
-        f"({host.description or host.name}); *SIMULATED* scales them to the device profile "
-        "(edgefed/devices/clock.py; never measured on a device). *sequential* is this machine's own wall "
-        "clock for the same rounds, clients trained one after another and the server's evaluation "
-        "included. Means ± standard deviation over the seeds that reached the target; *reached* counts them.",
+        CLOCKS,
         "",
+    ]
+
+
+def fleet_report(grid: Grid, results: list[CellResult], rounds: dict, anytime: list[AnytimeRow]) -> str:
+    fleets = "; ".join(f"fleet `{name}`: {spec}" for name, spec in grid.fleets.items())
+    budget = "none" if grid.budget_s is None else f"{grid.budget_s:g} SIMULATED s"
+    lines = header_lines(grid, f"{fleets}; strategies {', '.join(grid.strategies)}; budget {budget}; ")
+    lines += [
+        "**Strategies.** "
+        + "; ".join(f"*{name}*: {FLEET_STRATEGIES[name]}" for name in grid.strategies)
+        + ". *dropped*: clients the deadline dropped; *slowed*: clients whose round exceeds the budget, "
+        "so that every round waits for them; *reduced*: clients whose plan trains less than the run's "
+        "settings (frozen layers, a shallower exit, a lower rank, a smaller batch or shorter inputs).",
+        "",
+        *fleet_table(grid, results),
+        "",
+        "## What each device trained",
+        "",
+        "The plan each client was given when it joined (the first seed's run on the first partition; "
+        "times are the cost model's, SIMULATED).",
+        "",
+        *plan_table(grid, rounds),
+        "",
+        *anytime_table(anytime),
+        "Per run: results.csv; per-round metrics (each client's plan in the record of the round it joined): "
+        "cells/<run>/metrics.jsonl. Plots: accuracy_wall.png, accuracy_simulated.png, bytes_to_target.png.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def fleet_table(grid: Grid, results: list[CellResult]) -> list[str]:
+    header = [
+        "partition", "method", "fleet", "strategy", "reached", "rounds", "SIMULATED s to target",
+        "MB to target", "final accuracy", "final accuracy per exit", "dropped", "slowed", "reduced",
+        "wall s (measured, this machine)",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for partition in grid.partitions:
+        for method in grid.methods:
+            for fleet, strategy in grid.settings():
+                key = (method, partition, fleet, strategy)
+                own = [r for r in results if (r.method, r.partition, r.fleet, r.strategy) == key]
+                hit = [r for r in own if r.reached]
+                exits = [r.final_exit_accuracy for r in own if r.final_exit_accuracy]
+                per_exit = [statistics.mean(values) for values in zip(*exits, strict=True)]
+                row = [
+                    partition, method, fleet, strategy, f"{len(hit)}/{len(own)}",
+                    mean_sd([r.rounds_to_target for r in hit]),
+                    mean_sd([r.simulated_s for r in hit]),
+                    mean_sd([r.bytes_to_target / MB for r in hit]),
+                    mean_sd([r.final_accuracy for r in own], 3),
+                    " / ".join(f"{value:.3f}" for value in per_exit) or "–",
+                    mean_sd([r.dropped for r in own], 0),
+                    mean_sd([r.slowed for r in own], 0),
+                    mean_sd([r.reduced for r in own], 0),
+                    mean_sd([r.wall_s for r in hit]),
+                ]  # fmt: skip
+                lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def plan_table(grid: Grid, rounds: dict) -> list[str]:
+    lines = [
+        "| method | fleet | strategy | device | clients | trains layers | exit | rank | batch | length | "
+        "round s (SIMULATED) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cell, cell_rounds in rounds.items():
+        if cell.partition != grid.partitions[0] or cell.seed != grid.seeds[0]:
+            continue
+        by_device: dict[tuple, list[int]] = {}
+        for client, plan in sorted(recorded_plans(cell_rounds).items()):
+            key = tuple(
+                plan[k]
+                for k in (
+                    "profile",
+                    "frozen_layers",
+                    "exit_layer",
+                    "rank",
+                    "batch_size",
+                    "seq_len",
+                    "round_s",
+                )
+            )
+            by_device.setdefault(key, []).append(client)
+        for (profile, frozen, exit_layer, rank, batch, length, round_s), clients in by_device.items():
+            lines.append(
+                f"| {cell.method} | {cell.fleet} | {cell.strategy} | {profile} | "
+                f"{', '.join(map(str, clients))} | {frozen}–{exit_layer - 1} | {exit_layer} | {rank} | "
+                f"{batch} | {length} | {round_s:.2f} |"
+            )
+    return lines
+
+
+@dataclass
+class AnytimeRow:
+    """One early-exit method's exit under one strategy: its accuracy and its latency on each device."""
+
+    method: str
+    strategy: str
+    exit_layer: int
+    accuracy: float  # final evaluation accuracy, mean over the seeds (first partition)
+    latency_ms: dict[str, float]  # device profile -> predicted latency of one text (SIMULATED)
+
+
+def anytime_rows(grid: Grid, results: list[CellResult], clocks: dict) -> list[AnytimeRow]:
+    rows = []
+    for (method, fleet, strategy), named in clocks.items():
+        exits = [
+            r.final_exit_accuracy
+            for r in results
+            if (r.method, r.fleet, r.strategy, r.partition) == (method, fleet, strategy, grid.partitions[0])
+            and r.final_exit_accuracy
+        ]
+        if not exits:
+            continue
+        fleet_plans = named[fleet].fleet
+        profiles = {fleet_plans.profile_for(slot) for slot in range(len(fleet_plans.profiles))}
+        for index, accuracies in enumerate(zip(*exits, strict=True)):
+            latency = {
+                profile.name: 1e3
+                * inference_seconds(fleet_plans.shape, index + 1, fleet_plans.request.seq_len, profile)
+                for profile in sorted(profiles, key=lambda profile: profile.name)
+            }
+            rows.append(AnytimeRow(method, strategy, index + 1, statistics.mean(accuracies), latency))
+    return rows
+
+
+def anytime_table(rows: list[AnytimeRow]) -> list[str]:
+    if not rows:
+        return []
+    devices = list(rows[0].latency_ms)
+    header = ["method", "strategy", "exit (blocks run)", "accuracy"] + [
+        f"ms on {d} (SIMULATED)" for d in devices
+    ]
+    lines = [
+        "## Anytime inference",
+        "",
+        "Each exit's final accuracy (mean over the seeds) beside its predicted latency for one text of "
+        "max-seq-len tokens on each device (edgefed/devices/costmodel.py `inference_seconds`: SIMULATED). "
+        "`edgefed predict --run DIR --profile NAME --latency-ms X` answers from the deepest exit that fits. "
+        "Plot: accuracy_latency.png.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for row in rows:
+        cells = [row.method, row.strategy, str(row.exit_layer), f"{row.accuracy:.3f}"]
+        lines.append("| " + " | ".join(cells + [f"{row.latency_ms[d]:.2f}" for d in devices]) + " |")
+    return [*lines, ""]
+
+
+def plot_anytime(out: Path, rows: list[AnytimeRow]) -> bool:
+    """Accuracy against predicted latency, one line per device and strategy."""
+    plt = pyplot()
+    if plt is None or not rows:
+        return False
+    figure, axes = plt.subplots(1, len({row.method for row in rows}), figsize=(6, 4.2), squeeze=False)
+    for axis, method in zip(axes[0], dict.fromkeys(row.method for row in rows), strict=True):
+        strategies = list(dict.fromkeys(row.strategy for row in rows))
+        styles = dict(zip(strategies, ("-", ":", "--", "-."), strict=False))  # more strategies: solid
+        for colour, device in enumerate(rows[0].latency_ms):
+            for strategy in strategies:
+                own = [row for row in rows if (row.method, row.strategy) == (method, strategy)]
+                axis.plot(
+                    [row.latency_ms[device] for row in own],
+                    [row.accuracy for row in own],
+                    styles.get(strategy, "-"),
+                    marker="o",
+                    color=f"C{colour}",
+                    label=f"{device}, {strategy}",
+                )
+        axis.set_xscale("log")
+        axis.set_xlabel("predicted latency per text, ms (SIMULATED)")
+        axis.set_ylabel("accuracy of the exit")
+        axis.set_title(f"{method}: anytime inference")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="x-small")
+    figure.tight_layout()
+    figure.savefig(out / "accuracy_latency.png", dpi=100)
+    plt.close(figure)
+    return True
+
+
+def markdown_report(grid: Grid, results: list[CellResult]) -> str:
+    lines = [
+        *header_lines(grid, ""),
         *summary_table(grid, results),
         "",
     ]
@@ -157,13 +363,21 @@ def markdown_report(grid: Grid, results: list[CellResult], host) -> str:
     return "\n".join(lines)
 
 
-def plot_reports(grid: Grid, out: Path, results: list[CellResult], rounds: dict, clocks: dict) -> bool:
+def label_of(cell) -> str:
+    return f"{cell.method} {cell.strategy}" if cell.strategy else cell.method
+
+
+def plot_reports(
+    grid: Grid, out: Path, results: list[CellResult], rounds: dict, clocks: dict, default_steps: int
+) -> bool:
     """Accuracy against the critical-path wall time and the simulated time; bytes to target."""
     plt = pyplot()
     if plt is None:
         return False
-    colours = {method: f"C{index}" for index, method in enumerate(grid.methods)}
-    clock_panels = [("wall", grid.profiles[0])] + [("simulated", name) for name in grid.profiles]
+    labels = list(dict.fromkeys(label_of(cell) for cell in rounds))
+    colours = {label: f"C{index}" for index, label in enumerate(labels)}
+    names = list(grid.fleets) or list(grid.profiles)
+    clock_panels = [("wall", name) for name in names[:1]] + [("simulated", name) for name in names]
     for filename, panels in (
         ("accuracy_wall.png", clock_panels[:1]),
         ("accuracy_simulated.png", clock_panels[1:]),
@@ -172,30 +386,33 @@ def plot_reports(grid: Grid, out: Path, results: list[CellResult], rounds: dict,
             len(panels), len(grid.partitions), figsize=(5 * len(grid.partitions), 3.8 * len(panels)),
             squeeze=False, sharey=True,
         )  # fmt: skip
-        for row, (kind, profile) in enumerate(panels):
+        for row, (kind, name) in enumerate(panels):
             for column, partition in enumerate(grid.partitions):
                 axis = axes[row][column]
                 for cell, cell_rounds in rounds.items():
-                    if cell.partition != partition:
+                    clock = clocks[cell.setting].get(name)
+                    if cell.partition != partition or clock is None:
                         continue
-                    clock = clocks[cell.method][profile]
                     times, total = [], 0.0
                     for metrics in cell_rounds[1:]:  # round 0 is at time 0, off a log axis
-                        total += round_seconds(metrics, clock)[0 if kind == "wall" else 1]
+                        if kind == "wall":
+                            total += critical_path_s(metrics, clock.transfer_s)
+                        else:
+                            total += clock.replay(metrics, default_steps).seconds
                         times.append(total)
                     axis.plot(
                         times,
                         [metrics.accuracy for metrics in cell_rounds[1:]],
                         marker=".",
-                        color=colours[cell.method],
+                        color=colours[label_of(cell)],
                         alpha=0.7,
                         linewidth=1,
-                        label=cell.method if cell.seed == grid.seeds[0] else None,
+                        label=label_of(cell) if cell.seed == grid.seeds[0] else None,
                     )
                 axis.axhline(grid.target_accuracy, color="grey", linestyle="--", linewidth=1)
                 if any(len(line.get_xdata()) for line in axis.get_lines()[:-1]):  # [-1]: the target
                     axis.set_xscale("log")  # fft's seconds are two orders above the others
-                axis.set_title(f"{partition}" + (f" · SIMULATED {profile}" if kind == "simulated" else ""))
+                axis.set_title(f"{partition}" + (f" · SIMULATED {name}" if kind == "simulated" else ""))
                 axis.set_xlabel(
                     "seconds, critical path (this machine's training)"
                     if kind == "wall"
@@ -203,29 +420,29 @@ def plot_reports(grid: Grid, out: Path, results: list[CellResult], rounds: dict,
                 )
                 axis.grid(alpha=0.3)
             axes[row][0].set_ylabel("evaluation accuracy")
-        axes[0][0].legend()
+        axes[0][0].legend(fontsize="small")
         figure.tight_layout()
         figure.savefig(out / filename, dpi=100)
         plt.close(figure)
-    figure, axis = plt.subplots(figsize=(2 + 1.6 * len(grid.partitions) * len(grid.methods) / 3, 4))
-    width = 0.8 / len(grid.methods)
-    for index, method in enumerate(grid.methods):
+    figure, axis = plt.subplots(figsize=(2 + 1.6 * len(grid.partitions) * len(labels) / 3, 4))
+    width = 0.8 / len(labels)
+    for index, label in enumerate(labels):
         heights = []
         for partition in grid.partitions:
             hit = [
                 r.bytes_to_target / MB
                 for r in results
-                if (r.method, r.partition, r.profile) == (method, partition, grid.profiles[0]) and r.reached
+                if (label_of(r), r.partition, r.profile) == (label, partition, names[0]) and r.reached
             ]
             heights.append(statistics.mean(hit) if hit else 0.0)
-        positions = [p + (index - (len(grid.methods) - 1) / 2) * width for p in range(len(grid.partitions))]
-        axis.bar(positions, heights, width, label=method, color=colours[method])
+        positions = [p + (index - (len(labels) - 1) / 2) * width for p in range(len(grid.partitions))]
+        axis.bar(positions, heights, width, label=label, color=colours[label])
     axis.set_xticks(range(len(grid.partitions)), grid.partitions)
     if any(patch.get_height() > 0 for patch in axis.patches):
         axis.set_yscale("log")
     axis.set_ylabel("MB on the wire to target (up + down, all clients)")
     axis.set_title("bytes to target (missing bar: target not reached)")
-    axis.legend()
+    axis.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(out / "bytes_to_target.png", dpi=100)
     plt.close(figure)

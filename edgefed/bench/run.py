@@ -1,16 +1,13 @@
 """`edgefed bench`: time to a target accuracy over a grid of federated runs (benchmarks/time_to_accuracy.py).
 
-A grid is methods × partitions × device profiles × seeds. Each (method, partition, seed) cell is one
-federated run (`edgefed run`) that stops at the target accuracy or at the round cap. The device
-profiles do not change what a client trains when their plans are the run's own (the bench checks
-this), so each profile's clock is computed from the same run: its recorded per-client training times
-and bytes, replayed through the simulated clock (edgefed/devices/clock.py). Time to target is the round's
-critical path, as a deployed fleet would see it, summed over rounds:
-
-    critical path = max over the round's clients of (local training + transfer over the link)
-                    + the server's aggregation
-    wall      the training measured on this machine, transfers over the profile's link
-    simulated the training scaled to the device profile (SIMULATED, never measured on a device)
+A grid (edgefed/bench/grid.py) is methods × partitions × (device profiles, or fleets × strategies) ×
+seeds. Each cell is one federated run (`edgefed run`) that stops at the target accuracy or at the round
+cap. A profile grid's device profiles do not change what a client trains (the bench checks that their
+plans are the run's own), so each profile's clock replays the same run; a fleet grid's cell is timed
+on its own fleet. Time to target is the round's critical path, as a deployed fleet would see it,
+summed over rounds (edgefed/bench/replay.py): *simulated* from the cost model's step time for each
+client's plan and steps on its device plus its link (SIMULATED, never measured on a device, equal for
+equal work), *wall* from the training measured on this machine.
 
 `sequential` is the other figure: this machine's own wall clock, clients trained one after another
 and the server's evaluation included. The grid is resumable: a finished cell's metrics are kept in
@@ -27,11 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgefed.bench.grid import REFERENCE, Grid, cell_config, reference_config
-from edgefed.bench.replay import MB, CellResult, cell_results, method_clocks
+from edgefed.bench.replay import MB, CellResult, cell_results, grid_clocks
 from edgefed.bench.report import write_reports
 from edgefed.config import RunConfig
-from edgefed.devices.calibrate import measure_machine, write_profile
-from edgefed.devices.profiles import load_profile
 from edgefed.errors import EdgefedError
 from edgefed.federation.recorder import read_metrics
 from edgefed.federation.runner import run
@@ -56,16 +51,6 @@ class Bench:
         else:
             self.out.mkdir(parents=True, exist_ok=True)
             recorded.write_text(self.grid.to_toml(), encoding="utf-8")
-
-    def host_profile(self, given: str | None):
-        """This machine's profile, measured once per grid (kept in the results folder for resumes)."""
-        path = self.out / "host_profile.toml"
-        if given:  # kept beside the results, which its figures produced
-            write_profile(load_profile(given), path)
-        elif not path.is_file():
-            self.echo("edgefed bench: measuring this machine for the simulated clock (edgefed profile)")
-            write_profile(measure_machine("bench-host", quick=True, echo=lambda line: None), path)
-        return load_profile(str(path))
 
     def indented(self, text: str) -> None:
         """A run's own lines, under the bench's."""
@@ -117,42 +102,43 @@ class Bench:
         return dataclasses.replace(grid, target_accuracy=target, target_note=note + grid.target_note)
 
 
-def run_grid(
-    grid: Grid,
-    out: Path,
-    work: Path,
-    host_profile: str | None = None,
-    echo: Callable[[str], None] = print,
-) -> list[CellResult]:
+def run_grid(grid: Grid, out: Path, work: Path, echo: Callable[[str], None] = print) -> list[CellResult]:
     """Run the grid's unfinished cells in order, then write results.csv, table.md and the plots."""
     bench = Bench(grid, out, work, echo)
+    clocks = grid_clocks(grid)  # first: a fleet that cannot run leaves no results folder behind
     bench.check_folder()
-    host = bench.host_profile(host_profile)
-    clocks = {method: method_clocks(grid, method, host) for method in grid.methods}
+    steps = grid.run.get("local_steps") or 1
     grid = bench.resolve_target()
     target = grid.target_accuracy
     cells = grid.cells()
     todo = [cell for cell in cells if not bench.done(cell.id)]
+    shape = (
+        f"{len(grid.fleets)} fleets × {len(grid.strategies)} strategies"
+        if grid.fleets
+        else f"{len(grid.profiles)} device profiles replayed from each"
+    )
     echo(
         f"edgefed bench: grid {grid.name}: {len(cells)} runs ({len(grid.methods)} methods × "
-        f"{len(grid.partitions)} partitions × {len(grid.seeds)} seeds; {len(grid.profiles)} device profiles "
-        f"replayed from each), {len(cells) - len(todo)} done, {len(todo)} to run; target accuracy "
-        f"{target:.3f}; results in {out}"
+        f"{len(grid.partitions)} partitions × {len(grid.seeds)} seeds; {shape}), {len(cells) - len(todo)} "
+        f"done, {len(todo)} to run; target accuracy {target:.3f}; results in {out}"
     )
     started = time.perf_counter()
     for index, cell in enumerate(todo):
         position = f"[{cells.index(cell) + 1}/{len(cells)}]"
         elapsed = time.perf_counter() - started
         eta = f", about {format_duration(elapsed / index * (len(todo) - index))} left" if index else ""
-        echo(f"edgefed bench: {position} {cell.method} {cell.partition} seed {cell.seed}{eta}")
+        setting = f" {cell.fleet} {cell.strategy}" if cell.fleet else ""
+        echo(f"edgefed bench: {position} {cell.method} {cell.partition}{setting} seed {cell.seed}{eta}")
         rounds = bench.run_cell(cell.id, cell_config(grid, cell, target))
-        result = cell_results(cell, rounds, target, clocks[cell.method])[0]
+        result = cell_results(cell, rounds, target, clocks[cell.setting], steps)[0]
         echo(f"edgefed bench: {position} {describe(result)}")
     rounds = {cell: bench.rounds(cell.id) for cell in cells}
     results = [
-        result for cell in cells for result in cell_results(cell, rounds[cell], target, clocks[cell.method])
+        result
+        for cell in cells
+        for result in cell_results(cell, rounds[cell], target, clocks[cell.setting], steps)
     ]
-    write_reports(grid, out, results, rounds, clocks, host)
+    write_reports(grid, out, results, rounds, clocks, steps)
     echo(f"edgefed bench: wrote {out / 'results.csv'}, {out / 'table.md'} and the plots")
     return results
 

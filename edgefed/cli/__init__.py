@@ -100,13 +100,26 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--num-labels", type=int, default=2, help="classes of the head (default 2)")
     bench = commands.add_parser(
         "bench",
-        help="time to a target accuracy over a grid: methods × partitions × device profiles × seeds",
+        help="time to a target accuracy over a grid: methods × partitions × (profiles or fleets) × seeds",
         description="Run a grid of federated runs, each to a target accuracy or its round cap, and write "
         "results.csv, table.md and plots of accuracy against time (critical path: this machine's "
         "training, and the SIMULATED device clock) and of bytes to target. Resumable: run it again "
         "to continue a killed grid.",
     )
     add_bench_options(bench)
+    predict = commands.add_parser(
+        "predict",
+        help="answer texts with a trained run, within a latency budget on a device (anytime inference)",
+        description="Classify texts (one per line, from --input or stdin) with a finished run. With "
+        "--profile and --latency-ms, an early-exit run (ee-adapter) answers from the deepest exit whose "
+        "predicted latency on that device fits; --confidence stops at the first exit that sure. "
+        "Latencies are the cost model's (SIMULATED). Prints label, probability, exit and latency.",
+    )
+    predict.add_argument("--run", required=True, metavar="DIR", help="a finished run's folder")
+    predict.add_argument("--profile", help="the device that answers (a shipped profile or a file)")
+    predict.add_argument("--latency-ms", type=float, help="the latency budget per text, on --profile")
+    predict.add_argument("--confidence", type=float, help="stop at the first exit this sure (0-1)")
+    predict.add_argument("--input", metavar="FILE", help="texts, one per line (default: stdin)")
     return parser
 
 
@@ -238,6 +251,41 @@ def plan_command(args: dict[str, Any]) -> int:
     return 0
 
 
+def predict_command(args: dict[str, Any]) -> int:
+    from edgefed.anytime import AnytimePredictor
+
+    predictor = AnytimePredictor(args["run"], args["profile"], args["latency_ms"], args["confidence"])
+    if predictor.profile is not None:
+        latencies = ", ".join(f"{k}: {ms:.2f}" for k, ms in predictor.latencies_ms.items())
+        print(
+            f"edgefed predict: answering from exit {predictor.depth} on {predictor.profile.name}; predicted "
+            f"latency per exit, ms (SIMULATED, {predictor.seq_len} tokens): {latencies}",
+            file=sys.stderr,
+        )
+    texts = read_lines(args["input"])
+    for prediction in predictor.predict(texts):
+        latency = "" if prediction.latency_ms is None else f"\t{prediction.latency_ms:.2f} ms SIMULATED"
+        print(f"{prediction.name}\t{prediction.probability:.3f}\texit {prediction.exit_layer}{latency}")
+    return 0
+
+
+def read_lines(path: str | None):
+    """Non-empty lines of a file or stdin, without their line ends."""
+    try:
+        handle = open(path, encoding="utf-8") if path else sys.stdin  # noqa: SIM115 - closed below
+    except OSError as error:
+        raise EdgefedError(f"{path}: {error.strerror}") from None
+    try:
+        for line in handle:
+            if line.strip():
+                yield line.rstrip("\n")
+    except UnicodeDecodeError:
+        raise EdgefedError(f"{path or 'stdin'}: not UTF-8 text") from None
+    finally:
+        if path:
+            handle.close()
+
+
 COMMANDS = {
     "run": run_command,
     "bench": bench_command,
@@ -245,4 +293,5 @@ COMMANDS = {
     "client": client_command,
     "profile": profile_command,
     "plan": plan_command,
+    "predict": predict_command,
 }

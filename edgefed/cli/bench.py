@@ -22,7 +22,6 @@ def add_bench_options(parser: argparse.ArgumentParser) -> None:
     add("--profiles", help="comma-separated device profiles (overrides the grid's)")
     add("--seeds", help="comma-separated (overrides the grid's)")
     add("--target-accuracy", type=float, help="a fraction, e.g. 0.8 (overrides the grid's)")
-    add("--host-profile", metavar="FILE", help="this machine's profile (default: measured once per grid)")
 
 
 def bench_command(args: dict[str, Any]) -> int:
@@ -46,5 +45,5 @@ def bench_command(args: dict[str, Any]) -> int:
         grid = dataclasses.replace(grid, run={**grid.run, "data": args["data"]})
     out = Path(args["out"] or Path("benchmarks") / "results" / grid.name)
     work = Path(args["work"] or Path("runs") / "bench" / grid.name)
-    run_grid(grid, out, work, args["host_profile"])
+    run_grid(grid, out, work)
     return 0

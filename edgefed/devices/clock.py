@@ -1,25 +1,21 @@
 """The simulated device clock: how long a round would take if each client were its device profile.
 
-Always labelled simulated: nothing here is measured on the devices. Per round, for each client k
-that returned an update (the model of the time is edgefed/devices/costmodel.py's, in one place):
+Always labelled simulated: nothing here is measured on a device, and nothing here is measured on
+this machine either, so equal work gives equal simulated time whatever the host's load. Per round,
+for each client k that returned an update (the model of a step is edgefed/devices/costmodel.py's):
 
-    compute_k  = train_s_k (measured on this machine) · step_s(plan_k, profile_k) / step_s(plan_k, host)
-    transfer_k = profile_k.transfer_s(bytes down to k, bytes up from k)      the link's rates and latency
-    round      = max_k (compute_k + transfer_k) + aggregate_s (measured on this machine: the server)
+    client_k = steps_k · step_s(plan_k, profile_k) + profile_k.transfer_s(bytes down to k, bytes up from k)
+    round    = max_k client_k, or the deadline when a `deadline` fleet dropped a client that missed it
 
-`host` is this machine's own profile, measured by `edgefed profile` (edgefed/devices/calibrate.py) when
-the run starts, so the ratio scales the kind of work the plan does (GEMMs, memory traffic, launches)
-from this machine's rates to the device's. The round's critical path is its slowest client, so a
-straggler shows in simulated time-to-accuracy even when this machine trained it quickly.
+The server's aggregation is not a device's work: it is in the measured columns (wall), not here. The
+round's critical path is its slowest client, so a straggler shows in simulated time-to-accuracy.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgefed.devices.costmodel import ModelShape, step_seconds
 from edgefed.devices.fleet import FleetPlans
-from edgefed.devices.profiles import DeviceProfile
 from edgefed.types import RoundMetrics, RoundResult
 
 LABEL = "simulated device clock"
@@ -33,42 +29,50 @@ class SimulatedRound:
 
 
 class SimulatedClock:
-    def __init__(self, fleet: FleetPlans, host: DeviceProfile, shape: ModelShape) -> None:
+    def __init__(self, fleet: FleetPlans) -> None:
         self.fleet = fleet
-        self.host = host
-        self.shape = shape
 
-    def client_seconds(self, slot: int, train_s: float, bytes_down: int, bytes_up: int) -> float:
+    def client_seconds(self, slot: int, steps: int, bytes_down: int, bytes_up: int) -> float:
         plan = self.fleet.plan(slot)
-        profile = self.fleet.profile_for(slot)
-        if plan is None or profile is None:  # a client without a profile runs at this machine's pace
-            return train_s
-        work = plan.workload
-        ratio = step_seconds(self.shape, work, profile) / step_seconds(self.shape, work, self.host)
-        return train_s * ratio + profile.transfer_s(bytes_down, bytes_up)
+        if plan is None:
+            raise ValueError(f"client {slot} has no device profile: the simulated clock cannot time it")
+        return steps * plan.step_s + self.transfer_s(slot, bytes_down, bytes_up)
 
-    def round(self, result: RoundResult, aggregate_s: float) -> SimulatedRound:
+    def transfer_s(self, slot: int, bytes_down: int, bytes_up: int) -> float:
+        """The client's transfers over its device's link."""
+        return self.fleet.profile_for(slot).transfer_s(bytes_down, bytes_up)
+
+    def late(self, slots: list[int]) -> list[int]:
+        """The clients a `deadline` fleet drops: their plan's predicted round exceeds the budget."""
+        return [slot for slot in slots if self.fleet.misses_deadline(slot)]
+
+    def round(self, result: RoundResult) -> SimulatedRound:
         return self._round(
             {
-                update.client_id: (update.train_s, *result.client_bytes.get(update.client_id, (0, 0)))
+                update.client_id: (update.steps, *result.client_bytes.get(update.client_id, (0, 0)))
                 for update in result.updates
             },
-            aggregate_s,
+            missed=bool(self.late(result.dropped)),
         )
 
-    def replay(self, metrics: RoundMetrics) -> SimulatedRound:
-        """A recorded round (its per-client training times and bytes) on this clock: the same run seen
-        on other device profiles without training it again."""
+    def replay(self, metrics: RoundMetrics, default_steps: int) -> SimulatedRound:
+        """A recorded round (its per-client steps and bytes) on this clock: the same run seen on other
+        device profiles without training it again. Rounds recorded before metrics carried
+        `client_steps` count `default_steps` (the run's local steps) for every client."""
+        steps = metrics.client_steps or [default_steps] * len(metrics.clients)
         measured = {
-            client: (train_s, down, up)
-            for client, train_s, (down, up) in zip(
-                metrics.clients, metrics.client_train_s, metrics.client_bytes, strict=True
+            client: (client_steps, down, up)
+            for client, client_steps, (down, up) in zip(
+                metrics.clients, steps, metrics.client_bytes, strict=True
             )
         }
-        return self._round(measured, metrics.aggregate_s)
+        return self._round(measured, missed=bool(self.late(metrics.dropped)))
 
-    def _round(self, measured: dict[int, tuple[float, int, int]], aggregate_s: float) -> SimulatedRound:
-        """`measured`: each client's (training seconds on this machine, bytes down, bytes up)."""
-        client_s = {client: self.client_seconds(client, *figures) for client, figures in measured.items()}
+    def _round(self, work: dict[int, tuple[int, int, int]], missed: bool) -> SimulatedRound:
+        """`work`: each client's (local steps, bytes down, bytes up)."""
+        client_s = {client: self.client_seconds(client, *figures) for client, figures in work.items()}
         slowest = max(client_s, key=client_s.get) if client_s else None
-        return SimulatedRound(max(client_s.values(), default=0.0) + aggregate_s, client_s, slowest)
+        seconds = max(client_s.values(), default=0.0)
+        if missed:  # the server waited for the deadline before giving up on the late clients
+            seconds = max(seconds, self.fleet.request.budget_s)
+        return SimulatedRound(seconds, client_s, slowest)

@@ -12,8 +12,8 @@ worst case a plan must fit). Per encoder layer that runs:
     backward, dx        G + 2·A   (every layer between the lowest trained layer and the exit)
     backward, dW        G         (only when the layer's own weights train: full fine-tuning)
     added modules       2·t·p forward, 4·t·p backward for p trainable added parameters (LoRA factors,
-                        adapters) seeing t tokens (T, or B·(L+1) for adapters that read only the
-                        first-token states)
+                        adapters) seeing t tokens (T, or B·(L+1) for adapters that read one state
+                        per block); early exits that only read the blocks need no backward through them
 
 A plan's lower rank changes what a client sends, not what it computes: it trains the leading
 components of the run's factors (the others' gradients are masked), so compute and optimizer
@@ -57,7 +57,9 @@ FLOAT = 4  # bytes; edgefed trains in fp32
 ADAMW_BYTES = 36  # per trained parameter: read p, g, m, v; write p, m, v; clip reads g twice
 LAUNCHES_FORWARD = 30  # operators per encoder layer (eager PyTorch)
 LAUNCHES_BACKWARD = 50
+LAUNCHES_ADDED_BACKWARD = 20  # an early-exit adapter and its head, when backward stops there
 LAUNCHES_FIXED = 60  # embeddings, head, loss, optimizer (foreach), zero_grad
+LAUNCHES_INFERENCE_FIXED = 10  # embeddings, head, softmax
 # Resident activation memory over live activation memory on a CPU with glibc's default malloc:
 # 1.5–1.9 measured on MiniLM (fft, lora, federa; batch 16–32; length 64–256; 0 or 3 frozen layers),
 # where the live-memory model is within 10 % of RSS once glibc's mmap threshold is pinned
@@ -83,7 +85,8 @@ class ModelShape:
     embedding_trainable: int
     head_trainable: int
     trains_base_weights: bool  # the layers' own GEMM weights train (full fine-tuning)
-    adapters_see_all_tokens: bool  # False: added modules read only the first-token states
+    adapters_see_all_tokens: bool  # False: added modules read one state per block
+    backward_through_blocks: bool  # False: backward stops at the added modules (they only read blocks)
 
     @classmethod
     def of(
@@ -93,6 +96,7 @@ class ModelShape:
         rank_keys: Iterable[str],
         rank: int,
         adapters_see_all_tokens: bool = True,
+        backward_through_blocks: bool = True,
     ) -> ModelShape:
         """Count an adapted model's parameters. `base_params` are the pre-trained model's own
         parameters (the objects, before adaptation); `rank_keys` name the low-rank factors."""
@@ -136,6 +140,7 @@ class ModelShape:
             head_trainable=head,
             trains_base_weights=trains_base,
             adapters_see_all_tokens=adapters_see_all_tokens,
+            backward_through_blocks=backward_through_blocks,
         )
 
 
@@ -176,7 +181,10 @@ def sent_parameters(shape: ModelShape, work: Workload) -> int:
 
 
 def backward_layers(shape: ModelShape, work: Workload) -> range:
-    """Layers that backward passes through: from the lowest layer with anything to train to the exit."""
+    """Layers that backward passes through: from the lowest layer with anything to train to the exit
+    (none when the trained modules only read the blocks)."""
+    if not shape.backward_through_blocks:
+        return range(0)
     trained = [i for i in trained_layers(shape, work) if layer_trainable(shape, i, shape.rank)]
     if work.frozen_layers == 0 and shape.embedding_trainable:
         return range(0, work.exit_layer)
@@ -190,20 +198,32 @@ def saved_floats_per_token(shape: ModelShape, work: Workload, layer: int) -> int
     return base + 3 * h * s + 4 + shape.added_inputs[layer]
 
 
+def forward_flops(shape: ModelShape, work: Workload) -> float:
+    """FLOPs of the forward pass through blocks 0..exit_layer-1, their added modules and the head."""
+    d, f, t = shape.hidden, shape.intermediate, work.tokens
+    gemm = 2 * t * (4 * d * d + 2 * d * f)
+    attention = 4 * t * work.seq_len * d
+    flops = work.exit_layer * (gemm + attention)
+    flops += sum(2 * added_tokens(shape, work) * shape.added[i] for i in range(work.exit_layer))
+    return float(flops + 2 * work.batch_size * d * max(shape.num_labels, 2))
+
+
+def added_tokens(shape: ModelShape, work: Workload) -> int:
+    """Tokens each added module sees: all of them, or one state per block for first-token adapters."""
+    return work.tokens if shape.adapters_see_all_tokens else work.batch_size * (shape.layers + 1)
+
+
 def step_flops(shape: ModelShape, work: Workload) -> float:
     d, f, t = shape.hidden, shape.intermediate, work.tokens
     gemm = 2 * t * (4 * d * d + 2 * d * f)
     attention = 4 * t * work.seq_len * d
-    added_tokens = t if shape.adapters_see_all_tokens else work.batch_size * (shape.layers + 1)
-    flops = work.exit_layer * (gemm + attention)
-    flops += sum(2 * added_tokens * shape.added[i] for i in range(work.exit_layer))
+    flops = forward_flops(shape, work)
     for i in backward_layers(shape, work):
         flops += gemm + 2 * attention
         if shape.trains_base_weights and i >= work.frozen_layers:
             flops += gemm
-        if i >= work.frozen_layers:
-            flops += 4 * added_tokens * shape.added[i]
-    return float(flops + 6 * work.batch_size * d * max(shape.num_labels, 2))
+    flops += sum(4 * added_tokens(shape, work) * shape.added[i] for i in trained_layers(shape, work))
+    return float(flops + 4 * work.batch_size * d * max(shape.num_labels, 2))
 
 
 def layer_weights(shape: ModelShape) -> int:
@@ -211,23 +231,28 @@ def layer_weights(shape: ModelShape) -> int:
     return 4 * d * d + 2 * d * f
 
 
+def forward_bytes(shape: ModelShape, work: Workload) -> float:
+    """Memory traffic of the forward pass: its activations written and read once, its weights read."""
+    t = work.tokens
+    activations = FLOAT * t * 2 * sum(saved_floats_per_token(shape, work, i) for i in range(work.exit_layer))
+    return float(activations + FLOAT * layer_weights(shape) * work.exit_layer + FLOAT * 3 * t * shape.hidden)
+
+
 def step_bytes(shape: ModelShape, work: Workload) -> float:
     """Memory traffic of the element-wise work, the weight reads and the optimizer."""
-    t = work.tokens
-    forward = sum(saved_floats_per_token(shape, work, i) for i in range(work.exit_layer))
-    backward = sum(saved_floats_per_token(shape, work, i) for i in backward_layers(shape, work))
-    activations = FLOAT * t * (2 * forward + 4 * backward)
-    weights = FLOAT * layer_weights(shape) * (work.exit_layer + 2 * len(backward_layers(shape, work)))
-    embeddings = FLOAT * 3 * t * shape.hidden
-    return float(activations + weights + embeddings + ADAMW_BYTES * trained_parameters(shape, work))
+    backward = backward_layers(shape, work)
+    activations = FLOAT * work.tokens * 4 * sum(saved_floats_per_token(shape, work, i) for i in backward)
+    weights = FLOAT * layer_weights(shape) * 2 * len(backward)
+    optimizer = ADAMW_BYTES * trained_parameters(shape, work)
+    return forward_bytes(shape, work) + float(activations + weights + optimizer)
 
 
 def step_launches(shape: ModelShape, work: Workload) -> int:
-    return (
-        LAUNCHES_FORWARD * work.exit_layer
-        + LAUNCHES_BACKWARD * len(backward_layers(shape, work))
-        + LAUNCHES_FIXED
-    )
+    if shape.backward_through_blocks:
+        backward = LAUNCHES_BACKWARD * len(backward_layers(shape, work))
+    else:  # only the trained added modules' backward
+        backward = LAUNCHES_ADDED_BACKWARD * len(trained_layers(shape, work))
+    return LAUNCHES_FORWARD * work.exit_layer + backward + LAUNCHES_FIXED
 
 
 def step_seconds(shape: ModelShape, work: Workload, profile: DeviceProfile) -> float:
@@ -236,6 +261,20 @@ def step_seconds(shape: ModelShape, work: Workload, profile: DeviceProfile) -> f
         step_flops(shape, work) / profile.flops_per_s
         + step_bytes(shape, work) / profile.bytes_per_s
         + step_launches(shape, work) * profile.launch_us * 1e-6
+    )
+
+
+def inference_seconds(
+    shape: ModelShape, exit_layer: int, seq_len: int, profile: DeviceProfile, batch_size: int = 1
+) -> float:
+    """Predicted seconds of one forward pass that stops after block `exit_layer` (inference: eval mode,
+    nothing saved for a backward pass, no optimizer)."""
+    work = Workload(exit_layer, exit_layer, shape.rank, batch_size, seq_len)
+    launches = LAUNCHES_FORWARD * exit_layer + LAUNCHES_INFERENCE_FIXED
+    return (
+        forward_flops(shape, work) / profile.flops_per_s
+        + forward_bytes(shape, work) / profile.bytes_per_s
+        + launches * profile.launch_us * 1e-6
     )
 
 

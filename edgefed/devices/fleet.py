@@ -1,7 +1,9 @@
 """The fleet's plans: each client slot's device profile, its plan and its scope.
 
 `--profiles a,b,c` assigns profile a to client 0, b to client 1, c to client 2, a to client 3, and
-so on. Without it, a gRPC client's plan comes from the profile it announces when it joins
+so on (`2×a + b` is `a,a,b`; `a@3` caps a's exit depth at 3 blocks). `--fleet-strategy` says whether
+each client gets the planner's plan for its device or the run's own settings (FLEET_STRATEGIES).
+Without `--profiles`, a gRPC client's plan comes from the profile it announces when it joins
 (`edgefed client --profile NAME`); a client with neither trains what the run's configuration says.
 Plans are pure functions of the configuration, the model and the profile, so a resumed server and a
 rejoining client arrive at the same ones.
@@ -15,8 +17,9 @@ from torch import nn
 
 from edgefed.codecs import encode_state, make_codec
 from edgefed.devices.costmodel import ModelShape
-from edgefed.devices.planner import Plan, Request, plan_for
-from edgefed.devices.profiles import DeviceProfile, load_profile
+from edgefed.devices.planner import Plan, Request, plan_as_asked, plan_for
+from edgefed.devices.profiles import DeviceProfile, device_entry, load_profile
+from edgefed.errors import EdgefedError
 from edgefed.methods.base import AdapterSpec, LowRankPair, Method, SetupState
 from edgefed.scope import Scope, Shape, client_scope
 
@@ -51,7 +54,16 @@ def measure_shape(
         [key for pair in pairs for key in (pair.a, pair.b)],
         spec.rank,
         method.adapters_see_all_tokens,
+        method.backward_through_blocks,
     )
+
+
+# How a fleet's clients are given work (`--fleet-strategy`): name -> what it does.
+FLEET_STRATEGIES = {
+    "planned": "each device its own plan within budget-s (frozen layers, exit, rank, batch, length)",
+    "uniform": "every device the run's settings; a round waits for the slowest",
+    "deadline": "every device the run's settings; a client whose round exceeds budget-s is dropped",
+}
 
 
 @dataclass
@@ -61,29 +73,80 @@ class FleetPlans:
     early_exits: bool
     shapes: dict[str, Shape]  # the global communicated state's tensor shapes
     pairs: list[LowRankPair]
-    profiles: tuple[str, ...] = ()
+    profiles: tuple[str, ...] = ()  # fleet entries (edgefed/devices/profiles.py parse_fleet), in turn
+    strategy: str = "planned"
     _plans: dict[str, Plan] = field(default_factory=dict)
     _profiles: dict[str, DeviceProfile] = field(default_factory=dict)
 
+    def entry_for(self, slot: int, announced: str = "") -> str:
+        return self.profiles[slot % len(self.profiles)] if self.profiles else announced
+
     def profile_for(self, slot: int, announced: str = "") -> DeviceProfile | None:
-        name = self.profiles[slot % len(self.profiles)] if self.profiles else announced
+        name, _ = device_entry(self.entry_for(slot, announced))
         if not name:
             return None
         if name not in self._profiles:  # read each file once: the clock asks every client every round
             self._profiles[name] = load_profile(name)
         return self._profiles[name]
 
+    def matching(self, slots: list[int], announced: str) -> list[int]:
+        """The slots among `slots` whose device is the one a joining client announced (all of them when
+        the fleet names no devices or the client announced none)."""
+        if not self.profiles or not announced:
+            return slots
+        name = load_profile(announced).name
+        return [slot for slot in slots if self.profile_for(slot).name == name]
+
+    def check_announced(self, slot: int, announced: str) -> None:
+        """A client that announces a device must be the device the fleet has in its slot."""
+        if self.matching([slot], announced) != [slot]:
+            raise EdgefedError(
+                f"announced {load_profile(announced).name}, but the fleet's client {slot} is a "
+                f"{self.profile_for(slot).name}"
+            )
+
     def on_profile(self, name: str) -> FleetPlans:
         """The same fleet with every client on the profile `name`."""
-        return FleetPlans(self.shape, self.request, self.early_exits, self.shapes, self.pairs, (name,))
+        return FleetPlans(
+            self.shape, self.request, self.early_exits, self.shapes, self.pairs, (name,), self.strategy
+        )
 
     def plan(self, slot: int, announced: str = "") -> Plan | None:
+        entry = self.entry_for(slot, announced)
         profile = self.profile_for(slot, announced)
         if profile is None:
             return None
-        if profile.name not in self._plans:
-            self._plans[profile.name] = plan_for(self.shape, profile, self.request, self.early_exits)
-        return self._plans[profile.name]
+        if entry not in self._plans:
+            self._plans[entry] = self._plan(entry, profile)
+        return self._plans[entry]
+
+    def _plan(self, entry: str, profile: DeviceProfile) -> Plan:
+        _, max_exit = device_entry(entry)
+        if max_exit is not None and not self.early_exits:
+            raise EdgefedError(f"{entry}: an exit depth needs an early-exit method (ee-adapter)")
+        if max_exit is not None and max_exit > self.shape.layers:
+            raise EdgefedError(f"{entry}: exit after block {max_exit}, but the model has {self.shape.layers}")
+        if self.strategy == "planned":
+            return plan_for(self.shape, profile, self.request, self.early_exits, max_exit)
+        return plan_as_asked(self.shape, profile, self.request, max_exit or self.shape.layers)
+
+    def misses_deadline(self, slot: int) -> bool:
+        """Whether a `deadline` fleet drops this client: its predicted round exceeds the budget."""
+        if self.strategy != "deadline":
+            return False
+        plan = self.plan(slot)
+        return plan is not None and plan.round_s > self.request.budget_s
+
+    def check(self, clients: int) -> None:
+        """Plan every client now, so that a fleet no plan or deadline suits fails before the run starts."""
+        for slot in range(clients):
+            self.plan(slot)
+        if clients and all(self.misses_deadline(slot) for slot in range(clients)):
+            fastest = min(self.plan(slot).round_s for slot in range(clients))
+            raise EdgefedError(
+                f"no device meets the budget of {self.request.budget_s:g} s: the fastest needs "
+                f"{fastest:.2f} s a round with the run's settings"
+            )
 
     def scope(self, plan: Plan | None) -> Scope:
         if plan is None:

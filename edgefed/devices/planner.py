@@ -70,12 +70,19 @@ class Request:
     memory_gb: float | None = None  # at most this much, besides the profile's usable memory
 
 
-def plan_for(shape: ModelShape, profile: DeviceProfile, request: Request, early_exits: bool) -> Plan:
-    """The best plan that fits; EdgefedError naming the tightest limit when none does."""
-    limit_gb = profile.usable_gb if request.memory_gb is None else min(profile.usable_gb, request.memory_gb)
+def plan_for(
+    shape: ModelShape,
+    profile: DeviceProfile,
+    request: Request,
+    early_exits: bool,
+    max_exit: int | None = None,
+) -> Plan:
+    """The best plan that fits (exiting after at most `max_exit` blocks, when given); EdgefedError
+    naming the tightest limit when none does."""
+    limit_gb = memory_limit_gb(profile, request)
     asked = Workload(0, shape.layers, request.rank, request.batch_size, request.seq_len)
     best, best_key = None, None
-    for work in candidates(shape, request, early_exits):
+    for work in candidates(shape, request, early_exits, max_exit or shape.layers):
         peak_gb = predicted_peak_gb(shape, work, profile)
         round_s = predicted_round_s(shape, work, profile, request)
         if peak_gb > limit_gb or (request.budget_s is not None and round_s > request.budget_s):
@@ -99,24 +106,52 @@ def plan_for(shape: ModelShape, profile: DeviceProfile, request: Request, early_
             f"{predicted_round_s(shape, smallest, profile, request):.2f} s per round "
             f"(budget {'none' if request.budget_s is None else f'{request.budget_s:g} s'})"
         )
-    return Plan(
-        profile=profile.name,
-        frozen_layers=best.frozen_layers,
-        exit_layer=best.exit_layer,
-        rank=best.rank,
-        batch_size=best.batch_size,
-        seq_len=best.seq_len,
-        local_steps=request.local_steps,
-        step_s=step_seconds(shape, best, profile),
-        round_s=predicted_round_s(shape, best, profile, request),
-        peak_gb=predicted_peak_gb(shape, best, profile),
-        reasons=tuple(explain(shape, profile, request, asked, best, limit_gb)),
+    return make_plan(shape, profile, request, best, explain(shape, profile, request, asked, best, limit_gb))
+
+
+def plan_as_asked(shape: ModelShape, profile: DeviceProfile, request: Request, exit_layer: int) -> Plan:
+    """The run's own settings on this device, whatever the budget (what a fleet without a planner
+    runs); EdgefedError when the device cannot hold them."""
+    work = Workload(0, exit_layer, request.rank, request.batch_size, request.seq_len)
+    limit_gb = memory_limit_gb(profile, request)
+    peak_gb = predicted_peak_gb(shape, work, profile)
+    if peak_gb > limit_gb:
+        raise EdgefedError(
+            f"{profile.name} cannot hold the run's settings ({describe(work)}): {peak_gb:.2f} GB predicted, "
+            f"{limit_gb:.2f} GB usable; plan the fleet (planned) or lower batch-size or max-seq-len"
+        )
+    round_s = predicted_round_s(shape, work, profile, request)
+    budget = "" if request.budget_s is None else f" (budget {request.budget_s:g} s)"
+    return make_plan(
+        shape, profile, request, work, [f"the run's settings, unplanned: {round_s:.2f} s per round{budget}"]
     )
 
 
-def candidates(shape: ModelShape, request: Request, early_exits: bool):
+def memory_limit_gb(profile: DeviceProfile, request: Request) -> float:
+    return profile.usable_gb if request.memory_gb is None else min(profile.usable_gb, request.memory_gb)
+
+
+def make_plan(
+    shape: ModelShape, profile: DeviceProfile, request: Request, work: Workload, reasons: list[str]
+) -> Plan:
+    return Plan(
+        profile=profile.name,
+        frozen_layers=work.frozen_layers,
+        exit_layer=work.exit_layer,
+        rank=work.rank,
+        batch_size=work.batch_size,
+        seq_len=work.seq_len,
+        local_steps=request.local_steps,
+        step_s=step_seconds(shape, work, profile),
+        round_s=predicted_round_s(shape, work, profile, request),
+        peak_gb=predicted_peak_gb(shape, work, profile),
+        reasons=tuple(reasons),
+    )
+
+
+def candidates(shape: ModelShape, request: Request, early_exits: bool, max_exit: int):
     ranks = halvings(request.rank, 1) if any(shape.rank_trainable) else [request.rank]
-    exits = range(1, shape.layers + 1) if early_exits else [shape.layers]
+    exits = range(1, max_exit + 1) if early_exits else [shape.layers]
     for seq_len in halvings(request.seq_len, min(MIN_SEQ_LEN, request.seq_len)):
         for batch_size in halvings(request.batch_size, 1):
             for exit_layer in exits:
@@ -199,6 +234,11 @@ def explain(
         f"{100 * launches / total:.0f} % launch overhead on {profile.name}"
     )
     return lines
+
+
+def plan_record(plan: Plan) -> dict:
+    """A plan as metrics.jsonl and summary.json hold it."""
+    return dict(asdict(plan), reasons=list(plan.reasons))
 
 
 def plan_text(plan: Plan) -> str:

@@ -37,6 +37,8 @@ step times.
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,3 +188,33 @@ def profile_toml(profile: DeviceProfile, header: str = "") -> str:
                 lines += ["", f"[[calibration.{toml_key(key)}]]"]
                 lines += [f"{toml_key(k)} = {toml_scalar(v)}" for k, v in row.items()]
     return "\n".join(lines) + "\n"
+
+
+FLEET_EXAMPLE = "2×jetson-agx-orin-64gb-maxn + 2×jetson-orin-nano-8gb + raspberry-pi-5-8gb@3"
+
+
+def parse_fleet(entries: Iterable[str]) -> tuple[str, ...]:
+    """A fleet's devices, one entry per client: `2×NAME` (or `2xNAME`, `2*NAME`) stands for NAME twice;
+    `NAME@E` caps that device's exit depth at E blocks (early-exit methods). Entries may come joined by
+    `+` or `,`. Counts must be positive; the names are checked when the profiles load."""
+    devices: list[str] = []
+    for text in entries:
+        for entry in filter(None, (part.strip() for part in re.split(r"[+,]", text))):
+            match = re.fullmatch(r"(?:(\d+)\s*[×xX*]\s*)?([^\s@×*]+)(?:@(\S+))?", entry)
+            if match is None:
+                raise EdgefedError(
+                    f"fleet entry '{entry}': expected COUNT×PROFILE[@EXIT], e.g. {FLEET_EXAMPLE}"
+                )
+            count, name, exit_depth = match.groups()
+            if count is not None and int(count) < 1:
+                raise EdgefedError(f"fleet entry '{entry}': a device count must be at least 1")
+            if exit_depth is not None and (not exit_depth.isdigit() or int(exit_depth) < 1):
+                raise EdgefedError(f"fleet entry '{entry}': @EXIT is a number of blocks, at least 1")
+            devices += [name if exit_depth is None else f"{name}@{int(exit_depth)}"] * int(count or 1)
+    return tuple(devices)
+
+
+def device_entry(entry: str) -> tuple[str, int | None]:
+    """A fleet entry's profile name and exit-depth cap (None: no cap)."""
+    name, _, exit_depth = entry.partition("@")
+    return name, int(exit_depth) if exit_depth else None

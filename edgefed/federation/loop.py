@@ -17,6 +17,7 @@ from torch import nn
 
 from edgefed.aggregators.base import Aggregator
 from edgefed.devices.clock import SimulatedClock, SimulatedRound
+from edgefed.devices.planner import plan_record
 from edgefed.methods.base import LowRankPair, load_trainable_state, trainable_state
 from edgefed.transport.base import Transport
 from edgefed.types import Evaluation, RoundMetrics, RoundResult, State
@@ -73,6 +74,7 @@ class FederatedServer:
         self.seed = seed
         self.echo = echo
         self.clock = clock
+        self._recorded_plans: set[int] = set()
 
     def sample(self, round_number: int, available: list[int]) -> list[int]:
         """A reproducible sample of the connected clients (of all of them, when all are connected)."""
@@ -93,14 +95,19 @@ class FederatedServer:
         round_number = start.first_round
         if round_number == 1:
             metrics = self._metrics(0, self.evaluator(self.model), RoundResult([]), started, started, sim_s)
+            metrics.plans = self._joined()
             policy.record(metrics)
             if policy.should_stop(metrics):  # the starting model is already good enough
                 round_number = rounds + 1
         while round_number <= rounds:
             clients = self.sample(round_number, self.transport.wait_for_clients())
+            # A `deadline` fleet's server gives up on the clients whose device cannot finish in time.
+            late = self.clock.late(clients) if self.clock else []
+            on_time = [client for client in clients if client not in late]
             round_start = time.perf_counter()
-            result = self.transport.fit_round(round_number, clients, global_state)
-            needed = min(self.min_clients, len(clients))
+            result = self.transport.fit_round(round_number, on_time, global_state)
+            result.dropped = sorted(result.dropped + late)
+            needed = min(self.min_clients, len(on_time))
             if len(result.updates) < needed:
                 self.echo(
                     f"edgefed: round {round_number}: {len(result.updates)} of the {needed} updates it needs "
@@ -108,9 +115,10 @@ class FederatedServer:
                 )
                 continue
             aggregate_start = time.perf_counter()
-            global_state = self.aggregator.aggregate(global_state, result.updates, self.pairs)
+            if result.updates:  # else every sampled client missed the deadline: the model stays
+                global_state = self.aggregator.aggregate(global_state, result.updates, self.pairs)
             aggregate_s = time.perf_counter() - aggregate_start
-            simulated = self.clock.round(result, aggregate_s) if self.clock else None
+            simulated = self.clock.round(result) if self.clock else None
             if simulated is not None:
                 sim_s += simulated.seconds
             load_trainable_state(self.model, global_state)
@@ -118,6 +126,7 @@ class FederatedServer:
             metrics = self._metrics(
                 round_number, evaluation, result, round_start, started, sim_s, simulated, aggregate_s
             )
+            metrics.plans = self._joined()
             policy.record(metrics)
             policy.checkpoint(metrics, global_state)
             if policy.should_stop(metrics):
@@ -125,6 +134,16 @@ class FederatedServer:
             round_number += 1
         self.transport.finish()
         return global_state
+
+    def _joined(self) -> dict[str, dict] | None:
+        """The plans of the clients that joined since the last record (None: no new ones)."""
+        joined = {
+            str(slot): plan_record(plan)
+            for slot, plan in sorted(self.transport.plans().items())
+            if slot not in self._recorded_plans
+        }
+        self._recorded_plans.update(int(slot) for slot in joined)
+        return joined or None
 
     @staticmethod
     def _metrics(
@@ -152,6 +171,7 @@ class FederatedServer:
             dropped=result.dropped,
             slowest_client_s=max((update.train_s for update in updates), default=0.0),
             client_train_s=[update.train_s for update in updates],
+            client_steps=[update.steps for update in updates],
             client_bytes=[list(result.client_bytes.get(update.client_id, (0, 0))) for update in updates],
             aggregate_s=aggregate_s,
             round_s=now - round_start,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
+from edgefed.devices.planner import plan_record
 from edgefed.federation.setup import ServerSide
 from edgefed.methods import count_trainable
 from edgefed.plotting import pyplot
@@ -52,7 +52,7 @@ def finish_run(side: ServerSide, run_dir: Path, rounds: list[RoundMetrics], tota
         "time_to_target_s": {"wall": target_wall, "simulated": target_sim},
         "profiles": list(config.profiles),
         "plans": {
-            str(index): dataclasses.asdict(plan)
+            str(index): plan_record(plan)
             for index in range(config.clients)
             if (plan := side.fleet.plan(index)) is not None
         },

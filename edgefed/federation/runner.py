@@ -22,6 +22,7 @@ from edgefed.client import build_worker
 from edgefed.codecs import make_codec
 from edgefed.config import RunConfig, config_from_text, write_config
 from edgefed.data import EncodedExamples, partition
+from edgefed.devices.clock import SimulatedClock
 from edgefed.errors import EdgefedError
 from edgefed.federation.checkpoint import Checkpoint, load_checkpoint, restore_rng
 from edgefed.federation.loop import FederatedServer, StartingPoint
@@ -29,7 +30,7 @@ from edgefed.federation.policy import RunPolicy
 from edgefed.federation.progress import StepProgress
 from edgefed.federation.recorder import Recorder
 from edgefed.federation.report import finish_run
-from edgefed.federation.setup import ServerSide, describe_fleet, prepare, simulated_clock
+from edgefed.federation.setup import ServerSide, describe_fleet, prepare
 from edgefed.methods import count_trainable, load_trainable_state
 from edgefed.models import resolve_model_path
 from edgefed.split import InProcessSplitStub, RemoteBody, SplitSide
@@ -145,7 +146,7 @@ def federate(config: RunConfig, make_transport: TransportFactory, echo: Echo, re
         config.seed,
         config.min_clients,
         log,
-        simulated_clock(side, echo) if config.profiles else None,
+        SimulatedClock(side.fleet) if config.profiles else None,
     )
     recorder = Recorder(
         run_dir, log, resume_after=checkpoint.round if checkpoint else None, masked_lm=side.task.unlabeled

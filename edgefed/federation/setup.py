@@ -1,5 +1,5 @@
-"""Building a federation from a configuration: the data, the global model, the setup state, the fleet's
-plans and the simulated clock; and loading what a finished run trained."""
+"""Building a federation from a configuration: the data, the global model, the setup state and the
+fleet's plans; and loading what a finished run trained."""
 
 from __future__ import annotations
 
@@ -12,11 +12,8 @@ from torch import nn
 
 from edgefed.config import RunConfig, resolve_config
 from edgefed.data import EncodedExamples, LabeledTexts
-from edgefed.devices.calibrate import measure_machine
-from edgefed.devices.clock import SimulatedClock
-from edgefed.devices.fleet import FleetPlans, adapt_and_measure, codec_bytes_per_value
+from edgefed.devices.fleet import FLEET_STRATEGIES, FleetPlans, adapt_and_measure, codec_bytes_per_value
 from edgefed.devices.planner import Request
-from edgefed.devices.profiles import load_profile
 from edgefed.errors import EdgefedError
 from edgefed.methods import METHODS, AdapterSpec, Method
 from edgefed.methods.base import SetupState, trainable_state
@@ -72,7 +69,10 @@ def prepare(config: RunConfig) -> ServerSide:
         {name: tuple(tensor.shape) for name, tensor in global_state.items()},
         pairs,
         config.profiles,
+        config.fleet_strategy,
     )
+    if config.profiles:
+        check_fleet(fleet, config)
     global_model.to(device)
     if config.fused_kernels:
         use_fused_kernels(global_model)
@@ -108,16 +108,9 @@ def plan_request(config: RunConfig) -> Request:
     )
 
 
-def describe_fleet(side: ServerSide, echo) -> None:
-    """Each client's profile and plan, and the check that the aggregator can combine them."""
-    config, fleet = side.config, side.fleet
-    for index in range(config.clients):
-        plan = fleet.plan(index)
-        echo(
-            f"edgefed: client {index}: {plan.profile}: layers {plan.frozen_layers}-{plan.exit_layer - 1} "
-            f"train (exit {plan.exit_layer}), rank {plan.rank}, batch {plan.batch_size}, length "
-            f"{plan.seq_len}; predicted {plan.step_s:.3f} s/step, {plan.peak_gb:.2f} GB"
-        )
+def check_fleet(fleet: FleetPlans, config: RunConfig) -> None:
+    """Every client's plan exists and the aggregator can combine them (before anything is written)."""
+    fleet.check(config.clients)
     if config.aggregator != "hetero" and fleet.heterogeneous(range(config.clients)):
         raise EdgefedError(
             "the clients' plans train different tensors (frozen layers, exits or ranks differ from the "
@@ -125,17 +118,19 @@ def describe_fleet(side: ServerSide, echo) -> None:
         )
 
 
-def simulated_clock(side: ServerSide, echo) -> SimulatedClock:
-    if side.config.host_profile:
-        host = load_profile(side.config.host_profile)
-    else:
-        echo("edgefed: measuring this machine for the simulated device clock (edgefed profile)")
-        host = measure_machine(device=side.device, quick=True, echo=lambda line: None)
-    echo(
-        f"edgefed: simulated device clock: this machine runs {host.fp32_tflops:.3f} TFLOP/s FP32 GEMMs and "
-        f"streams {host.bandwidth_gbs:.1f} GB/s; each client's measured time is scaled to its profile"
-    )
-    return SimulatedClock(side.fleet, host, side.fleet.shape)
+def describe_fleet(side: ServerSide, echo) -> None:
+    """Each client's profile and plan."""
+    config, fleet = side.config, side.fleet
+    echo(f"edgefed: fleet strategy {fleet.strategy}: {FLEET_STRATEGIES[fleet.strategy]}")
+    for index in range(config.clients):
+        plan = fleet.plan(index)
+        late = "; misses the budget: dropped every round" if fleet.misses_deadline(index) else ""
+        echo(
+            f"edgefed: client {index}: {plan.profile}: layers {plan.frozen_layers}-{plan.exit_layer - 1} "
+            f"train (exit {plan.exit_layer}), rank {plan.rank}, batch {plan.batch_size}, length "
+            f"{plan.seq_len}; predicted {plan.step_s:.3f} s/step, {plan.round_s:.2f} s/round, "
+            f"{plan.peak_gb:.2f} GB (SIMULATED){late}"
+        )
 
 
 def load_trained(run_dir: str | Path) -> nn.Module:

@@ -37,6 +37,9 @@ class Method(ABC):
     # Whether added modules process every token (LoRA, adapters) or only first-token states (early
     # exits); the cost model counts their activations and FLOPs accordingly.
     adapters_see_all_tokens: ClassVar[bool] = True
+    # Whether the loss's gradient flows back through the encoder's blocks (every method that changes
+    # what a block computes) or stops at the added modules (early exits that only read the blocks).
+    backward_through_blocks: ClassVar[bool] = True
     # Name prefix of the heads a method predicts with instead of the checkpoint's classifier (None: that one).
     own_head_prefix: ClassVar[str | None] = None
     # What the method trains for (edgefed/tasks.py): fine-tuning a classifier, or masked-LM pre-training.

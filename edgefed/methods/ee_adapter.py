@@ -2,22 +2,30 @@
 and Anywhere", arXiv 2212.04084; formulas from ReeFL, ICML 2024, arXiv 2405.14791).
 
 After every transformer block i (0-based) of a frozen encoder, an adapter attends over the history of
-first-token ("CLS") states and does two things: it makes an early prediction through exit head i, and it
-modulates the forward pass by replacing the first token fed into block i+1. With z_j the first-token
-state after block j:
+the blocks' sentence states and does two things: it makes an early prediction through exit head i, and
+it modulates the forward pass by moving the first token fed into block i+1. With z_j the sentence state
+after block j (the mean of its unpadded token states; see "Pooling" below) and x_i block i's output:
 
     Z   = [c_meta ; z_0 … z_i] + P            # [B, i+2, d]; c_meta and P belong to adapter i
     Z   = Z + MHSA(LN(Z))
     Z   = Z + FFN(LN(Z))
     ŷ_i = exits.i(LN(Z[:, 0] + z_i))           # exit head: LayerNorm + Linear(d → num_labels)
-    x_i[:, 0] ← Z[:, -1]                       # the first token that block i+1 sees
+    x_i[:, 0] ← x_i[:, 0] + (Z[:, -1] − z_i)   # with `modulation`: the first token block i+1 sees
 
 The choices that the paper leaves open, as made here:
 
 - Parameters: one adapter and one exit head per block (the paper's "at each block"; ReeFL shares one
   module). Everything adapter i owns is under `adapters.{i}.`, its head under `exits.{i}.`, so a client
   that runs only blocks < e trains and sends exactly the tensors with i < e.
-- Attention: over the history of first-token states only (not over all tokens), as in ReeFL. The
+- Pooling: the paper and ReeFL read the first-token ("CLS") state, which works for encoders trained
+  with a CLS objective. all-MiniLM-L6-v2, the model edgefed ships, was trained with mean pooling, and
+  its lower blocks' first-token states carry almost nothing of the sentence: with them, exits 1–4 stayed
+  at the majority class on SST-2 while mean pooling lifted every exit above it and made accuracy rise
+  with depth (benchmarks/results/early_exits.md, measured side by side). So z_j is the mean over the
+  unpadded tokens (`EarlyExitModel.pooling = "first"` restores the CLS reading). The modulation moves
+  the first token by the adapter's refinement of z_i (with first-token pooling this is ReeFL's
+  replacement x_i[:, 0] ← Z[:, -1] exactly).
+- Attention: over the history of sentence states only (not over all tokens), as in ReeFL. The
   history holds the block outputs before modulation (ReeFL appends the CLS before replacing it).
 - Widths from `--rank` r: attention width 2r (ReeFL: 16, i.e. r = 8) in 2 heads with the usual
   head_dim^-0.5 scale (ReeFL: 8 heads, scale attn_dim^-0.5); fused q/k/v Linear with bias; FFN hidden 8r
@@ -29,10 +37,21 @@ The choices that the paper leaves open, as made here:
   Exit heads: LayerNorm (1, 0) + Linear trunc-normal(0.02), zero bias.
 - Backbone: `model.base_model` (embeddings + encoder blocks), frozen; its dropout follows the module's
   train/eval mode, as with the other methods. The checkpoint's classification head and pooler are
-  dropped (the exits predict from first-token states), so `save` never needs them. `--head-modules`
+  dropped (the exits predict from the adapters' states), so `save` never needs them. `--head-modules`
   does not apply: the exits always train.
+- Modulation: off by default (`EarlyExitModel.modulation = False`): the adapters read the blocks and
+  leave them as the pre-trained model computes them. Measured (benchmarks/results/early_exits.md):
+  modulating exits drift under label skew (the last exit 4 points under FeDeRA), the reading ones do
+  not; and backward then never runs through the frozen backbone, so a local step is the forward pass
+  plus the adapters' own backward (the cost model's `backward_through_blocks`). `modulation = True`
+  is the paper's design, kept for comparison.
 - Loss: the mean of the cross-entropies of the exits that ran (ReeFL sums; the mean keeps the loss's
-  scale, and so the learning rate, independent of the client's depth). No self-distillation.
+  scale, and so the learning rate, independent of the client's depth), each on balanced-softmax logits
+  (`balanced`: shifted by the log of the batch's label frequencies; Ren et al., "Balanced Meta-Softmax",
+  NeurIPS 2020), so that a client with skewed labels does not train its prior into the exits' biases:
+  without it an exit fell to the majority class under Dirichlet 0.5. Evaluation and inference use the
+  plain logits. ReeFL's self-distillation from the best exit (`distillation` > 0) is implemented and
+  off: it did not help consistently in the same measurements.
 - Inference stop rule: `EarlyExitModel.exit_layer = e` runs blocks 0..e-1 only and reports the deepest
   exit that ran as `.logits` (all of them in `.exit_logits`); by default every block runs. A deadline or
   confidence rule picks from `.exit_logits` or sets `exit_layer`. Earlier exits do not depend on later
@@ -183,6 +202,12 @@ class EarlyExitModel(nn.Module):
             param.requires_grad = False
         self._exit_layer = num_layers
 
+    # What the adapters read from each block and how the exits' losses combine (see the module docstring).
+    pooling = "mean"
+    distillation = 0.0
+    modulation = False
+    balanced = True
+
     @property
     def blocks(self) -> nn.ModuleList:
         return self.backbone.encoder.layer
@@ -222,18 +247,49 @@ class EarlyExitModel(nn.Module):
             hidden = self.blocks[i](hidden, mask)
             if isinstance(hidden, tuple):  # BertLayer returns a tensor in transformers 5; older ones a tuple
                 hidden = hidden[0]
-            z_i = hidden[:, 0]
+            z_i = pooled(hidden, attention_mask) if self.pooling == "mean" else hidden[:, 0]
             history.append(z_i)
             refined = self.adapters[i](torch.stack(history, dim=1))
             exit_logits.append(self.exits[i](refined[:, 0] + z_i))
-            if i + 1 < self.exit_layer:  # modulation only matters to a block that runs
-                hidden = torch.cat((refined[:, -1:].to(hidden.dtype), hidden[:, 1:]), dim=1)
+            if self.modulation and i + 1 < self.exit_layer:  # only a block that runs sees it
+                first = hidden[:, :1] + (refined[:, -1:] - z_i.unsqueeze(1)).to(hidden.dtype)
+                hidden = torch.cat((first, hidden[:, 1:]), dim=1)
         loss = None
         if labels is not None:
-            loss = torch.stack(
-                [F.cross_entropy(logits.float(), labels.view(-1)) for logits in exit_logits]
-            ).mean()
+            loss = exits_loss(exit_logits, labels.view(-1), self.distillation, self.balanced)
         return EarlyExitOutput(loss=loss, logits=exit_logits[-1], exit_logits=tuple(exit_logits))
+
+
+def pooled(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean of the states of the real (unpadded) tokens: what sentence-transformers models pool."""
+    if attention_mask is None:
+        return hidden.mean(dim=1)
+    weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def exits_loss(
+    exit_logits: list[torch.Tensor], labels: torch.Tensor, distillation: float, balanced: bool = False
+) -> torch.Tensor:
+    """The exits' mean cross-entropy, plus `distillation` × the mean KL divergence of every other exit
+    from the batch's best exit (the lowest cross-entropy; detached: a teacher, as ReeFL's). `balanced`:
+    the cross-entropy of logits shifted by the log of the batch's label frequencies (balanced softmax),
+    so that a client's skewed labels do not train their prior into the exits' biases."""
+    shift = 0.0
+    if balanced:
+        counts = torch.bincount(labels, minlength=exit_logits[0].shape[-1]).float() + 1.0
+        shift = (counts / counts.sum()).log()
+    losses = torch.stack([F.cross_entropy(logits.float() + shift, labels) for logits in exit_logits])
+    if not distillation or len(exit_logits) == 1:
+        return losses.mean()
+    best = int(losses.argmin())
+    teacher = F.log_softmax(exit_logits[best].detach().float(), dim=-1)
+    kl = [
+        F.kl_div(F.log_softmax(logits.float(), dim=-1), teacher, log_target=True, reduction="batchmean")
+        for i, logits in enumerate(exit_logits)
+        if i != best
+    ]
+    return losses.mean() + distillation * torch.stack(kl).mean()
 
 
 def _early_exit_model(model: nn.Module, num_labels: int, widths: EarlyExitWidths) -> EarlyExitModel:
@@ -252,7 +308,8 @@ class EarlyExitAdapters(Method):
     name = "ee-adapter"
     default_lr = 2e-3
     own_head_prefix = "exits"
-    adapters_see_all_tokens = False  # the adapters attend over first-token states only
+    adapters_see_all_tokens = False  # the adapters attend over one state per block
+    backward_through_blocks = EarlyExitModel.modulation
     early_exits = True
 
     def adapt(self, model: nn.Module, spec: AdapterSpec, setup: SetupState) -> nn.Module:

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 
 from edgefed.codecs import Codec, EncodedDelta, encode_state, make_codec
+from edgefed.devices.planner import Plan
 from edgefed.scope import Scope
 from edgefed.types import ClientUpdate, RoundResult, State
 from edgefed.wire.framing import Expected, WireError, parse_encoded, reassemble, serialize_state
@@ -37,6 +38,10 @@ class Transport(ABC):
 
     def close(self) -> None:  # noqa: B027 - a hook: only transports holding resources need it
         """Release what the transport holds (servers, processes), also after an error."""
+
+    def plans(self) -> dict[int, Plan]:
+        """Slot -> the plan of every client that joined with one (a device profile's)."""
+        return {}
 
     def slots(self) -> dict[str, int]:
         """Client id -> slot of every client that joined; checkpointed so that restarts keep them."""

@@ -124,14 +124,18 @@ class FederationServicer(pb_grpc.FederationServicer):
         with self.condition:
             slot = self.slots.get(request.client_id)
             if slot is None:
-                slot = self._free_slot(request.client_id, context)
+                slot = self._free_slot(request.client_id, request.profile, context)
                 self.slots[request.client_id] = slot
             self._seen(slot)
         plan = None
         if self.fleet is not None:
             try:
+                self.fleet.check_announced(slot, request.profile)
                 plan = self.fleet.plan(slot, request.profile)
-            except EdgefedError as error:  # an unknown profile, or one no plan fits
+            except EdgefedError as error:  # an unknown profile, another device's slot, or no plan fits
+                with self.condition:
+                    if self.slots.get(request.client_id) == slot and slot not in self.plans:
+                        del self.slots[request.client_id]  # it never joined: its slot stays free
                 self._refuse(context, Code.INVALID_ARGUMENT, f"{request.client_id}: {error}")
         with self.condition:
             self.plans[slot] = plan
@@ -292,7 +296,8 @@ class FederationServicer(pb_grpc.FederationServicer):
             self._refuse(context, Code.FAILED_PRECONDITION, f"'{client_id}' has not joined this run")
         return slot
 
-    def _free_slot(self, client_id: str, context) -> int:
+    def _free_slot(self, client_id: str, profile: str, context) -> int:
+        """A token's own slot, or the first free one (of the announced device's, in a fleet)."""
         if self.tokens is not None:
             return self.tokens.clients.index(client_id)
         taken = set(self.slots.values())
@@ -301,6 +306,11 @@ class FederationServicer(pb_grpc.FederationServicer):
             self._refuse(
                 context, Code.RESOURCE_EXHAUSTED, f"the run has its {self.num_clients} clients already"
             )
+        if self.fleet is not None:
+            try:
+                return (self.fleet.matching(free, profile) or free)[0]  # a mismatch is refused in Join
+            except EdgefedError as error:  # an unknown profile
+                self._refuse(context, Code.INVALID_ARGUMENT, f"{client_id}: {error}")
         return free[0]
 
     def _round_for(self, slot: int, number: int, context) -> OpenRound:
@@ -448,3 +458,7 @@ class GrpcTransport(Transport):
     def slots(self) -> dict[str, int]:
         with self.servicer.condition:
             return dict(self.servicer.slots)
+
+    def plans(self) -> dict[int, Plan]:
+        with self.servicer.condition:
+            return {slot: plan for slot, plan in self.servicer.plans.items() if plan is not None}

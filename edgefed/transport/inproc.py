@@ -12,6 +12,7 @@ import torch
 
 from edgefed.client.federated import FederatedClient
 from edgefed.codecs import Codec
+from edgefed.devices.planner import Plan
 from edgefed.methods.base import SetupState
 from edgefed.scope import Scope
 from edgefed.transport.base import (
@@ -49,6 +50,9 @@ class InProcessTransport(Transport):
         self.max_update_norm = max_update_norm
         self.device = device
         self._set_up: set[int] = set()
+
+    def plans(self) -> dict[int, Plan]:
+        return {index: client.plan for index, client in enumerate(self.clients) if client.plan is not None}
 
     def wait_for_clients(self) -> list[int]:
         return list(range(len(self.clients)))

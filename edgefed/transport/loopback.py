@@ -25,6 +25,7 @@ import torch
 from edgefed.config import RunConfig
 from edgefed.data import LabeledTexts, partition
 from edgefed.devices.fleet import FleetPlans
+from edgefed.devices.profiles import device_entry
 from edgefed.errors import EdgefedError, report_errors
 from edgefed.split import SplitBodyServicer
 from edgefed.transport.auth import TokenBook
@@ -81,11 +82,15 @@ class LoopbackFleet(GrpcTransport):
         log_dir.mkdir(parents=True, exist_ok=True)
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([CLIENT_MODULE])
-        for name, data in zip(names, shard_files, strict=True):
+        fleet = self.servicer.fleet
+        for index, (name, data) in enumerate(zip(names, shard_files, strict=True)):
             log_path = log_dir / f"{name}.log"
+            # Each client announces its device, as `edgefed client --profile` on the device does.
+            profile = device_entry(fleet.entry_for(index))[0] if fleet is not None and fleet.profiles else ""
+            token = tokens.token_for(name)
             process = context.Process(
                 target=client_process,
-                args=(self.address, str(data), name, tokens.token_for(name), threads, str(log_path)),
+                args=(self.address, str(data), name, token, threads, str(log_path), profile),
                 name=name,
             )
             process.start()
@@ -110,8 +115,10 @@ class LoopbackFleet(GrpcTransport):
             self.shard_dir.cleanup()
 
 
-def client_process(server: str, data: str, name: str, token: str, threads: int, log_path: str) -> None:
-    """A client process: `edgefed client` for one shard, writing to its log."""
+def client_process(
+    server: str, data: str, name: str, token: str, threads: int, log_path: str, profile: str = ""
+) -> None:
+    """A client process: `edgefed client --profile PROFILE` for one shard, writing to its log."""
     import torch
 
     from edgefed.transport.grpc_client import GrpcClient
@@ -125,7 +132,7 @@ def client_process(server: str, data: str, name: str, token: str, threads: int, 
     torch.set_num_threads(threads)
 
     def train() -> int:
-        GrpcClient(server, data, name, token=token).run()
+        GrpcClient(server, data, name, token=token, profile=profile).run()
         return 0
 
     sys.exit(report_errors(train))
