@@ -310,7 +310,7 @@ def plot_anytime(out: Path, rows: list[AnytimeRow]) -> bool:
     plt = pyplot()
     if plt is None or not rows:
         return False
-    figure, axes = plt.subplots(1, len({row.method for row in rows}), figsize=(6, 4.2), squeeze=False)
+    figure, axes = plt.subplots(1, len({row.method for row in rows}), figsize=(8, 5.5), squeeze=False)
     for axis, method in zip(axes[0], dict.fromkeys(row.method for row in rows), strict=True):
         strategies = list(dict.fromkeys(row.strategy for row in rows))
         styles = dict(zip(strategies, ("-", ":", "--", "-."), strict=False))  # more strategies: solid
@@ -330,7 +330,7 @@ def plot_anytime(out: Path, rows: list[AnytimeRow]) -> bool:
         axis.set_ylabel("accuracy of the exit")
         axis.set_title(f"{method}: anytime inference")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize="x-small")
+        axis.legend(fontsize="x-small", loc="lower right", ncol=2)
     figure.tight_layout()
     figure.savefig(out / "accuracy_latency.png", dpi=100)
     plt.close(figure)
@@ -412,6 +412,7 @@ def plot_reports(
                 axis.axhline(grid.target_accuracy, color="grey", linestyle="--", linewidth=1)
                 if any(len(line.get_xdata()) for line in axis.get_lines()[:-1]):  # [-1]: the target
                     axis.set_xscale("log")  # fft's seconds are two orders above the others
+                    axis.xaxis.set_minor_formatter(plt.NullFormatter())  # labels overlap on short spans
                 axis.set_title(f"{partition}" + (f" · SIMULATED {name}" if kind == "simulated" else ""))
                 axis.set_xlabel(
                     "seconds, critical path (this machine's training)"

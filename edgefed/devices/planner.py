@@ -215,10 +215,15 @@ def explain(
             f"exit after layer {chosen.exit_layer} of {shape.layers}: deeper exits do not fit; "
             "layers beyond it do not run"
         )
-    if chosen.frozen_layers:
+    if chosen.frozen_layers and shape.backward_through_blocks:
         lines.append(
             f"layers 0-{chosen.frozen_layers - 1} frozen: backward stops at layer {chosen.frozen_layers}, "
             "saving their backward compute and saved activations"
+        )
+    elif chosen.frozen_layers:
+        lines.append(
+            f"layers 0-{chosen.frozen_layers - 1} frozen: their added modules do not train (backward never "
+            "runs through the blocks), saving their backward compute and optimizer steps"
         )
     if chosen.rank != asked.rank:
         lines.append(
