@@ -37,10 +37,20 @@ VARIANTS = {  # name: (EarlyExitModel class attributes, learning rate; None: the
     "mean pooling": ({}, None),
     "mean pooling + distillation": ({"distillation": 1.0}, None),
     "mean pooling + balanced softmax (the default now)": ({"balanced": True}, None),
+    "mean pooling + balanced softmax + depth-weighted loss": (
+        {"balanced": True, "depth_weighted": True},
+        None,
+    ),
 }
 # What every variant changes: mean pooling, no modulation, plain cross-entropy (EarlyExitModel's
 # defaults differ from it only in `balanced`).
-BASELINE = {"pooling": "mean", "distillation": 0.0, "modulation": False, "balanced": False}
+BASELINE = {
+    "pooling": "mean",
+    "distillation": 0.0,
+    "modulation": False,
+    "balanced": False,
+    "depth_weighted": False,
+}
 
 
 def final_metrics(flags: dict, out: Path) -> dict:

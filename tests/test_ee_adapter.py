@@ -9,7 +9,7 @@ from torch.nn import functional as F
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 from edgefed.methods import METHODS, AdapterSpec, trainable_state
-from edgefed.methods.ee_adapter import EarlyExitModel
+from edgefed.methods.ee_adapter import EarlyExitModel, exits_loss
 from tests.tiny import tiny_bert_config
 
 SPEC = AdapterSpec(rank=4)
@@ -290,3 +290,17 @@ def test_method_registration_and_defaults():
     assert method.default_lr == 2e-3 and method.own_head_prefix == "exits"
     assert not method.adapters_see_all_tokens  # the cost model counts first-token states only
     assert method.low_rank_pairs(early_exit()) == []
+
+
+def test_the_exits_loss_options_weigh_what_they_say():
+    generator = torch.Generator().manual_seed(5)
+    exit_logits = [torch.randn(8, NUM_LABELS, generator=generator) for _ in range(3)]
+    labels = torch.randint(0, NUM_LABELS, (8,), generator=generator)
+    each = [F.cross_entropy(logits, labels) for logits in exit_logits]
+    torch.testing.assert_close(exits_loss(exit_logits, labels, 0.0), torch.stack(each).mean())
+    deep = exits_loss(exit_logits, labels, 0.0, depth_weighted=True)
+    torch.testing.assert_close(deep, (each[0] + 2 * each[1] + 3 * each[2]) / 6)
+    # Self-distillation adds a KL term that is zero only when every exit agrees with the teacher.
+    assert exits_loss(exit_logits, labels, 1.0) > exits_loss(exit_logits, labels, 0.0)
+    same = [exit_logits[0]] * 3
+    torch.testing.assert_close(exits_loss(same, labels, 1.0), exits_loss(same, labels, 0.0))

@@ -50,8 +50,9 @@ The choices that the paper leaves open, as made here:
   (`balanced`: shifted by the log of the batch's label frequencies; Ren et al., "Balanced Meta-Softmax",
   NeurIPS 2020), so that a client with skewed labels does not train its prior into the exits' biases:
   without it an exit fell to the majority class under Dirichlet 0.5. Evaluation and inference use the
-  plain logits. ReeFL's self-distillation from the best exit (`distillation` > 0) is implemented and
-  off: it did not help consistently in the same measurements.
+  plain logits. ReeFL's self-distillation from the best exit (`distillation` > 0) and losses weighted
+  by depth (`depth_weighted`) are implemented and off: neither helped consistently in the same
+  measurements.
 - Inference stop rule: `EarlyExitModel.exit_layer = e` runs blocks 0..e-1 only and reports the deepest
   exit that ran as `.logits` (all of them in `.exit_logits`); by default every block runs. A deadline or
   confidence rule picks from `.exit_logits` or sets `exit_layer`. Earlier exits do not depend on later
@@ -207,6 +208,7 @@ class EarlyExitModel(nn.Module):
     distillation = 0.0
     modulation = False
     balanced = True
+    depth_weighted = False
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -256,7 +258,9 @@ class EarlyExitModel(nn.Module):
                 hidden = torch.cat((first, hidden[:, 1:]), dim=1)
         loss = None
         if labels is not None:
-            loss = exits_loss(exit_logits, labels.view(-1), self.distillation, self.balanced)
+            loss = exits_loss(
+                exit_logits, labels.view(-1), self.distillation, self.balanced, self.depth_weighted
+            )
         return EarlyExitOutput(loss=loss, logits=exit_logits[-1], exit_logits=tuple(exit_logits))
 
 
@@ -269,7 +273,11 @@ def pooled(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.T
 
 
 def exits_loss(
-    exit_logits: list[torch.Tensor], labels: torch.Tensor, distillation: float, balanced: bool = False
+    exit_logits: list[torch.Tensor],
+    labels: torch.Tensor,
+    distillation: float,
+    balanced: bool = False,
+    depth_weighted: bool = False,
 ) -> torch.Tensor:
     """The exits' mean cross-entropy, plus `distillation` × the mean KL divergence of every other exit
     from the batch's best exit (the lowest cross-entropy; detached: a teacher, as ReeFL's). `balanced`:
@@ -280,6 +288,9 @@ def exits_loss(
         counts = torch.bincount(labels, minlength=exit_logits[0].shape[-1]).float() + 1.0
         shift = (counts / counts.sum()).log()
     losses = torch.stack([F.cross_entropy(logits.float() + shift, labels) for logits in exit_logits])
+    if depth_weighted:  # exit i's loss weighs i+1: the deeper exits, which see more, lead
+        weights = torch.arange(1, len(exit_logits) + 1, dtype=losses.dtype, device=losses.device)
+        losses = losses * (len(exit_logits) * weights / weights.sum())
     if not distillation or len(exit_logits) == 1:
         return losses.mean()
     best = int(losses.argmin())
