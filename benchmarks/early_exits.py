@@ -36,20 +36,25 @@ VARIANTS = {  # name: (EarlyExitModel class attributes, learning rate; None: the
     "mean pooling + modulation + lr 1e-3": ({"modulation": True}, 1e-3),
     "mean pooling": ({}, None),
     "mean pooling + distillation": ({"distillation": 1.0}, None),
-    "mean pooling + balanced softmax (the default now)": ({"balanced": True}, None),
+    "mean pooling + balanced softmax": ({"balanced": True}, None),
+    "mean pooling + balanced softmax + ensembled answers (the default now)": (
+        {"balanced": True, "ensemble": True},
+        None,
+    ),
     "mean pooling + balanced softmax + depth-weighted loss": (
         {"balanced": True, "depth_weighted": True},
         None,
     ),
 }
-# What every variant changes: mean pooling, no modulation, plain cross-entropy (EarlyExitModel's
-# defaults differ from it only in `balanced`).
+# What every variant changes: mean pooling, no modulation, plain cross-entropy, each exit's own answer
+# (EarlyExitModel's defaults differ from it in `balanced` and `ensemble`).
 BASELINE = {
     "pooling": "mean",
     "distillation": 0.0,
     "modulation": False,
     "balanced": False,
     "depth_weighted": False,
+    "ensemble": False,
 }
 
 

@@ -148,12 +148,12 @@ def test_exit_layer_runs_only_the_blocks_before_it(exit_layer):
     # Anytime: an exit's prediction does not depend on how many blocks run after it.
     for ours, full_depth in zip(truncated.exit_logits, full.exit_logits[:exit_layer], strict=True):
         torch.testing.assert_close(ours, full_depth, atol=1e-6, rtol=1e-6)
-    # Balanced softmax: each exit's logits shifted by the log of the batch's (add-one) label frequencies.
-    labels = inputs["labels"]
-    counts = torch.tensor([(labels == k).sum().item() + 1.0 for k in range(NUM_LABELS)])
-    prior = (counts / counts.sum()).log()
+    # Evaluating (not training), the loss is the exits' plain cross-entropy on their own logits.
+    model.ensemble = False
+    with torch.no_grad():
+        own = model(**inputs)
     expected = torch.stack(
-        [torch.nn.functional.cross_entropy(logits + prior, labels) for logits in truncated.exit_logits]
+        [torch.nn.functional.cross_entropy(logits, inputs["labels"]) for logits in own.exit_logits]
     ).mean()
     torch.testing.assert_close(truncated.loss, expected)
 
@@ -199,6 +199,7 @@ def test_training_a_shallow_client_moves_only_its_own_adapters_and_lowers_the_lo
 
 def test_training_lowers_every_exits_loss():
     model = early_exit()
+    model.ensemble = False  # each exit's own logits, not the running ensemble it answers with
     params = [param for param in model.parameters() if param.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
     inputs = batch(seed=4)
@@ -298,9 +299,29 @@ def test_the_exits_loss_options_weigh_what_they_say():
     labels = torch.randint(0, NUM_LABELS, (8,), generator=generator)
     each = [F.cross_entropy(logits, labels) for logits in exit_logits]
     torch.testing.assert_close(exits_loss(exit_logits, labels, 0.0), torch.stack(each).mean())
+    # Balanced softmax: each exit's logits shifted by the log of the batch's (add-one) label frequencies.
+    counts = torch.tensor([(labels == k).sum().item() + 1.0 for k in range(NUM_LABELS)])
+    prior = (counts / counts.sum()).log()
+    balanced = torch.stack([F.cross_entropy(logits + prior, labels) for logits in exit_logits]).mean()
+    torch.testing.assert_close(exits_loss(exit_logits, labels, 0.0, balanced=True), balanced)
     deep = exits_loss(exit_logits, labels, 0.0, depth_weighted=True)
     torch.testing.assert_close(deep, (each[0] + 2 * each[1] + 3 * each[2]) / 6)
     # Self-distillation adds a KL term that is zero only when every exit agrees with the teacher.
     assert exits_loss(exit_logits, labels, 1.0) > exits_loss(exit_logits, labels, 0.0)
     same = [exit_logits[0]] * 3
     torch.testing.assert_close(exits_loss(same, labels, 1.0), exits_loss(same, labels, 0.0))
+
+
+def test_each_exit_answers_with_the_running_mean_of_the_exits_log_probabilities():
+    model = early_exit().eval()
+    inputs = batch(seed=6)
+    with torch.no_grad():
+        for param in model.exits.parameters():  # the heads start near zero: make the exits disagree
+            param.add_(0.5 * torch.randn_like(param))
+        model.ensemble = False
+        own = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).exit_logits
+        model.ensemble = True
+        answers = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).exit_logits
+    log_probabilities = [F.log_softmax(logits, dim=-1) for logits in own]
+    for i, answer in enumerate(answers):
+        torch.testing.assert_close(answer, torch.stack(log_probabilities[: i + 1]).mean(0))
