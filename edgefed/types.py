@@ -78,7 +78,7 @@ class RoundResult:
     """What a transport brings back from one round."""
 
     updates: list[ClientUpdate]
-    dropped: list[int] = field(default_factory=list)  # sampled clients that died, stalled or were refused
+    dropped: list[int] = field(default_factory=list)  # sampled: died, stalled, refused or missed a deadline
     bytes_up: int = 0  # gRPC message bytes of the state streams, as sent
     bytes_down: int = 0
     client_bytes: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> (down, up)
