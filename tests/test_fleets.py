@@ -32,28 +32,34 @@ def test_malformed_fleet_specs_are_refused(spec, message):
         parse_fleet([spec])
 
 
+def tiny_fleet_grid(model, data, method: str, fleet: str, strategies: tuple[str, ...], **run) -> Grid:
+    """A one-method, one-seed fleet grid on the tiny model, every run to its round cap."""
+    return Grid(
+        name=f"tiny-{method}",
+        methods=(method,),
+        partitions=("iid",),
+        seeds=(0,),
+        run={"model": str(model), "data": str(data), "batch_size": 8, "max_seq_len": 24, "rank": 4, **run},
+        fleets={"mixed": fleet},
+        strategies=strategies,
+        budget_s=BUDGET,
+        target_accuracy=0.99,
+    )
+
+
 @pytest.fixture(scope="module")
 def fleet_grid(tmp_path_factory, tiny_model_dir, small_data_dir, fleet_profiles):
     fast, slow = fleet_profiles.split(",")
-    grid = Grid(
-        name="tiny-fleet",
-        methods=("lora",),
-        partitions=("iid",),
-        seeds=(0,),
-        run={
-            "model": str(tiny_model_dir),
-            "data": str(small_data_dir),
-            "rounds": 2,
-            "local_steps": 3,
-            "batch_size": 8,
-            "max_seq_len": 24,
-            "rank": 4,
-            "lr": 0.01,
-        },
-        fleets={"mixed": f"2×{fast} + {slow}"},
-        strategies=("uniform", "deadline", "planned"),
-        budget_s=BUDGET,
-        target_accuracy=0.99,
+    strategies = ("uniform", "deadline", "planned")
+    grid = tiny_fleet_grid(
+        tiny_model_dir,
+        small_data_dir,
+        "lora",
+        f"2×{fast} + {slow}",
+        strategies,
+        rounds=2,
+        local_steps=3,
+        lr=0.01,
     )
     folder = tmp_path_factory.mktemp("fleet-bench")
     results = run_grid(grid, folder / "out", folder / "work", echo=lambda line: None)
@@ -161,17 +167,10 @@ def test_an_early_exit_fleet_reports_each_exits_accuracy_and_latency(
     tmp_path, tiny_model_dir, small_data_dir, fleet_profiles
 ):
     fast, slow = fleet_profiles.split(",")
-    grid = Grid(
-        name="tiny-exits",
-        methods=("ee-adapter",),
-        partitions=("iid",),
-        seeds=(0,),
-        run={"model": str(tiny_model_dir), "data": str(small_data_dir), "rounds": 1, "local_steps": 2,
-             "batch_size": 8, "max_seq_len": 24, "rank": 4},
-        fleets={"pair": f"{fast} + {slow}"},
-        strategies=("planned",),
-        target_accuracy=0.99,
-    )  # fmt: skip
+    fleet = f"{fast} + {slow}"
+    grid = tiny_fleet_grid(
+        tiny_model_dir, small_data_dir, "ee-adapter", fleet, ("planned",), rounds=1, local_steps=2
+    )
     (result,) = run_grid(grid, tmp_path / "out", tmp_path / "work", echo=lambda line: None)
     assert len(result.final_exit_accuracy) == 2
     table = (tmp_path / "out" / "table.md").read_text()

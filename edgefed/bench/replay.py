@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 from edgefed.bench.grid import Cell, Grid, cell_config
 from edgefed.devices.clock import SimulatedClock
-from edgefed.devices.planner import plan_record
+from edgefed.devices.planner import plan_from_record
 from edgefed.errors import EdgefedError
-from edgefed.federation.setup import prepare
+from edgefed.federation.setup import check_fleet, plan_request, prepare
 from edgefed.types import RoundMetrics
 
 MB = 1e6
@@ -94,7 +94,7 @@ def cell_results(
                     for client, plan in plans.items()
                     if budget is not None and plan["round_s"] > budget and client not in dropped
                 ),
-                reduced=sum(1 for plan in plans.values() if reduced(plan, clock)),
+                reduced=sum(1 for plan in plans.values() if clock.fleet.reduced(plan_from_record(plan))),
             )
         )
     return results
@@ -103,17 +103,6 @@ def cell_results(
 def recorded_plans(rounds: list[RoundMetrics]) -> dict[int, dict]:
     """Each client's plan, as the run recorded it when the client joined."""
     return {int(slot): plan for metrics in rounds for slot, plan in (metrics.plans or {}).items()}
-
-
-def reduced(plan: dict, clock: SimulatedClock) -> bool:
-    asked = clock.fleet.request
-    return (plan["frozen_layers"], plan["exit_layer"], plan["rank"], plan["batch_size"], plan["seq_len"]) != (
-        0,
-        clock.fleet.shape.layers,
-        asked.rank,
-        asked.batch_size,
-        asked.seq_len,
-    )
 
 
 def critical_path_s(metrics: RoundMetrics, transfer_s: Callable[[int, int, int], float]) -> float:
@@ -138,18 +127,25 @@ def grid_clocks(grid: Grid) -> dict[tuple[str, str, str], dict[str, SimulatedClo
     trains, else the recorded steps would not be that device's work). Plans every client first, so a
     fleet that cannot run fails before anything is written."""
     clocks = {}
+    fleets = {}  # method -> its fleet plans: one model loaded per method, replanned per setting
     for cell in grid.cells():
         if cell.setting in clocks:
             continue
-        side = prepare(cell_config(grid, cell, 0.5))
+        config = cell_config(grid, cell, 0.5)
+        if cell.method not in fleets:
+            fleets[cell.method] = prepare(config).fleet
         if cell.fleet:
-            clocks[cell.setting] = {cell.fleet: SimulatedClock(side.fleet)}
+            fleet = fleets[cell.method].replanned(
+                plan_request(config), config.profiles, config.fleet_strategy
+            )
+            check_fleet(fleet, config)
+            clocks[cell.setting] = {cell.fleet: SimulatedClock(fleet)}
             continue
         clocks[cell.setting] = {}
         for name in grid.profiles:
-            fleet = side.fleet.on_profile(name)
+            fleet = fleets[cell.method].on_profile(name)
             plan = fleet.plan(0)
-            if reduced(plan_record(plan), SimulatedClock(fleet)):
+            if fleet.reduced(plan):
                 raise EdgefedError(
                     f"{name}: its plan for {cell.method} departs from the run's settings (frozen "
                     f"{plan.frozen_layers}, exit {plan.exit_layer}, rank {plan.rank}, batch "

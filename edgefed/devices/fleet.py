@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from edgefed.codecs import encode_state, make_codec
-from edgefed.devices.costmodel import ModelShape
+from edgefed.devices.costmodel import ModelShape, Workload
 from edgefed.devices.planner import Plan, Request, plan_as_asked, plan_for
 from edgefed.devices.profiles import DeviceProfile, device_entry, load_profile
 from edgefed.errors import EdgefedError
@@ -107,9 +107,18 @@ class FleetPlans:
 
     def on_profile(self, name: str) -> FleetPlans:
         """The same fleet with every client on the profile `name`."""
-        return FleetPlans(
-            self.shape, self.request, self.early_exits, self.shapes, self.pairs, (name,), self.strategy
+        return self.replanned(self.request, (name,), self.strategy)
+
+    def replanned(self, request: Request, profiles: tuple[str, ...], strategy: str) -> FleetPlans:
+        """The same model's fleet under another request, devices or strategy (planned afresh)."""
+        return FleetPlans(self.shape, request, self.early_exits, self.shapes, self.pairs, profiles, strategy)
+
+    def reduced(self, plan: Plan) -> bool:
+        """Whether the plan trains less than the run asks (layers, exit, rank, batch or length)."""
+        asked = Workload(
+            0, self.shape.layers, self.request.rank, self.request.batch_size, self.request.seq_len
         )
+        return plan.workload != asked
 
     def plan(self, slot: int, announced: str = "") -> Plan | None:
         entry = self.entry_for(slot, announced)

@@ -252,11 +252,15 @@ def plan_text(plan: Plan) -> str:
 
 
 def plan_from_text(text: str) -> Plan:
-    raw = parse_toml(text, "the server's plan")
+    return plan_from_record(parse_toml(text, "the server's plan"), "the server sent an unreadable plan")
+
+
+def plan_from_record(record: dict, what: str = "an unreadable plan") -> Plan:
+    """A plan from `plan_record`'s dict (metrics.jsonl) or its TOML (a Join reply)."""
     try:
-        values = {field.name: raw[field.name] for field in fields(Plan)}
+        values = {field.name: record[field.name] for field in fields(Plan)}
     except KeyError as error:
-        raise EdgefedError(f"the server sent an unreadable plan (no {error})") from None
+        raise EdgefedError(f"{what} (no {error})") from None
     values["reasons"] = tuple(values["reasons"])
     return Plan(**values)
 
