@@ -6,11 +6,14 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgefed.errors import EdgefedError
 from edgefed.toml_io import parse_toml, toml_scalar
 from edgefed.types import AdapterSpec
+
+if TYPE_CHECKING:  # torch stays unimported until a run needs it
+    from edgefed.tasks import DataSettings, Task
 
 
 def option(default: Any, help: str, metavar: str | None = None) -> Any:
@@ -23,7 +26,11 @@ def option(default: Any, help: str, metavar: str | None = None) -> Any:
 class RunConfig:
     """Everything a federated run needs. The defaults are the demo."""
 
-    preset: str = option("demo", "demo, or smoke (a small slice, two short rounds)")
+    preset: str = option(
+        "demo",
+        "demo, smoke (a small slice, two short rounds) or fewfedweight (with tasks: energy-weighted "
+        "pseudo labels and performance-adaptive aggregation)",
+    )
     method: str = option(
         "federa",
         "fine-tuning: fft, lora, federa, bitfit, adapter or ee-adapter (early exits); masked-LM "
@@ -49,6 +56,29 @@ class RunConfig:
         "and dev.* (default: the SST-2 sample shipped in the package)",
         "PATH",
     )
+    tasks: tuple[str, ...] = option(
+        (),
+        "few-shot multi-task: task folders (train.*, test.* or dev.*, labels.txt), client k gets the "
+        "(k mod T)-th; one model scores inputs against each task's label names",
+        "DIR,DIR",
+    )
+    eval_tasks: tuple[str, ...] = option(
+        (), "with tasks: task folders evaluated but given to no client (zero-shot transfer)", "DIR,DIR"
+    )
+    shots: int = option(16, "with tasks: labelled examples per class each client holds, drawn by the seed")
+    holdout_shots: int = option(
+        4, "with tasks: of each class's shots, this many are held out to score the client's model"
+    )
+    unlabeled_pool: int = option(
+        256, "with tasks: unlabelled inputs of its task each client holds (pseudo-labelled on the device)"
+    )
+    pseudo_labels: str = option(
+        "none",
+        "with tasks: none, uniform (the broadcast global model labels each client's unlabelled pool on "
+        "the device) or energy (those labels weighted by their energy score: FewFedWeight)",
+    )
+    pseudo_weight: float = option(1.0, "λ: the pseudo-label loss's weight beside the labelled loss")
+    energy_temperature: float = option(1.0, "T of the energy score E = −T·logsumexp(logits/T)")
     model: str = option("all-MiniLM-L6-v2", "local model folder or a packaged model's name", "PATH_OR_NAME")
     # The methods' hyperparameters default to AdapterSpec's (edgefed/types.py).
     target_modules: tuple[str, ...] = option(
@@ -115,6 +145,34 @@ class RunConfig:
         """The methods' hyperparameters for a model whose newly initialised modules are `head_modules`."""
         return AdapterSpec(self.rank, self.alpha, self.target_modules, head_modules, self.freeze)
 
+    def sharing(self) -> str:
+        """How the clients' data is drawn, in words: the partition, or the tasks and shots."""
+        return f"{len(self.tasks)} tasks, {self.shots} shots per class" if self.tasks else self.partition
+
+    def data_settings(self) -> DataSettings:
+        from edgefed.tasks import DataSettings
+
+        return DataSettings(
+            self.data,
+            self.seed,
+            self.clients,
+            self.partition,
+            self.train_limit,
+            self.eval_limit,
+            self.tasks,
+            self.eval_tasks,
+            self.shots,
+            self.holdout_shots,
+            self.unlabeled_pool,
+        )
+
+    def task(self) -> Task:
+        """What the run trains for: the method's task, or few-shot multi-task with `tasks`."""
+        from edgefed.methods import METHODS
+        from edgefed.tasks import TASKS
+
+        return TASKS.create("multitask" if self.tasks else METHODS.create(self.method).task)
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},
@@ -126,6 +184,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train_limit": 400,
         "eval_limit": 200,
     },
+    # FewFedWeight (arXiv 2212.08354) with an adapter method: energy-weighted pseudo labels and
+    # performance-adaptive aggregation; give it --tasks.
+    "fewfedweight": {"pseudo_labels": "energy", "aggregator": "adaptive"},
 }
 
 TRANSPORTS = ("inproc", "grpc")
@@ -134,6 +195,8 @@ LIST_EXAMPLES = {
     "target_modules": "query,value",
     "profiles": "2×jetson-agx-orin-64gb-maxn+raspberry-pi-5-8gb",
     "freeze": "embeddings,layers:0-1",
+    "tasks": "data/mr,data/trec",
+    "eval_tasks": "data/cr",
 }
 FIELDS = {field.name: field for field in fields(RunConfig)}
 TYPES = typing.get_type_hints(RunConfig)
@@ -273,6 +336,10 @@ def validate(config: RunConfig) -> None:
         "round_deadline_s": config.round_deadline_s,
         "max_update_norm": config.max_update_norm,
         "budget_s": config.budget_s,
+        "shots": config.shots,
+        "unlabeled_pool": config.unlabeled_pool,
+        "pseudo_weight": config.pseudo_weight,
+        "energy_temperature": config.energy_temperature,
     }
     for name, value in positive.items():
         if value is not None and value <= 0:
@@ -288,6 +355,7 @@ def validate(config: RunConfig) -> None:
             raise EdgefedError(f"unknown fleet-strategy '{config.fleet_strategy}'; choose one of: {choices}")
         if config.fleet_strategy == "deadline" and config.budget_s is None:
             raise EdgefedError("fleet-strategy deadline drops the clients that miss budget-s: set budget-s")
+    validate_multitask(config, method)
     if config.transport not in TRANSPORTS:
         raise EdgefedError(f"unknown transport '{config.transport}'; choose one of: {', '.join(TRANSPORTS)}")
     if config.min_clients is not None and config.min_clients > config.clients:
@@ -306,6 +374,39 @@ def validate(config: RunConfig) -> None:
         )
 
 
+def validate_multitask(config: RunConfig, method) -> None:
+    from edgefed.aggregators.adaptive import AdaptiveAggregator
+    from edgefed.tasks.pseudo import PSEUDO_LABELS
+
+    if config.pseudo_labels not in PSEUDO_LABELS:
+        choices = ", ".join(PSEUDO_LABELS)
+        raise EdgefedError(f"unknown pseudo-labels '{config.pseudo_labels}'; choose one of: {choices}")
+    if not config.tasks:
+        needs = {
+            "eval-tasks": bool(config.eval_tasks),
+            f"pseudo-labels {config.pseudo_labels}": config.pseudo_labels != "none",
+            "aggregator adaptive": config.aggregator == AdaptiveAggregator.name,
+        }
+        for what, set_ in needs.items():
+            if set_:
+                raise EdgefedError(f"{what} needs a few-shot multi-task run: set --tasks")
+        return
+    if not method.multitask:
+        raise EdgefedError(
+            f"--tasks trains a label-scoring model through an adapter; {config.method} cannot "
+            "(use lora or federa)"
+        )
+    for name, value in (("train-limit", config.train_limit), ("profiles", config.profiles)):
+        if value:
+            raise EdgefedError(f"{name} does not apply to a multi-task run (--tasks)")
+    if not 0 <= config.holdout_shots < config.shots:
+        raise EdgefedError(f"holdout-shots must be in [0, shots {config.shots}), got {config.holdout_shots}")
+    if config.aggregator == AdaptiveAggregator.name and config.holdout_shots == 0:
+        raise EdgefedError(
+            "aggregator adaptive weighs clients by their held-out score: set holdout-shots > 0"
+        )
+
+
 def write_config(config: RunConfig, path: Path) -> None:
     """config.toml: the resolved configuration, re-runnable with `edgefed run --config`."""
     path.write_text(config_text(config), encoding="utf-8")
@@ -313,6 +414,11 @@ def write_config(config: RunConfig, path: Path) -> None:
 
 def config_text(config: RunConfig) -> str:
     lines = ["# Resolved configuration of this run: edgefed run --config config.toml"]
+    if config.pseudo_labels != "none":
+        lines.append(
+            "# Pseudo labels: each client labels its own unlabelled pool with the broadcast global model, "
+            "on the device; its inputs never leave it."
+        )
     for name, value in dataclasses.asdict(config).items():
         if value is None or name in NOT_RECORDED:
             continue

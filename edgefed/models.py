@@ -76,6 +76,15 @@ def load_classifier(model_path: str, num_labels: int) -> tuple[nn.Module, list[s
     return model, modules_missing_from(info)
 
 
+def load_encoder(model_path: str) -> tuple[nn.Module, list[str]]:
+    """The bare encoder (token states, no pooler: a label-scoring model mean-pools), and the modules
+    the checkpoint lacked."""
+    model, info = transformers.AutoModel.from_pretrained(
+        model_path, local_files_only=True, output_loading_info=True, add_pooling_layer=False
+    )
+    return model, modules_missing_from(info)
+
+
 def load_masked_lm(model_path: str) -> tuple[nn.Module, list[str]]:
     """The encoder with its masked-LM head (decoder tied to the word embeddings, as the model ties
     them), and the modules the checkpoint lacked (a sentence encoder such as MiniLM ships no MLM head).

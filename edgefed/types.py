@@ -71,6 +71,9 @@ class ClientUpdate:
     train_loss: float  # mean loss over the client's local steps
     steps: int
     train_s: float  # wall-clock seconds of local training on this machine
+    # The client's trained model on a held-out slice of its own labelled data (few-shot runs:
+    # FewFedWeight's adaptive aggregation weighs clients by it); None: not measured.
+    score: float | None = None
 
 
 @dataclass
@@ -93,6 +96,7 @@ class Evaluation(NamedTuple):
     loss: float
     exit_accuracy: list[float] | None = None  # early-exit models: the accuracy at each exit
     mlm_loss: float | None = None  # masked-LM pre-training: the loss over masked tokens (= loss)
+    task_accuracy: dict[str, float] | None = None  # multi-task runs: each task's accuracy
 
 
 # Field metadata: `timing` marks figures measured on this machine (they differ between otherwise
@@ -134,6 +138,10 @@ class RoundMetrics:
     mlm_loss: float | None = field(default=None, metadata=OPTIONAL)
     split_bytes_up: int | None = field(default=None, metadata=OPTIONAL)
     split_bytes_down: int | None = field(default=None, metadata=OPTIONAL)
+    # Multi-task runs: each task's test accuracy (`accuracy` is the mean over the trained tasks), and
+    # the clients' held-out scores in `clients` order.
+    task_accuracy: dict[str, float] | None = field(default=None, metadata=OPTIONAL)
+    client_scores: list[float] | None = field(default=None, metadata=OPTIONAL)
 
     def to_json(self) -> dict[str, Any]:
         """The metrics.jsonl record: every field, less optional ones that do not apply."""

@@ -22,6 +22,7 @@ from tests.tiny import tiny_bert_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SST2 = Path(os.environ.get("EDGEFED_SST2", ROOT.parent / "shared" / "data" / "sst2"))
+SHARED_DATA = SHARED_SST2.parent
 
 
 @pytest.fixture
@@ -80,6 +81,26 @@ def small_data_dir(tmp_path_factory, sst2_dir) -> Path:
     (folder / "labels.txt").write_text(
         (sst2_dir / "labels.txt").read_text(encoding="utf-8"), encoding="utf-8"
     )
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fewshot_dir(tmp_path_factory) -> Path:
+    """Three small task folders from ../shared/data/fewshot (mr, subj, trec): 30 training rows per class
+    and 40 test rows each, with their labels.txt."""
+    folder = tmp_path_factory.mktemp("fewshot")
+    for task in ("mr", "subj", "trec"):
+        source = SHARED_DATA / "fewshot" / task
+        (folder / task).mkdir()
+        header, *rows = (source / "train.tsv").read_text(encoding="utf-8").splitlines()
+        by_label: dict[str, list[str]] = {}
+        for row in rows:
+            by_label.setdefault(row.rsplit("\t", 1)[1], []).append(row)
+        kept = [row for members in by_label.values() for row in members[:30]]
+        (folder / task / "train.tsv").write_text("\n".join([header, *kept]) + "\n", encoding="utf-8")
+        test = (source / "test.tsv").read_text(encoding="utf-8").splitlines()[:41]
+        (folder / task / "test.tsv").write_text("\n".join(test) + "\n", encoding="utf-8")
+        (folder / task / "labels.txt").write_text((source / "labels.txt").read_text(encoding="utf-8"))
     return folder
 
 

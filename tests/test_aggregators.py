@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from edgefed.aggregators import AGGREGATORS, ClientUpdate
+from edgefed.aggregators.adaptive import score_weights
 from edgefed.codecs import EncodedDelta, encode_state, make_codec
 from edgefed.kernels import weighted_sum
 from edgefed.methods import LowRankPair
@@ -25,7 +26,16 @@ def random_state(seed):
 
 
 def update(client, delta, examples=10):
-    return ClientUpdate(client, delta, examples, train_loss=0.5, steps=1, train_s=0.0)
+    """A client's update; its held-out score (what `adaptive` weighs by) grows with its examples."""
+    return ClientUpdate(client, delta, examples, train_loss=0.5, steps=1, train_s=0.0, score=examples / 100)
+
+
+def client_weights_of(aggregator, updates):
+    """The p_k an aggregator gives tensors outside factor pairs: by held-out score or by examples."""
+    if aggregator.name == "adaptive":
+        return score_weights(updates)
+    total = sum(u.num_examples for u in updates)
+    return [u.num_examples / total for u in updates]
 
 
 def delta_between(local, global_state):
@@ -75,15 +85,16 @@ def test_shapes_and_dtypes_are_kept(aggregator):
         assert result[key].shape == value.shape and result[key].dtype == value.dtype, key
 
 
-def test_tensors_outside_factor_pairs_are_weighted_by_examples(aggregator):
+def test_tensors_outside_factor_pairs_are_weighted_by_client_weights(aggregator):
     global_state, one, two = random_state(0), random_state(1), random_state(2)
     updates = [
         update(0, delta_between(one, global_state), 30),
         update(1, delta_between(two, global_state), 10),
     ]
+    first, second = client_weights_of(aggregator, updates)
     result = aggregator.aggregate(global_state, updates, PAIRS)
     for key in ("head.weight", "head.bias"):
-        torch.testing.assert_close(result[key], 0.75 * one[key] + 0.25 * two[key])
+        torch.testing.assert_close(result[key], first * one[key] + second * two[key])
 
 
 def test_client_order_does_not_matter(aggregator):

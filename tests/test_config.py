@@ -53,7 +53,10 @@ def test_local_epochs_replace_local_steps_layer_by_layer(tmp_path):
             "unknown method 'qlora'; choose one of: adapter, bitfit, ee-adapter, fdapt, fedbert, federa, "
             "ffdapt, fft, lora",
         ),
-        ('aggregator = "krum"\n', "unknown aggregator 'krum'; choose one of: fedavg, hetero, product"),
+        (
+            'aggregator = "krum"\n',
+            "unknown aggregator 'krum'; choose one of: adaptive, fedavg, hetero, product",
+        ),
         ('partition = "dirichlet:-1"\n', "positive alpha"),
         ("sample-fraction = 1.5\n", "sample-fraction must be in (0, 1]"),
         ("target-accuracy = 85\n", "target-accuracy is a fraction"),

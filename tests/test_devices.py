@@ -9,10 +9,9 @@ import pytest
 
 from edgefed.cli import main
 from edgefed.config import resolve_config
-from edgefed.data import load_splits
 from edgefed.transport.loopback import write_shards
 from tests.test_run import read_metrics, tiny_run
-from tests.test_transport import free_port, wait_for
+from tests.test_transport import free_port, task_shards, wait_for
 
 
 def fleet_flags(profiles: str) -> dict:
@@ -85,7 +84,7 @@ def test_a_served_fleet_puts_each_announced_device_in_its_slot_and_sends_its_pla
     the run's metrics are the in-process fleet's."""
     fast, slow = fleet_profiles.split(",")
     config = resolve_config(None, {"model": str(tiny_model_dir), "data": str(small_data_dir), "clients": 3})
-    shards = write_shards(load_splits(str(small_data_dir), 0)[0], config, tmp_path)
+    shards = write_shards(*task_shards(config), tmp_path)
     address = f"127.0.0.1:{free_port()}"
     flags = {
         "model": tiny_model_dir, "data": small_data_dir, "clients": 3, "rounds": 3, "local_steps": 3,

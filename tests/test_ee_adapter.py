@@ -275,7 +275,8 @@ def test_save_then_load_reproduces_the_trained_model(tmp_path):
         "num_labels": NUM_LABELS,
     }
     # The saved widths win over the spec's rank.
-    loaded = method.load(tmp_path / "adapter", str(base_dir), NUM_LABELS, AdapterSpec(rank=16))
+    base, _ = load_classifier(str(base_dir), NUM_LABELS)
+    loaded = method.load(tmp_path / "adapter", base, AdapterSpec(rank=16))
     inputs = batch()
     model.eval()
     loaded.eval()

@@ -92,7 +92,7 @@ def test_save_then_load_reproduces_the_trained_model(method, tiny_model_dir, tmp
             if param.requires_grad:
                 param.add_(0.05 * torch.randn_like(param))
     method.save(model, SPEC, setup, tmp_path / "adapter")
-    loaded = method.load(tmp_path / "adapter", str(tiny_model_dir), 2, SPEC)
+    loaded = method.load(tmp_path / "adapter", fresh(tiny_model_dir, task=method.task), SPEC)
     inputs = batch()
     torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), atol=1e-5, rtol=1e-5)
 

@@ -23,7 +23,7 @@ from edgefed.federation.checkpoint import load_checkpoint
 from edgefed.models import load_tokenizer
 from edgefed.split import BodyTrainer, SplitBodyServicer, split_channel
 from edgefed.split.servicer import StreamState
-from edgefed.tasks import TASKS
+from edgefed.tasks import TASKS, DataSettings
 from edgefed.transport import grpc_server
 from edgefed.transport.auth import TokenBook, bearer_metadata
 from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, RunDescription
@@ -162,7 +162,7 @@ def test_fdapt_records_mlm_loss_and_saves_a_model_that_fine_tunes(
     task = TASKS.create("masked-lm")
     model = AutoModelForMaskedLM.from_pretrained(fdapt_run / "model", local_files_only=True)
     tokenizer = load_tokenizer(str(fdapt_run / "model"))
-    _, dev = task.splits(str(reviews_dir), 0)
+    _, dev = task.load_data(DataSettings(str(reviews_dir), seed=0, clients=2, partition="iid"))
     evaluation = task.evaluate(model, task.encode(dev, tokenizer, 24), torch.device("cpu"))
     assert evaluation.mlm_loss == pytest.approx(rows[-1]["mlm_loss"], rel=1e-5)
     summary = json.loads((fdapt_run / "summary.json").read_text())

@@ -17,7 +17,13 @@ from edgefed.types import TIMING_FIELDS as TIMING_KEYS
 
 def tiny_run(tmp_path, tiny_model_dir, data_dir, name="run", **overrides):
     """`edgefed run` on the tiny model; keyword arguments override flags (local_steps=None drops one)."""
-    out = tmp_path / name
+    argv = tiny_argv(tmp_path / name, tiny_model_dir, data_dir, **overrides)
+    assert main(argv) == 0
+    return tmp_path / name
+
+
+def tiny_argv(out, tiny_model_dir, data_dir, **overrides) -> list[str]:
+    """The `edgefed run` command line of `tiny_run` (data_dir None: no --data)."""
     flags = {
         "model": tiny_model_dir,
         "data": data_dir,
@@ -35,8 +41,7 @@ def tiny_run(tmp_path, tiny_model_dir, data_dir, name="run", **overrides):
     for key, value in flags.items():
         if value is not None:
             argv += [f"--{key.replace('_', '-')}", str(value)]
-    assert main(argv) == 0
-    return out
+    return argv
 
 
 def read_metrics(run_dir):

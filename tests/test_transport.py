@@ -21,7 +21,6 @@ import torch
 
 from edgefed.cli import main
 from edgefed.config import resolve_config
-from edgefed.data import load_splits
 from edgefed.errors import EdgefedError
 from edgefed.federation.checkpoint import load_checkpoint
 from edgefed.transport.auth import TOKEN_ENV, TokenBook
@@ -128,6 +127,12 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(
     assert rows_of(resumed)[3]["bytes_down"] > rows_of(uninterrupted)[3]["bytes_down"]
 
 
+def task_shards(config) -> tuple:
+    """The run's task and its clients' shards, as the server draws them."""
+    task, settings = config.task(), config.data_settings()
+    return task, task.shards(task.load_data(settings)[0], settings)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -147,7 +152,7 @@ def test_a_killed_server_resumes_and_its_clients_carry_on(tmp_path, tiny_model_d
     round 2, restarted with --resume, and the run ends exactly as the uninterrupted one."""
     args = run_args(tiny_model_dir, small_data_dir, tmp_path / "served", "--codec", "int8")
     config = resolve_config(None, {"model": str(tiny_model_dir), "data": str(small_data_dir), "clients": 2})
-    shards = write_shards(load_splits(str(small_data_dir), 0)[0], config, tmp_path)
+    shards = write_shards(*task_shards(config), tmp_path)
     tokens = TokenBook.generate(["client-0", "client-1"])
     tokens.write(tmp_path / "tokens.txt")
     address = f"127.0.0.1:{free_port()}"
@@ -198,9 +203,8 @@ def test_a_client_process_that_dies_stops_the_run_with_its_reason(tmp_path, tiny
     fingerprint) exit after joining; the server's round ends with the client's own error line."""
     config = resolve_config(None, {"model": str(tiny_model_dir), "data": str(small_data_dir), "clients": 2})
     description = RunDescription("run-1", config, 2, ("classifier",), "0" * 64, state_payload({}))
-    train = load_splits(str(small_data_dir), 0)[0]
     fleet = LoopbackFleet.start(
-        description, train, None, torch.device("cpu"), tmp_path, {}, lambda line: None, None
+        description, *task_shards(config), None, torch.device("cpu"), tmp_path, {}, lambda line: None, None
     )
     try:
         with pytest.raises(EdgefedError, match=r"client-\d exited with status 2 .*differs from the server's"):

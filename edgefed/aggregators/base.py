@@ -45,10 +45,16 @@ def client_weights(updates: Sequence[ClientUpdate]) -> list[float]:
     return [update.num_examples / total for update in updates]
 
 
-def weighted_mean_step(global_state: State, updates: Sequence[ClientUpdate], keys: Iterable[str]) -> State:
+def weighted_mean_step(
+    global_state: State,
+    updates: Sequence[ClientUpdate],
+    keys: Iterable[str],
+    weights: Sequence[float] | None = None,
+) -> State:
     """global + Σ_k p_k·δ_k for each key, the sum fused and accumulated in float32 (`weighted_sum`);
-    quantised deltas (int8, int4) are dequantised inside that one pass, never decoded apart."""
-    weights = client_weights(updates)
+    quantised deltas (int8, int4) are dequantised inside that one pass, never decoded apart.
+    `weights`: the p_k (default: by example counts, `client_weights`)."""
+    weights = client_weights(updates) if weights is None else list(weights)
     deltas = [update.delta for update in updates]
     result = {}
     for key in keys:

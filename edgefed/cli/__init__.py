@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         required=True,
         metavar="PATH",
-        help="TSV/CSV/JSONL file (pre-training: also .txt, one document per line), or a folder with train.*",
+        help="TSV/CSV/JSONL file (pre-training: also .txt, one document per line), or a folder with train.* "
+        "(a few-shot multi-task run: labels.txt, train.* and unlabeled.txt)",
     )
     client.add_argument(
         "--name", default=socket.gethostname(), help="client id, stable across restarts (default: host name)"

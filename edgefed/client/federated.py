@@ -11,6 +11,7 @@ from edgefed.data import EncodedExamples
 from edgefed.devices.planner import Plan
 from edgefed.scope import Scope
 from edgefed.split import RemoteBody
+from edgefed.tasks.pseudo import PseudoLabels
 from edgefed.types import State
 from edgefed.wire.framing import CHUNK_BYTES, chunk_stream, serialize_state
 from edgefed.wire.v1 import federation_pb2 as pb
@@ -31,10 +32,14 @@ class FederatedClient:
         plan: Plan | None = None,
         scope: Scope | None = None,
         remote_body: RemoteBody | None = None,
+        pseudo: PseudoLabels | None = None,
+        holdout: EncodedExamples | None = None,
     ) -> None:
         """`plan` and `scope`: what this client's device trains (edgefed/devices/planner.py); None: all
         of what the run trains.
-        `remote_body`: split learning (FedBERT): the client's stream to the server's body."""
+        `remote_body`: split learning (FedBERT): the client's stream to the server's body.
+        `pseudo`, `holdout`: few-shot runs: the unlabelled pool it pseudo-labels each round, and the
+        held-out slice its trained model is scored on (FewFedWeight)."""
         self.index = index
         self.trainer = trainer
         self.examples = examples
@@ -45,6 +50,8 @@ class FederatedClient:
         self.plan = plan
         self.scope = scope
         self.remote_body = remote_body
+        self.pseudo = pseudo
+        self.holdout = holdout
 
     def fit(self, round_number: int, global_state: State) -> EncodedUpdate:
         if self.remote_body is not None:  # the (maybe shared) worker calls this client's stream
@@ -61,6 +68,8 @@ class FederatedClient:
                 scope=self.scope,
                 exit_layer=self.plan.exit_layer if self.plan else None,
                 batch_size=self.plan.batch_size if self.plan else None,
+                pseudo=self.pseudo,
+                holdout=self.holdout,
             )
         finally:
             if self.remote_body is not None:
@@ -71,6 +80,7 @@ class FederatedClient:
             update.train_loss,
             update.steps,
             update.train_s,
+            update.score,
         )
 
 
@@ -81,6 +91,7 @@ class EncodedUpdate:
     train_loss: float
     steps: int
     train_s: float
+    score: float | None = None
 
     def chunks(
         self, run_id: str, round_number: int, client_id: str, chunk_bytes: int = CHUNK_BYTES
@@ -95,6 +106,7 @@ class EncodedUpdate:
             train_loss=self.train_loss,
             steps=self.steps,
             train_s=self.train_s,
+            **({} if self.score is None else {"score": self.score}),
         )
 
 

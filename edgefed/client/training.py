@@ -14,6 +14,8 @@ from edgefed.errors import EdgefedError
 from edgefed.methods.base import load_trainable_state
 from edgefed.methods.ee_adapter import EarlyExitModel
 from edgefed.scope import Scope, block_mask, leading_block
+from edgefed.tasks import evaluate_classifier
+from edgefed.tasks.pseudo import PseudoLabels
 from edgefed.types import ClientUpdate, State
 
 
@@ -23,6 +25,10 @@ class LocalTrainer:
     A client's scope (edgefed/scope.py) may narrow what it trains: tensors outside it are frozen for
     the round (backward stops below the lowest trained layer), leading blocks get masked gradients,
     and early-exit models run only up to the plan's exit.
+
+    FewFedWeight (edgefed/tasks/pseudo.py): with `pseudo`, the model as received labels the client's
+    unlabelled pool first, and each step adds λ times the weighted loss of a batch of pseudo labels;
+    with `holdout`, the trained model's accuracy on it is the update's `score`.
     """
 
     def __init__(
@@ -52,6 +58,8 @@ class LocalTrainer:
         scope: Scope | None = None,
         exit_layer: int | None = None,
         batch_size: int | None = None,
+        pseudo: PseudoLabels | None = None,
+        holdout: EncodedExamples | None = None,
     ) -> ClientUpdate:
         model = self.model
         if scope is None:
@@ -74,14 +82,23 @@ class LocalTrainer:
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
         generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # dropout masks
+        batch_size = batch_size or self.batch_size
+        start = time.perf_counter()
+        pseudo_batches = None
+        if pseudo is not None:
+            labeled_pool = pseudo.label(model, self.device)
+            pseudo_batches = (
+                labeled_pool.batch(indices)
+                for indices in shuffled_batches(len(labeled_pool), batch_size, steps, generator)
+            )
         model.train()
         losses = []
-        start = time.perf_counter()
         try:
-            for indices in shuffled_batches(len(examples), batch_size or self.batch_size, steps, generator):
+            for indices in shuffled_batches(len(examples), batch_size, steps, generator):
                 batch = examples.batch(indices, generator)  # the generator also draws MLM masks
-                batch = {key: value.to(self.device) for key, value in batch.items()}
-                loss = model(**batch).loss
+                loss = model(**self._on_device(batch)).loss
+                if pseudo_batches is not None:
+                    loss = loss + pseudo.weight * model(**self._on_device(next(pseudo_batches))).loss
                 if not torch.isfinite(loss):
                     raise EdgefedError(
                         f"client {client_id}: training diverged (loss {loss.item()}) at local step "
@@ -101,12 +118,18 @@ class LocalTrainer:
                 param.requires_grad_(True)
             if early_exit:
                 model.exit_layer = model.num_layers
+        score = evaluate_classifier(model, holdout, self.device).accuracy if holdout is not None else None
         train_s = time.perf_counter() - start
         delta = {
             name: leading_block(param.detach() - global_state[name], scope.sent[name])
             for name, param in trainable
         }
-        return ClientUpdate(client_id, delta, len(examples), sum(losses) / len(losses), len(losses), train_s)
+        return ClientUpdate(
+            client_id, delta, len(examples), sum(losses) / len(losses), len(losses), train_s, score
+        )
+
+    def _on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value.to(self.device) for key, value in batch.items()}
 
     @torch.no_grad()
     def _load_received(self, global_state: State, scope: Scope) -> None:

@@ -19,11 +19,13 @@ from edgefed.client.training import LocalTrainer, local_steps
 from edgefed.codecs import make_codec
 from edgefed.config import RunConfig
 from edgefed.data import EncodedExamples
+from edgefed.data.fewshot import FewShotExamples
 from edgefed.devices.planner import Plan
 from edgefed.methods import METHODS, Method, SetupState
 from edgefed.methods.lora import use_fused_kernels
 from edgefed.scope import Scope
 from edgefed.split import RemoteBody
+from edgefed.tasks.pseudo import PseudoLabels
 
 StepHook = Callable[[int, int, float], None]  # (round, client, loss) after each local step
 
@@ -38,15 +40,25 @@ class Worker:
     def client(
         self,
         index: int,
-        examples: EncodedExamples,
+        examples: EncodedExamples | FewShotExamples,
         plan: Plan | None = None,
         scope: Scope | None = None,
         remote_body: RemoteBody | None = None,
         on_step: StepHook = lambda round_number, client, loss: None,
     ) -> FederatedClient:
         """Client `index` on this worker: its data, its plan (None: the run's settings) and, for split
-        learning, its stream to the server's body."""
+        learning, its stream to the server's body. A few-shot client (FewShotExamples) trains on its
+        labelled examples, pseudo-labels its pool as `pseudo-labels` says, and is scored on its held-out
+        slice."""
         config = self.config
+        pseudo = holdout = None
+        if isinstance(examples, FewShotExamples):
+            if config.pseudo_labels != "none":
+                pseudo = PseudoLabels(
+                    examples.unlabeled, config.pseudo_labels, config.energy_temperature, config.pseudo_weight
+                )
+            holdout = examples.heldout if len(examples.heldout) else None
+            examples = examples.labeled
         batch_size = plan.batch_size if plan else config.batch_size
         steps = local_steps(len(examples), batch_size, config.local_steps, config.local_epochs)
         return FederatedClient(
@@ -60,6 +72,8 @@ class Worker:
             plan,
             scope,
             remote_body,
+            pseudo,
+            holdout,
         )
 
 

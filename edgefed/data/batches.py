@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -17,13 +17,20 @@ class EncodedExamples:
     input_ids: list[list[int]]
     labels: list[int]
     pad_id: int
+    # Per-example loss weights (FewFedWeight's pseudo labels), sent as `example_weights`; None: none.
+    weights: list[float] | None = None
+    # Tensors every batch carries unchanged (a label-scoring model's encoded label names).
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, indices: list[int]) -> EncodedExamples:
-        return EncodedExamples(
-            [self.input_ids[i] for i in indices], [self.labels[i] for i in indices], self.pad_id
+        return replace(
+            self,
+            input_ids=[self.input_ids[i] for i in indices],
+            labels=[self.labels[i] for i in indices],
+            weights=None if self.weights is None else [self.weights[i] for i in indices],
         )
 
     def batch(self, indices: list[int], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -35,11 +42,15 @@ class EncodedExamples:
             sequence = self.input_ids[i]
             ids[row, : len(sequence)] = torch.tensor(sequence)
             mask[row, : len(sequence)] = 1
-        return {
+        batch = {
             "input_ids": ids,
             "attention_mask": mask,
             "labels": torch.tensor([self.labels[i] for i in indices]),
+            **self.constants,
         }
+        if self.weights is not None:
+            batch["example_weights"] = torch.tensor([self.weights[i] for i in indices])
+        return batch
 
 
 def encode(data: LabeledTexts, tokenizer, max_seq_len: int) -> EncodedExamples:

@@ -27,16 +27,6 @@ class MaskedLMExamples(EncodedExamples):
     vocab_size: int = 0
     special_ids: tuple[int, ...] = ()
 
-    def subset(self, indices: list[int]) -> MaskedLMExamples:
-        return MaskedLMExamples(
-            [self.input_ids[i] for i in indices],
-            [self.labels[i] for i in indices],
-            self.pad_id,
-            self.mask_id,
-            self.vocab_size,
-            self.special_ids,
-        )
-
     def batch(self, indices: list[int], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """A masked batch. Without a generator (evaluation) the masks depend only on the batch's
         examples, so every round evaluates the same masked positions."""
@@ -73,7 +63,7 @@ def encode_for_mlm(data: LabeledTexts, tokenizer, max_seq_len: int) -> MaskedLME
         ids,
         list(data.labels),
         tokenizer.pad_token_id or 0,
-        tokenizer.mask_token_id,
-        len(tokenizer),
-        tuple(tokenizer.all_special_ids),
+        mask_id=tokenizer.mask_token_id,
+        vocab_size=len(tokenizer),
+        special_ids=tuple(tokenizer.all_special_ids),
     )

@@ -25,8 +25,8 @@ def load_splits(data: str | None, seed: int, unlabeled: bool = False) -> tuple[L
     path = SAMPLE_DIR if data is None else Path(data)
     read, suffixes = _reader(unlabeled)
     if path.is_dir():
-        train = read(_find_split(path, ("train",), required=True, suffixes=suffixes))
-        eval_path = _find_split(path, EVAL_SPLIT_NAMES, required=False, suffixes=suffixes)
+        train = read(find_split(path, ("train",), required=True, suffixes=suffixes))
+        eval_path = find_split(path, EVAL_SPLIT_NAMES, required=False, suffixes=suffixes)
         if eval_path is not None:
             return train, read(eval_path)
         return _hold_out(train, seed)
@@ -39,7 +39,7 @@ def _reader(unlabeled: bool) -> tuple[Callable[[Path], LabeledTexts], tuple[str,
     return (read_text_file, TEXT_SUFFIXES) if unlabeled else (read_labeled_file, SUFFIXES)
 
 
-def _find_split(
+def find_split(
     folder: Path, names: tuple[str, ...], required: bool, suffixes: tuple[str, ...] = SUFFIXES
 ) -> Path | None:
     for name in names:
@@ -66,7 +66,7 @@ def load_train(data: str | Path, unlabeled: bool = False) -> LabeledTexts:
     path = Path(data)
     read, suffixes = _reader(unlabeled)
     if path.is_dir():
-        return read(_find_split(path, ("train",), required=True, suffixes=suffixes))
+        return read(find_split(path, ("train",), required=True, suffixes=suffixes))
     if path.is_file():
         return read(path)
     raise EdgefedError(f"{path}: no such data file or folder")

@@ -183,4 +183,6 @@ class FederatedServer:
             mlm_loss=evaluation.mlm_loss,
             split_bytes_up=split_up,
             split_bytes_down=split_down,
+            task_accuracy=evaluation.task_accuracy,
+            client_scores=scores if updates and None not in (scores := [u.score for u in updates]) else None,
         )

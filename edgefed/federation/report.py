@@ -44,6 +44,7 @@ def finish_run(side: ServerSide, run_dir: Path, rounds: list[RoundMetrics], tota
         "final_loss": last.loss,
         "final_mlm_loss": last.mlm_loss,
         "final_exit_accuracy": last.exit_accuracy,
+        "final_task_accuracy": last.task_accuracy,
         "best_accuracy": best.accuracy,
         "best_round": best.round,
         "target_accuracy": config.target_accuracy,
@@ -68,7 +69,7 @@ def finish_run(side: ServerSide, run_dir: Path, rounds: list[RoundMetrics], tota
         "result_dir": str(result_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    title = f"{config.method} · {config.aggregator} · {config.clients} clients · {config.partition}"
+    title = f"{config.method} · {config.aggregator} · {config.clients} clients · {config.sharing()}"
     if not plot_curves(rounds, title, run_dir / "curves.png", masked_lm=side.task.unlabeled):
         echo("edgefed: curves.png skipped (matplotlib is not installed: pip install 'edgefed[demo]')")
     echo(format_summary(summary))
@@ -87,6 +88,9 @@ def format_summary(summary: dict) -> str:
             f"{summary['best_round']}), eval loss {summary['final_loss']:.4f}, "
             f"{summary['wall_s']:.1f} s wall clock on this machine"
         ]
+    if summary.get("final_task_accuracy"):
+        tasks = ", ".join(f"{name} {value:.4f}" for name, value in summary["final_task_accuracy"].items())
+        lines.append(f"per task: {tasks}")
     if summary["target_accuracy"] is not None:
         target = summary["target_accuracy"]
         if summary["rounds_to_target"] is None:

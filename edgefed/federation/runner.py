@@ -21,7 +21,6 @@ from edgefed.aggregators import AGGREGATORS
 from edgefed.client import build_worker
 from edgefed.codecs import make_codec
 from edgefed.config import RunConfig, config_from_text, write_config
-from edgefed.data import EncodedExamples, partition
 from edgefed.devices.clock import SimulatedClock
 from edgefed.errors import EdgefedError
 from edgefed.federation.checkpoint import Checkpoint, load_checkpoint, restore_rng
@@ -58,7 +57,8 @@ def run(config: RunConfig, echo: Echo = print, resume: bool = False) -> dict:
             return in_process_transport(side, run_id, progress.step, split)
         return LoopbackFleet.start(
             run_description(side, run_id),
-            side.train,
+            side.task,
+            side.shards,
             side.fleet,
             side.device,
             run_dir,
@@ -114,7 +114,10 @@ def federate(config: RunConfig, make_transport: TransportFactory, echo: Echo, re
     side = prepare(config)
     lr = config.lr if config.lr is not None else side.method.default_lr
     data = str(Path(config.data).resolve()) if config.data is not None else None  # None: the shipped sample
-    side.config = config = dataclasses.replace(config, lr=lr, data=data)
+    tasks, eval_tasks = (
+        tuple(str(Path(path).resolve()) for path in paths) for paths in (config.tasks, config.eval_tasks)
+    )
+    side.config = config = dataclasses.replace(config, lr=lr, data=data, tasks=tasks, eval_tasks=eval_tasks)
     aggregator = AGGREGATORS.create(config.aggregator)
     checkpoint = load_checkpoint(run_dir) if resume else None
     if checkpoint is None:
@@ -191,12 +194,18 @@ def describe_run(side: ServerSide, echo: Echo) -> None:
     total = sum(p.numel() for p in side.global_model.parameters())
     echo(
         f"edgefed: {config.method} on {config.model} ({trainable:,} of {total:,} parameters train), "
-        f"{config.clients} clients ({config.partition}), {config.rounds} rounds, "
+        f"{config.clients} clients ({config.sharing()}), {config.rounds} rounds, "
         f"{len(side.train):,} training and {len(side.evaluation):,} evaluation examples, "
         f"{side.device.type}, {config.transport} transport"
     )
     if config.profiles:
         describe_fleet(side, echo)
+    if config.pseudo_labels != "none":
+        echo(
+            f"edgefed: pseudo labels ({config.pseudo_labels}): each client labels its "
+            f"{config.unlabeled_pool} unlabelled inputs with the broadcast global model on the device; "
+            "they never leave it"
+        )
 
 
 def split_side(
@@ -238,22 +247,18 @@ def in_process_transport(
     config = side.config
     base, _ = side.task.load_model(resolve_model_path(config.model), side.num_labels)
     worker = build_worker(config, base, side.spec.head_modules, side.device, side.setup)
-    shards = partition(side.train.labels, config.clients, config.partition, config.seed)
-    encoded: dict[int, EncodedExamples] = {}  # the training set at each plan's sequence length
+    settings = config.data_settings()
     clients = []
-    for index, shard in enumerate(shards):
+    for index, shard in enumerate(side.shards):
         plan = side.fleet.plan(index)
         seq_len = plan.seq_len if plan else config.max_seq_len
-        if seq_len not in encoded:
-            encoded[seq_len] = side.task.encode(side.train, side.tokenizer, seq_len)
+        examples = side.task.encode_client(shard, side.tokenizer, seq_len, settings)
         remote_body = None
         if split is not None:
             stub = InProcessSplitStub(split.servicer)
             remote_body = RemoteBody(stub, split.servicer.run_id, config.split_codec, client_name(index))
         scope = side.fleet.scope(plan) if plan else None
-        clients.append(
-            worker.client(index, encoded[seq_len].subset(shard), plan, scope, remote_body, on_step)
-        )
+        clients.append(worker.client(index, examples, plan, scope, remote_body, on_step))
     return InProcessTransport(
         clients,
         side.setup,

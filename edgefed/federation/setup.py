@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from edgefed.config import RunConfig, resolve_config
-from edgefed.data import EncodedExamples, LabeledTexts
 from edgefed.devices.fleet import FLEET_STRATEGIES, FleetPlans, adapt_and_measure, codec_bytes_per_value
 from edgefed.devices.planner import Request
 from edgefed.errors import EdgefedError
@@ -19,7 +19,7 @@ from edgefed.methods import METHODS, AdapterSpec, Method
 from edgefed.methods.base import SetupState, trainable_state
 from edgefed.methods.lora import use_fused_kernels
 from edgefed.models import default_device, load_tokenizer, model_fingerprint, resolve_model_path
-from edgefed.tasks import TASKS, Task
+from edgefed.tasks import Task
 
 
 @dataclass
@@ -33,9 +33,10 @@ class ServerSide:
     global_model: nn.Module
     setup: SetupState
     tokenizer: object
-    train: LabeledTexts
-    evaluation: LabeledTexts
-    eval_examples: EncodedExamples
+    train: Any  # the task's training data (LabeledTexts; a TaskSet for multi-task runs)
+    shards: list[Any]  # each client's part of it, in client order
+    evaluation: Any
+    eval_examples: Any
     num_labels: int
     fingerprint: str
     device: torch.device
@@ -44,13 +45,12 @@ class ServerSide:
 
 def prepare(config: RunConfig) -> ServerSide:
     method = METHODS.create(config.method)
-    task = TASKS.create(method.task)
+    task = config.task()
     device = default_device()
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)
-    train, evaluation = task.splits(config.data, config.seed)
-    train = train.subset(list(range(min(config.train_limit or len(train), len(train)))))
-    evaluation = evaluation.subset(list(range(min(config.eval_limit or len(evaluation), len(evaluation)))))
+    train, evaluation = task.load_data(config.data_settings())
+    shards = task.shards(train, config.data_settings())  # drawn here: bad input fails before any write
     num_labels = task.num_labels(train, evaluation)
     # The global model, adapted once (FeDeRA's SVD happens here and nowhere else).
     base, new_modules = task.load_model(model_path, num_labels)
@@ -58,7 +58,7 @@ def prepare(config: RunConfig) -> ServerSide:
     if positions is not None and config.max_seq_len > positions:
         raise EdgefedError(f"max-seq-len {config.max_seq_len} exceeds the model's {positions} positions")
     fingerprint = model_fingerprint(base, new_modules)
-    spec = config.adapter_spec(tuple(new_modules) or ("classifier",))
+    spec = config.adapter_spec(tuple(new_modules) or task.head_modules)
     global_model, setup, shape = adapt_and_measure(method, base, spec)
     pairs = method.low_rank_pairs(global_model)
     global_state = trainable_state(global_model)
@@ -86,6 +86,7 @@ def prepare(config: RunConfig) -> ServerSide:
         setup,
         tokenizer,
         train,
+        shards,
         evaluation,
         eval_examples,
         num_labels,
@@ -143,6 +144,5 @@ def load_trained(run_dir: str | Path) -> nn.Module:
     config = resolve_config(str(run_dir / "config.toml"), {})
     spec = config.adapter_spec(tuple(summary["head_modules"]))
     method = METHODS.create(config.method)
-    return method.load(
-        run_dir / method.result_dir, resolve_model_path(config.model), summary["num_labels"], spec
-    )
+    base, _ = config.task().load_model(resolve_model_path(config.model), summary["num_labels"])
+    return method.load(run_dir / method.result_dir, base, spec)

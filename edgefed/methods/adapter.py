@@ -89,10 +89,7 @@ class BottleneckAdapters(Method):
             )
         )
 
-    def load(self, out_dir: Path, base_model_path: str, num_labels: int, spec: AdapterSpec) -> nn.Module:
-        from edgefed.models import load_classifier
-
-        base, _ = load_classifier(base_model_path, num_labels)
+    def load(self, out_dir: Path, base: nn.Module, spec: AdapterSpec) -> nn.Module:
         model = self.adapt(base, spec, {})
         load_trainable_state(model, load_file(out_dir / STATE_FILE))
         return model

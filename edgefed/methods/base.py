@@ -51,6 +51,9 @@ class Method(ABC):
     splits_model: ClassVar[bool] = False
     # Early exits (ee-adapter): the model predicts at every layer and a plan may cut it at any depth.
     early_exits: ClassVar[bool] = False
+    # Whether it can train a multi-task label-scoring model (edgefed/tasks/multitask.py): it adapts the
+    # encoder and needs no head of its own.
+    multitask: ClassVar[bool] = False
 
     def prepare_global(self, model: nn.Module, spec: AdapterSpec) -> tuple[nn.Module, SetupState]:
         """Server side, once: adapt the global model and return what clients need to match it."""
@@ -69,8 +72,9 @@ class Method(ABC):
         """Write the trained result in a format its ecosystem loads (peft adapter or full weights)."""
 
     @abstractmethod
-    def load(self, out_dir: Path, base_model_path: str, num_labels: int, spec: AdapterSpec) -> nn.Module:
-        """Rebuild the trained model from `save`'s output and the pre-trained model it started from."""
+    def load(self, out_dir: Path, base: nn.Module, spec: AdapterSpec) -> nn.Module:
+        """Rebuild the trained model from `save`'s output and `base`, the pre-trained model it started
+        from, freshly loaded with the run's task head (methods that save full weights read only `out_dir`)."""
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -123,7 +127,7 @@ class FullWeightsMethod(Method):
     def save(self, model: nn.Module, spec: AdapterSpec, setup: SetupState, out_dir: Path) -> None:
         model.save_pretrained(out_dir)
 
-    def load(self, out_dir: Path, base_model_path: str, num_labels: int, spec: AdapterSpec) -> nn.Module:
+    def load(self, out_dir: Path, base: nn.Module, spec: AdapterSpec) -> nn.Module:
         from transformers import AutoModelForSequenceClassification
 
         return AutoModelForSequenceClassification.from_pretrained(out_dir, local_files_only=True)

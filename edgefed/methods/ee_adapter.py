@@ -356,21 +356,20 @@ class EarlyExitAdapters(Method):
             )
         )
 
-    def load(self, out_dir: Path, base_model_path: str, num_labels: int, spec: AdapterSpec) -> nn.Module:
-        from edgefed.models import load_classifier
-
+    def load(self, out_dir: Path, base: nn.Module, spec: AdapterSpec) -> nn.Module:
         saved = json.loads((out_dir / CONFIG_FILE).read_text(encoding="utf-8"))
         if saved.get("method") != self.name:
             raise EdgefedError(f"{out_dir}: saved by method {saved.get('method')!r}, not {self.name!r}")
+        num_labels = base.config.num_labels
         if saved["num_labels"] != num_labels:
             raise EdgefedError(f"{out_dir}: saved with {saved['num_labels']} labels, not {num_labels}")
-        base, _ = load_classifier(base_model_path, num_labels)
         # The saved widths, not the spec's, describe the tensors.
         widths = EarlyExitWidths(saved["attention_width"], saved["ffn_width"], saved["attention_heads"])
         model = _early_exit_model(base, num_labels, widths)
         if model.num_layers != saved["num_layers"]:
             raise EdgefedError(
-                f"{out_dir}: saved for {saved['num_layers']} blocks; {base_model_path} has {model.num_layers}"
+                f"{out_dir}: saved for {saved['num_layers']} blocks; the pre-trained model has "
+                f"{model.num_layers}"
             )
         load_trainable_state(model, load_file(out_dir / STATE_FILE))
         return model

@@ -18,6 +18,7 @@ ADAPTER_NAME = "default"
 class LoRA(Method):
     name = "lora"
     default_lr = 3e-3
+    multitask = True
 
     def lora_config(self, spec: AdapterSpec) -> LoraConfig:
         return LoraConfig(
@@ -26,7 +27,8 @@ class LoRA(Method):
             target_modules=list(spec.target_modules),
             modules_to_save=list(spec.head_modules),
             lora_dropout=0.0,
-            task_type=TaskType.SEQ_CLS,
+            # A label-scoring model (no head) is no transformers classifier: peft's generic wrapper.
+            task_type=TaskType.SEQ_CLS if spec.head_modules else None,
         )
 
     def adapt(self, model: nn.Module, spec: AdapterSpec, setup: SetupState) -> nn.Module:
@@ -48,10 +50,7 @@ class LoRA(Method):
     def save(self, model: nn.Module, spec: AdapterSpec, setup: SetupState, out_dir: Path) -> None:
         model.save_pretrained(out_dir)
 
-    def load(self, out_dir: Path, base_model_path: str, num_labels: int, spec: AdapterSpec) -> nn.Module:
-        from edgefed.models import load_classifier
-
-        base, _ = load_classifier(base_model_path, num_labels)
+    def load(self, out_dir: Path, base: nn.Module, spec: AdapterSpec) -> nn.Module:
         return PeftModel.from_pretrained(base, out_dir)
 
 

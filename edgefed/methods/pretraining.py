@@ -23,7 +23,7 @@ class MaskedLMPretraining(FullWeightsMethod):
             model, lambda name: ".pooler." not in f".{name}" and self.is_trainable(name, spec)
         )
 
-    def load(self, out_dir: Path, base_model_path: str, num_labels: int, spec: AdapterSpec) -> nn.Module:
+    def load(self, out_dir: Path, base: nn.Module, spec: AdapterSpec) -> nn.Module:
         from transformers import AutoModelForMaskedLM
 
         return AutoModelForMaskedLM.from_pretrained(out_dir, local_files_only=True)

@@ -103,6 +103,9 @@ def receive_update(
         raise WireError("an update must report its examples and local steps (first chunk)")
     if not math.isfinite(first.train_loss) or not math.isfinite(first.train_s):
         raise WireError("an update's training loss and time must be finite")
+    score = first.score if first.HasField("score") else None
+    if score is not None and not 0.0 <= score <= 1.0:
+        raise WireError(f"an update's held-out score is an accuracy in [0, 1], got {score}")
     return ClientUpdate(
         client_index,
         EncodedDelta(encoded, codec, device, decoded),
@@ -110,4 +113,5 @@ def receive_update(
         first.train_loss,
         first.steps,
         first.train_s,
+        score,
     )

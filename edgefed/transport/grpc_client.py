@@ -19,10 +19,9 @@ from edgefed.config import config_from_text
 from edgefed.devices.fleet import scope_of_plan
 from edgefed.devices.planner import plan_from_text
 from edgefed.errors import EdgefedError
-from edgefed.methods import METHODS, trainable_state
+from edgefed.methods import trainable_state
 from edgefed.models import default_device, load_tokenizer, model_fingerprint, resolve_model_path
 from edgefed.split import RemoteBody, split_channel
-from edgefed.tasks import TASKS
 from edgefed.transport.auth import bearer_metadata
 from edgefed.transport.base import LOSSLESS, state_shapes
 from edgefed.transport.grpc_server import MESSAGE_HEADROOM
@@ -93,7 +92,7 @@ class GrpcClient:
 
     def _build(self, joined: pb.JoinReply) -> None:
         config = config_from_text(joined.config_toml, f"{self.server} (the run's configuration)")
-        task = TASKS.create(METHODS.create(config.method).task)
+        task = config.task()
         model_path = resolve_model_path(self.model or config.model)
         base, new_modules = task.load_model(model_path, joined.num_labels)
         mine = model_fingerprint(base, new_modules)
@@ -103,10 +102,11 @@ class GrpcClient:
                 f"{joined.model_fingerprint[:12]}); load the same pre-trained model (--model PATH)"
             )
         plan = plan_from_text(joined.plan_toml) if joined.plan_toml else None
-        examples = task.encode(
+        examples = task.encode_client(
             task.client_data(self.data),
             load_tokenizer(model_path),
             plan.seq_len if plan else config.max_seq_len,
+            config.data_settings(),
         )
         request = pb.FetchRequest(run_id=self.run_id, round=0, client_id=self.client_id)
         chunks = self._call(lambda r, **kw: list(self.stub.FetchSetup(r, **kw)), request)

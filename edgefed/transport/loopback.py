@@ -12,22 +12,22 @@ talks to the server over gRPC only. The fork server is a fresh interpreter: it n
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from edgefed.config import RunConfig
-from edgefed.data import LabeledTexts, partition
 from edgefed.devices.fleet import FleetPlans
 from edgefed.devices.profiles import device_entry
 from edgefed.errors import EdgefedError, report_errors
 from edgefed.split import SplitBodyServicer
+from edgefed.tasks import Task
 from edgefed.transport.auth import TokenBook
 from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, RunDescription
 from edgefed.types import client_name
@@ -41,7 +41,8 @@ class LoopbackFleet(GrpcTransport):
     def start(
         cls,
         description: RunDescription,
-        train: LabeledTexts,
+        task: Task,
+        shards: list[Any],
         fleet: FleetPlans | None,
         device: torch.device,
         run_dir: Path,
@@ -56,7 +57,9 @@ class LoopbackFleet(GrpcTransport):
         servicer = FederationServicer(description, tokens, slots, device=device, log=log, fleet=fleet)
         loopback = cls(servicer, config.min_clients or config.clients, config.round_deadline_s, split)
         try:
-            loopback._spawn(train, config, names, tokens, run_dir / "clients")
+            loopback.shard_dir = tempfile.TemporaryDirectory(prefix="edgefed-shards-")
+            files = write_shards(task, shards, Path(loopback.shard_dir.name))
+            loopback._spawn(files, config, names, tokens, run_dir / "clients")
         except BaseException:
             loopback.close()
             raise
@@ -74,10 +77,8 @@ class LoopbackFleet(GrpcTransport):
         super().__init__(servicer, "127.0.0.1:0", min_clients, deadline_s, watchdog=self.check, split=split)
 
     def _spawn(
-        self, train: LabeledTexts, config: RunConfig, names: list[str], tokens: TokenBook, log_dir: Path
+        self, shard_files: list[Path], config: RunConfig, names: list[str], tokens: TokenBook, log_dir: Path
     ) -> None:
-        self.shard_dir = tempfile.TemporaryDirectory(prefix="edgefed-shards-")
-        shard_files = write_shards(train, config, Path(self.shard_dir.name))
         threads = max(1, (os.cpu_count() or 1) // config.clients)
         log_dir.mkdir(parents=True, exist_ok=True)
         context = multiprocessing.get_context("forkserver")
@@ -138,13 +139,6 @@ def client_process(
     sys.exit(report_errors(train))
 
 
-def write_shards(train: LabeledTexts, config: RunConfig, folder: Path) -> list[Path]:
-    """Each simulated client's data as its own JSONL file: the in-process partition, in the same order."""
-    paths = []
-    for index, shard in enumerate(partition(train.labels, config.clients, config.partition, config.seed)):
-        path = folder / f"{client_name(index)}.jsonl"
-        with path.open("w", encoding="utf-8") as handle:
-            for row in shard:
-                handle.write(json.dumps({"text": train.texts[row], "label": train.labels[row]}) + "\n")
-        paths.append(path)
-    return paths
+def write_shards(task: Task, shards: list[Any], folder: Path) -> list[Path]:
+    """Each simulated client's data as its own files: the in-process shards, in the same order."""
+    return [task.write_shard(shard, folder / client_name(index)) for index, shard in enumerate(shards)]

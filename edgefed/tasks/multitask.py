@@ -1,0 +1,192 @@
+"""Few-shot multi-task classification: one model scores each input against its task's label names.
+
+Clients hold different tasks, so different label spaces. Instead of a head per task (which FedAvg
+would mix across label spaces), the model embeds the input and each of its task's label names (the
+lines of the task's labels.txt) with the same encoder — mean pooling over tokens, L2-normalised, as
+sentence encoders such as all-MiniLM-L6-v2 are trained — and label c's logit is
+SCALE · cos(input, name_c). The encoder's adapter (LoRA or FeDeRA) is the only trainable part and is
+shared by every task; nothing ties a tensor to one label space, and a task no client trained on is
+scored by the same model (zero-shot, through its label names).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from edgefed.data import EncodedExamples, encode
+from edgefed.data.fewshot import (
+    FewShotExamples,
+    FewShotShard,
+    TaskData,
+    draw_shards,
+    held_out_rows,
+    load_task,
+    read_shard,
+)
+from edgefed.errors import EdgefedError
+from edgefed.models import load_encoder
+from edgefed.tasks.base import TASKS, DataSettings, Task
+from edgefed.tasks.classification import evaluate_classifier
+from edgefed.types import Evaluation
+
+# Cosine similarities in [-1, 1] become logits at temperature 0.05, the contrastive training
+# temperature of sentence encoders (SimCSE, Sentence-BERT's MultipleNegativesRankingLoss).
+SCALE = 20.0
+
+
+class LabelScorer(nn.Module):
+    """A sentence encoder that classifies by comparing an input with the names of its task's labels.
+
+    Every batch carries the label names (`label_input_ids`, `label_attention_mask`) of its task;
+    `example_weights` (FewFedWeight's energy weights of pseudo labels) weigh each example's loss.
+    """
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.config = encoder.config  # the cost model reads the encoder's shape
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return F.normalize(pooled, dim=-1)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        label_input_ids: torch.Tensor,
+        label_attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        example_weights: torch.Tensor | None = None,
+    ) -> SequenceClassifierOutput:
+        names = self.embed(label_input_ids, label_attention_mask)
+        logits = SCALE * self.embed(input_ids, attention_mask) @ names.T
+        loss = None
+        if labels is not None:
+            losses = F.cross_entropy(logits, labels, reduction="none")
+            loss = (losses * example_weights).mean() if example_weights is not None else losses.mean()
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+@dataclass
+class TaskSet:
+    """Several tasks; the first `seen` are the ones clients train on (the rest are evaluated only)."""
+
+    tasks: list[TaskData]
+    seen: int
+    split: str  # "train" or "test": the split `len` counts
+
+    @property
+    def source(self) -> str:
+        return ", ".join(task.name for task in self.tasks)
+
+    def __len__(self) -> int:
+        return sum(len(getattr(task, self.split)) for task in self.tasks)
+
+
+@dataclass
+class TaskExamples:
+    name: str
+    seen: bool
+    examples: EncodedExamples
+
+
+@TASKS.register("multitask")
+class FewShotMultiTask(Task):
+    name = "multitask"
+    head_modules = ()
+
+    def load_model(self, model_path: str, num_labels: int) -> tuple[nn.Module, list[str]]:
+        encoder, missing = load_encoder(model_path)
+        return LabelScorer(encoder), [f"encoder.{module}" for module in missing]
+
+    def load_data(self, settings: DataSettings) -> tuple[TaskSet, TaskSet]:
+        trained = [load_task(path) for path in settings.tasks]
+        evaluated = trained + [load_task(path) for path in settings.eval_tasks]
+        names = [task.name for task in evaluated]
+        if len(set(names)) < len(names):
+            raise EdgefedError(
+                f"two task folders share a name ({', '.join(names)}); a task is named by its folder"
+            )
+        limit = settings.eval_limit
+        tested = [
+            TaskData(
+                task.name,
+                task.label_names,
+                task.train,
+                task.test.subset(list(range(min(limit or len(task.test), len(task.test))))),
+            )
+            for task in evaluated
+        ]
+        return TaskSet(trained, len(trained), "train"), TaskSet(tested, len(trained), "test")
+
+    def num_labels(self, train: TaskSet, evaluation: TaskSet) -> int:
+        return 0  # no class head: each task's labels are its label names
+
+    def shards(self, train: TaskSet, settings: DataSettings) -> list[FewShotShard]:
+        return draw_shards(
+            train.tasks,
+            settings.clients,
+            settings.shots,
+            settings.holdout_shots,
+            settings.unlabeled_pool,
+            settings.seed,
+        )
+
+    def write_shard(self, shard: FewShotShard, path):
+        return shard.write(path)
+
+    def client_data(self, path: str) -> FewShotShard:
+        return read_shard(path)
+
+    def encode_client(
+        self, shard: FewShotShard, tokenizer, max_seq_len: int, settings: DataSettings
+    ) -> FewShotExamples:
+        names = label_names(shard.label_names, tokenizer, max_seq_len)
+        labeled = with_names(encode(shard.labeled, tokenizer, max_seq_len), names)
+        held = held_out_rows(shard.labeled.labels, settings.holdout_shots)
+        kept = sorted(set(range(len(labeled))) - set(held))
+        pool = tokenizer(shard.unlabeled, truncation=True, max_length=max_seq_len)["input_ids"]
+        unlabeled = EncodedExamples(pool, [0] * len(pool), labeled.pad_id, constants=names)
+        return FewShotExamples(labeled.subset(kept), labeled.subset(held), unlabeled)
+
+    def encode(self, data: TaskSet, tokenizer, max_seq_len: int) -> list[TaskExamples]:
+        return [
+            TaskExamples(
+                task.name,
+                index < data.seen,
+                with_names(
+                    encode(task.test, tokenizer, max_seq_len),
+                    label_names(task.label_names, tokenizer, max_seq_len),
+                ),
+            )
+            for index, task in enumerate(data.tasks)
+        ]
+
+    def evaluate(self, model: nn.Module, examples: list[TaskExamples], device: torch.device) -> Evaluation:
+        """`accuracy` and `loss`: the mean over the tasks clients train on (each task counts once,
+        whatever its test size); `task_accuracy`: every task's, seen or not."""
+        results = {task.name: evaluate_classifier(model, task.examples, device) for task in examples}
+        seen = [results[task.name] for task in examples if task.seen]
+        return Evaluation(
+            sum(result.accuracy for result in seen) / len(seen),
+            sum(result.loss for result in seen) / len(seen),
+            task_accuracy={name: result.accuracy for name, result in results.items()},
+        )
+
+
+def label_names(names: list[str], tokenizer, max_seq_len: int) -> dict[str, torch.Tensor]:
+    encoded = tokenizer(names, truncation=True, max_length=max_seq_len, padding=True, return_tensors="pt")
+    return {"label_input_ids": encoded["input_ids"], "label_attention_mask": encoded["attention_mask"]}
+
+
+def with_names(examples: EncodedExamples, names: dict[str, torch.Tensor]) -> EncodedExamples:
+    examples.constants = names
+    return examples
