@@ -27,6 +27,7 @@ import csv
 import json
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -131,6 +132,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     settings = ["local", *SETTINGS]
     seeds = sorted({row["seed"] for row in rows})
     lines = [
+        f"`python benchmarks/fewfedweight.py {' '.join(sys.argv[1:])}`",
+        "",
         f"Final test accuracy per task (mean of seeds {', '.join(map(str, seeds))}; FeDeRA r=8 on "
         f"all-MiniLM-L6-v2 scoring label names; {args.shots} shots per class, {args.holdout_shots} of them "
         f"held out; pool {args.pool}; {args.rounds} rounds × {args.local_steps} local steps; first "
@@ -138,7 +141,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         "",
         "| setting | "
         + " | ".join(tasks)
-        + " | mean | tasks improved over local | average improvement rate |",
+        + " | mean (sd over seeds) | tasks improved over local | average improvement rate |",
         "|---|" + "---|" * (len(tasks) + 3),
     ]
     zero = [mean_accuracy(rows, "fedavg", task, "zero_shot") for task in tasks]
@@ -158,10 +161,17 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
                 (acc - local[task]) / local[task] for acc, task in zip(accuracy, tasks, strict=True)
             )
             extra = f" | {improved}/{len(tasks)} ({improved / len(tasks):.0%}) | {rate:+.1%} "
+        seed_means = [
+            statistics.mean(
+                mean_accuracy([r for r in rows if r["seed"] == seed], setting, task) for task in tasks
+            )
+            for seed in seeds
+        ]
+        spread = f" ({statistics.stdev(seed_means):.3f})" if len(seeds) > 1 else ""
         lines.append(
             f"| {setting} | "
             + " | ".join(f"{value:.3f}" for value in accuracy)
-            + f" | {statistics.mean(accuracy):.3f}{extra}|"
+            + f" | {statistics.mean(accuracy):.3f}{spread}{extra}|"
         )
     per_seed = []
     for seed in seeds:
