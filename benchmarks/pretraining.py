@@ -214,7 +214,7 @@ def report(args, results, step_times, traffic) -> str:
         f"One micro-batch of {args.batch_size} × {args.max_seq_len} tokens, d = 384. Formula: 4 × B·T·d "
         "values × bytes per value (int8: 1 byte + a 4-byte scale per block of 64). Measured: gRPC message "
         "bytes of the Split stream (protobuf, 5-byte prefix), which also carry the 0/1 attention mask "
-        "(B·T bytes up), names, shapes and a sha256 per tensor.",
+        "(B·T bytes up), names, shapes and a CRC32C per tensor.",
         "",
         "| codec | up MB | down MB | formula MB | measured / formula |",
         "|---|---:|---:|---:|---:|",

@@ -38,8 +38,10 @@ class RunConfig:
     )
     aggregator: str = option(
         "fedavg",
-        "fedavg (A and B averaged apart), product (exact, in ΔW = B·A space) or hetero (clients with "
-        "different plans: each element averaged over the clients that trained it)",
+        "fedavg (A and B averaged apart), product (exact, in ΔW = B·A space), hetero (clients with "
+        "different plans: each element averaged over the clients that trained it), adaptive (by held-out "
+        "score, FewFedWeight), or for untrusted fleets median or trimmed-mean (each update clipped to the "
+        "round's median norm)",
     )
     codec: str = option("none", "how client deltas travel: none, fp16, bf16, int8, int4 or topk:<fraction>")
     clients: int = option(4, "number of clients")
@@ -120,6 +122,12 @@ class RunConfig:
     round_deadline_s: float = option(600.0, "a sampled client that has not pushed by then is dropped")
     max_update_norm: float | None = option(
         None, "refuse client updates with a larger L2 norm (default: no bound)"
+    )
+    max_client_examples: int = option(
+        1_000_000, "refuse a client that declares more training examples (they weigh its update)"
+    )
+    max_client_share: float = option(
+        1.0, "the largest share of a round's aggregation weight one client may hold (1: no bound)"
     )
     chunk_bytes: int = option(1 << 20, "largest slice of a state in one gRPC message")
     profiles: tuple[str, ...] = option(
@@ -335,6 +343,7 @@ def validate(config: RunConfig) -> None:
         "min_clients": config.min_clients,
         "round_deadline_s": config.round_deadline_s,
         "max_update_norm": config.max_update_norm,
+        "max_client_examples": config.max_client_examples,
         "budget_s": config.budget_s,
         "shots": config.shots,
         "unlabeled_pool": config.unlabeled_pool,
@@ -362,6 +371,8 @@ def validate(config: RunConfig) -> None:
         raise EdgefedError(f"min-clients {config.min_clients} exceeds clients {config.clients}")
     if not 1024 <= config.chunk_bytes <= 4 << 20:
         raise EdgefedError(f"chunk-bytes must be between 1024 and 4194304 (4 MiB), got {config.chunk_bytes}")
+    if not 0 < config.max_client_share <= 1:
+        raise EdgefedError(f"max-client-share must be in (0, 1], got {config.max_client_share}")
     if not 0 < config.sample_fraction <= 1:
         raise EdgefedError(f"sample-fraction must be in (0, 1], got {config.sample_fraction}")
     if not 8 <= config.max_seq_len <= 4096:
@@ -410,6 +421,22 @@ def validate_multitask(config: RunConfig, method) -> None:
 def write_config(config: RunConfig, path: Path) -> None:
     """config.toml: the resolved configuration, re-runnable with `edgefed run --config`."""
     path.write_text(config_text(config), encoding="utf-8")
+
+
+def client_config(config: RunConfig) -> RunConfig:
+    """The run's configuration as a joining client gets it: the server's data files are named, not
+    located (a client reads its own data; where the server keeps its copy is nothing it needs). The
+    model stays as the run names it: a client without `--model` loads it from there."""
+
+    def name(path: str) -> str:
+        return Path(path).name
+
+    return dataclasses.replace(
+        config,
+        data=None if config.data is None else name(config.data),
+        tasks=tuple(map(name, config.tasks)),
+        eval_tasks=tuple(map(name, config.eval_tasks)),
+    )
 
 
 def config_text(config: RunConfig) -> str:

@@ -45,9 +45,11 @@ class EncodedTensor:
     shape: tuple[int, ...]
     dtype: str  # the tensor's own dtype, restored by decoding
     codec: str
-    data: bytes  # values: raw, fp16, int8, packed int4 or the kept top-k values
-    scales: bytes = b""  # float32 per block (int8, int4)
-    indices: bytes = b""  # int32 flat positions (top-k)
+    # values: raw, fp16, int8, packed int4 or the kept top-k values; a received tensor's fields are views
+    # into its payload (edgefed.wire.framing)
+    data: bytes | memoryview
+    scales: bytes | memoryview = b""  # float32 per block (int8, int4)
+    indices: bytes | memoryview = b""  # int32 flat positions (top-k)
 
     @property
     def numel(self) -> int:
@@ -67,7 +69,9 @@ class ClientUpdate:
     # (edgefed.codecs.EncodedDelta): decoded per tensor on first use, and the aggregators' fused path
     # reads quantised tensors without decoding them.
     delta: Mapping[str, torch.Tensor]
-    num_examples: int  # n_k: the client's training examples; FedAvg weight p_k = n_k / Σ n_j
+    # n_k: the client's training examples; FedAvg weight p_k = n_k / Σ n_j. A server bounding the
+    # clients' shares (--max-client-share) lowers it for the round (edgefed.aggregators.bounded_shares).
+    num_examples: float
     train_loss: float  # mean loss over the client's local steps
     steps: int
     train_s: float  # wall-clock seconds of local training on this machine

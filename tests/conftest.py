@@ -18,11 +18,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 import pytest
 
 from edgefed.models import load_tokenizer, resolve_model_path
+from tests.federation_harness import serve_federation
 from tests.tiny import tiny_bert_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SST2 = Path(os.environ.get("EDGEFED_SST2", ROOT.parent / "shared" / "data" / "sst2"))
 SHARED_DATA = SHARED_SST2.parent
+
+
+@pytest.fixture
+def federation():
+    """A Federation server for 3 clients with bearer tokens on loopback (tests/federation_harness.py)."""
+    with serve_federation() as served:
+        yield served
 
 
 @pytest.fixture

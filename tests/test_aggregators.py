@@ -58,8 +58,17 @@ def assert_same_function(got, expected, atol=1e-5):
         torch.testing.assert_close(got[key], expected[key], atol=atol, rtol=1e-5, msg=key)
 
 
+# Robust aggregators ignore the weights clients report, by design (tests at the end of this file).
+ROBUST = ("median", "trimmed-mean")
+
+
 @pytest.fixture(params=AGGREGATORS.names())
 def aggregator(request):
+    return AGGREGATORS.create(request.param)
+
+
+@pytest.fixture(params=[name for name in AGGREGATORS.names() if name not in ROBUST])
+def weighing_aggregator(request):
     return AGGREGATORS.create(request.param)
 
 
@@ -85,7 +94,8 @@ def test_shapes_and_dtypes_are_kept(aggregator):
         assert result[key].shape == value.shape and result[key].dtype == value.dtype, key
 
 
-def test_tensors_outside_factor_pairs_are_weighted_by_client_weights(aggregator):
+def test_tensors_outside_factor_pairs_are_weighted_by_client_weights(weighing_aggregator):
+    aggregator = weighing_aggregator
     global_state, one, two = random_state(0), random_state(1), random_state(2)
     updates = [
         update(0, delta_between(one, global_state), 30),
@@ -209,3 +219,53 @@ def test_the_server_sums_quantised_updates_without_decoding_them(
     argv += ["--rounds", "2", "--local-steps", "1", "--batch-size", "8", "--max-seq-len", "16"]
     assert main([*argv, "--codec", "int8", "--out", str(tmp_path / "run")]) == 0
     assert calls and all(call == (torch.int8, 2) for call in calls)
+
+
+def honest_and_hostile(seed: int = 7, honest: int = 4):
+    """Honest clients whose deltas scatter around a common step, and one that sends a huge step the
+    other way claiming 10¹⁵ examples."""
+    generator = torch.Generator().manual_seed(seed)
+    global_state = random_state(0)
+    step = {key: torch.randn(value.shape, generator=generator) for key, value in global_state.items()}
+    updates = [
+        update(k, {key: s + 0.1 * torch.randn(s.shape, generator=generator) for key, s in step.items()})
+        for k in range(honest)
+    ]
+    updates.append(update(honest, {key: -1000 * s for key, s in step.items()}, examples=10**15))
+    return global_state, step, updates
+
+
+@pytest.mark.parametrize("name", ROBUST)
+def test_robust_aggregators_hold_against_one_hostile_client(name):
+    global_state, step, updates = honest_and_hostile()
+    robust = AGGREGATORS.create(name).aggregate(global_state, updates, PAIRS)
+    fedavg = AGGREGATORS.create("fedavg").aggregate(global_state, updates, PAIRS)
+    for key in global_state:
+        moved = robust[key] - global_state[key]
+        assert (moved - step[key]).norm() < 0.25 * step[key].norm(), key
+        assert (fedavg[key] - global_state[key] - step[key]).norm() > 100 * step[key].norm(), key
+
+
+@pytest.mark.parametrize("name", ROBUST)
+def test_robust_aggregators_ignore_reported_example_counts(name):
+    global_state, _, updates = honest_and_hostile()
+    modest = [*updates[:-1], update(updates[-1].client_id, updates[-1].delta, examples=1)]
+    aggregator = AGGREGATORS.create(name)
+    claimed, honest = (aggregator.aggregate(global_state, u, PAIRS) for u in (updates, modest))
+    for key in global_state:
+        assert torch.equal(claimed[key], honest[key]), key
+
+
+def test_median_and_trimmed_mean_per_coordinate_after_clipping_to_the_median_norm():
+    global_state = {"w": torch.zeros(2)}
+    values = [[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0], [0.0, 40.0]]
+    updates = [update(k, {"w": torch.tensor(v)}) for k, v in enumerate(values)]
+    # Norms 1, 2, 3, 4, 40: the median is 3, so [4, 0] becomes [3, 0] and [0, 40] becomes [0, 3].
+    median = AGGREGATORS.create("median").aggregate(global_state, updates, [])
+    torch.testing.assert_close(median["w"], torch.tensor([2.0, 0.0]))
+    trimmed = AGGREGATORS.create("trimmed-mean").aggregate(global_state, updates, [])  # one dropped each end
+    torch.testing.assert_close(trimmed["w"], torch.tensor([2.0, 0.0]))
+    four = AGGREGATORS.create("median").aggregate(
+        global_state, updates[:4], []
+    )  # even: mean of the middle two
+    torch.testing.assert_close(four["w"], torch.tensor([2.0, 0.0]))

@@ -125,7 +125,7 @@ def test_help_and_version():
         (["run", "--clients", "2", "--min-clients", "3"], "min-clients 3 exceeds clients 2"),
         (
             ["client", "--server", "127.0.0.1:9", "--data", "d.tsv", "--retry-s", "0.5"],
-            "server 127.0.0.1:9 unreachable for 0.5 s",
+            "server 127.0.0.1:9 unreachable or busy for 0.5 s",
         ),
     ],
 )

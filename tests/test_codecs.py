@@ -177,6 +177,6 @@ def test_a_run_with_int8_sends_about_a_quarter_of_the_bytes(tmp_path, tiny_model
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         totals[spec] = rows[1]["bytes_up"]
         assert json.loads((out / "summary.json").read_text())["codec"] == spec
-    # A quarter of the values' bytes, plus scales and each tensor's name, shape and sha256 (~100 bytes,
+    # A quarter of the values' bytes, plus scales and each tensor's name, shape and CRC32C (~100 bytes,
     # heavy on this tiny model's 512-value tensors; benchmarks/comm.py has MiniLM's ratios).
     assert 0.25 <= totals["int8"] / totals["none"] < 0.4

@@ -55,7 +55,8 @@ def test_local_epochs_replace_local_steps_layer_by_layer(tmp_path):
         ),
         (
             'aggregator = "krum"\n',
-            "unknown aggregator 'krum'; choose one of: adaptive, fedavg, hetero, product",
+            "unknown aggregator 'krum'; choose one of: adaptive, fedavg, hetero, median, product, "
+            "trimmed-mean",
         ),
         ('partition = "dirichlet:-1"\n', "positive alpha"),
         ("sample-fraction = 1.5\n", "sample-fraction must be in (0, 1]"),

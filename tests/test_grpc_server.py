@@ -8,9 +8,6 @@ that is accepted and comes out of the round unchanged.
 from __future__ import annotations
 
 import threading
-import time
-from concurrent.futures import Future
-from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -19,114 +16,27 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgefed.codecs import encode_state, make_codec
-from edgefed.config import RunConfig
-from edgefed.transport.auth import TokenBook, bearer_metadata
-from edgefed.transport.base import RoundResult, state_payload
-from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, RunDescription
-from edgefed.wire.framing import chunk_stream, serialize_state, tensor_digest
+from edgefed.transport.auth import bearer_metadata
+from edgefed.transport.grpc_client import CHANNEL_MESSAGE_BYTES
+from edgefed.transport.grpc_server import FederationServicer, GrpcTransport
+from edgefed.wire.channels import ClientTls, ServerTls, open_channel
+from edgefed.wire.framing import chunk_stream, tensor_checksum
 from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
+from tests.federation_harness import (
+    CLIENTS,
+    HEARTBEAT_S,
+    RUN_ID,
+    TOKENS,
+    auth,
+    good_delta,
+    keep_beating,
+    refusal,
+    self_signed_certificate,
+    update_chunks,
+)
 
-RUN_ID = "run-under-test"
-CLIENTS = ["client-0", "client-1", "client-2"]
-TOKENS = TokenBook([(name, f"secret-token-of-{name}") for name in CLIENTS])
-MAX_NORM = 50.0
-HEARTBEAT_S = 0.2
 Code = grpc.StatusCode
-
-
-def global_state() -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    return {
-        "encoder.query.lora_A": torch.randn(4, 64, generator=generator),
-        "encoder.query.lora_B": torch.zeros(64, 4),
-        "classifier.weight": torch.randn(2, 64, generator=generator),
-    }
-
-
-def good_delta(seed: int = 1) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {name: 0.01 * torch.randn(t.shape, generator=generator) for name, t in global_state().items()}
-
-
-def update_chunks(delta, client="client-0", round_number=1, run_id=RUN_ID, chunk_bytes=1024, **first):
-    payload = serialize_state(encode_state(make_codec("none"), delta))
-    fields = {"num_examples": 10, "train_loss": 0.5, "steps": 3, "train_s": 0.1, **first}
-    return list(chunk_stream(payload, run_id, round_number, client, chunk_bytes, **fields))
-
-
-@dataclass
-class Federation:
-    transport: GrpcTransport
-    servicer: FederationServicer
-    channel: grpc.Channel
-    stub: pb_grpc.FederationStub
-    log: list[str]
-
-    def join(self, client: str) -> pb.JoinReply:
-        return self.stub.Join(pb.JoinRequest(client_id=client), metadata=auth(client))
-
-    def beat(self, client: str) -> pb.HeartbeatReply:
-        return self.stub.Heartbeat(
-            pb.HeartbeatRequest(run_id=RUN_ID, client_id=client), metadata=auth(client)
-        )
-
-    def push(self, chunks, client="client-0", metadata=None) -> pb.PushReply:
-        return self.stub.PushUpdate(iter(chunks), metadata=auth(client) if metadata is None else metadata)
-
-    def open_round(self, number: int, sampled: list[int]) -> Future:
-        """Run the transport's round in a thread, as the FederatedServer would; the future gets its result."""
-        future: Future[RoundResult] = Future()
-        thread = threading.Thread(
-            target=lambda: future.set_result(self.transport.fit_round(number, sampled, global_state())),
-            daemon=True,
-        )
-        thread.start()
-        deadline = time.monotonic() + 5
-        while (
-            self.servicer.round is None or self.servicer.round.number != number
-        ) and time.monotonic() < deadline:
-            time.sleep(0.005)
-        return future
-
-
-def auth(client: str):
-    return bearer_metadata(TOKENS.token_for(client))
-
-
-def refusal(call) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as caught:
-        call()
-    return caught.value
-
-
-@pytest.fixture
-def federation():
-    config = RunConfig(clients=3, codec="none", max_update_norm=MAX_NORM, chunk_bytes=1024, min_clients=1)
-    setup = {"encoder.query.residual_sha256": torch.arange(32, dtype=torch.uint8)}
-    description = RunDescription(RUN_ID, config, 2, ("classifier",), "f" * 64, state_payload(setup))
-    log: list[str] = []
-    servicer = FederationServicer(description, TOKENS, heartbeat_s=HEARTBEAT_S, log=log.append)
-    transport = GrpcTransport(servicer, "127.0.0.1:0", min_clients=1, deadline_s=30)
-    channel = grpc.insecure_channel(transport.address)
-    yield Federation(transport, servicer, channel, pb_grpc.FederationStub(channel), log)
-    channel.close()
-    transport.close()
-
-
-def keep_beating(federation: Federation, clients: list[str], stop: threading.Event) -> threading.Thread:
-    def beat():
-        while not stop.is_set():
-            try:
-                for client in clients:
-                    federation.beat(client)
-            except (grpc.RpcError, ValueError):  # the fixture closed the server (or the channel) first
-                return
-            time.sleep(HEARTBEAT_S / 2)
-
-    thread = threading.Thread(target=beat, daemon=True)
-    thread.start()
-    return thread
 
 
 def test_join_gives_token_file_slots_and_a_rejoin_keeps_them(federation):
@@ -155,7 +65,9 @@ def test_join_gives_token_file_slots_and_a_rejoin_keeps_them(federation):
 def test_every_call_needs_the_clients_own_token(federation, metadata, code, message):
     join = refusal(lambda: federation.stub.Join(pb.JoinRequest(client_id="client-0"), metadata=metadata))
     assert join.code() == code and message in join.details()
-    federation.join("client-0")
+    for client in CLIENTS[:2]:
+        federation.join(client)
+    federation.open_round(1, [0, 1])  # both updates due: the token's owner may push, but not as client-0
     push = refusal(lambda: federation.push(update_chunks(good_delta()), metadata=metadata))
     assert push.code() == code and message in push.details()
 
@@ -237,7 +149,7 @@ def corrupt_tensor_bytes():
                 dtype=t.dtype,
                 codec=t.codec,
                 data=t.data[:-4] + b"\x00\x00\x80\x7f",
-                sha256=tensor_digest(t),
+                crc32c=tensor_checksum(t),
             )
             for t in encoded
         ]
@@ -306,7 +218,7 @@ BAD_UPDATES = {
         Code.INVALID_ARGUMENT,
         "arrived where chunk 0",
     ),
-    "tensor sha256": (corrupt_tensor_bytes, Code.INVALID_ARGUMENT, "sha256 mismatch"),
+    "tensor CRC32C": (corrupt_tensor_bytes, Code.INVALID_ARGUMENT, "CRC32C mismatch"),
     "garbage payload": (garbage_payload, Code.INVALID_ARGUMENT, "not a StatePayload"),
     "oversized message": (
         lambda: [pb.Chunk(run_id=RUN_ID, round=1, client_id="client-0", last=True, data=bytes(100_000))],
@@ -392,7 +304,7 @@ MESSAGES = st.one_of(
 
 def test_fuzzed_streams_never_crash_the_server_or_corrupt_the_round(federation):
     """A few thousand random and mutated PushUpdate messages; only client-2 is sampled, and whatever it
-    manages to get accepted must be its genuine delta (every tensor is sha256-checked)."""
+    manages to get accepted must be its genuine delta (every tensor is CRC32C-checked)."""
     for client in CLIENTS:
         federation.join(client)
     # Thousands of streams load the server and this process: a wider heartbeat window, so that a
@@ -446,50 +358,16 @@ def test_fuzzed_streams_never_crash_the_server_or_corrupt_the_round(federation):
     assert result.updates[0].num_examples > 0 and result.updates[0].steps > 0
 
 
-def self_signed_certificate() -> tuple[bytes, bytes]:
-    """A throwaway (key, certificate) pair in PEM for 127.0.0.1."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgefed test server")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return key_pem, certificate.public_bytes(serialization.Encoding.PEM)
-
-
 def test_tls_serves_clients_that_trust_the_certificate_and_no_plaintext(federation):
-    from edgefed.transport.grpc_client import CHANNEL_MESSAGE_BYTES
-    from edgefed.wire.channels import open_channel
-
     key, certificate = self_signed_certificate()
     servicer = FederationServicer(
         federation.servicer.run, TOKENS, heartbeat_s=HEARTBEAT_S, log=lambda _: None
     )
-    secure = GrpcTransport(servicer, "127.0.0.1:0", min_clients=1, deadline_s=30, tls=(key, certificate))
+    secure = GrpcTransport(
+        servicer, "127.0.0.1:0", min_clients=1, deadline_s=30, tls=ServerTls(key, certificate)
+    )
     try:
-        with open_channel(secure.address, certificate, CHANNEL_MESSAGE_BYTES) as channel:
+        with open_channel(secure.address, ClientTls(certificate), CHANNEL_MESSAGE_BYTES) as channel:
             reply = pb_grpc.FederationStub(channel).Join(
                 pb.JoinRequest(client_id="client-1"), metadata=auth("client-1")
             )

@@ -248,7 +248,7 @@ def tampered() -> pb.SplitMessage:
 
 
 def truncated() -> pb.SplitMessage:
-    """Bytes that do not fit the shape, under a matching sha256."""
+    """Bytes that do not fit the shape, under a matching CRC32C."""
     encoded = CODEC.encode("activations", torch.randn(BATCH, SEQ, HIDDEN))
     sent = activations(1)
     sent.tensor.CopyFrom(tensor_message(dataclasses.replace(encoded, data=encoded.data[:-2])))
@@ -300,7 +300,7 @@ BAD_STREAMS = {
         lambda: [activations(1), gradient(1, poisoned(float("inf")))],
         "tensor output_gradient: NaN or Inf",
     ),
-    "sha256": (lambda: [tampered()], "tensor activations: sha256 mismatch"),
+    "CRC32C": (lambda: [tampered()], "tensor activations: CRC32C mismatch"),
     "truncated tensor": (lambda: [truncated()], "tensor activations: data holds 4606 bytes, 4608 expected"),
     "wrong run id": (lambda: [activations(1, run_id="run-2")], "wrong run id 'run-2'"),
     "wrong round": (lambda: [activations(1, round=5)], "round 5 is not the current round 0"),

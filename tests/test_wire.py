@@ -86,7 +86,7 @@ def test_truncated_reordered_and_tampered_streams_are_refused():
     refused([chunks[1], chunks[0], *chunks[2:]], expected_for(values), "arrived where chunk 0 was due")
     tampered = [pb.Chunk.FromString(chunk.SerializeToString()) for chunk in chunks]
     tampered[1].data = bytes([tampered[1].data[0] ^ 1]) + tampered[1].data[1:]
-    refused(tampered, expected_for(values), "tensor lora_A: sha256 mismatch")
+    refused(tampered, expected_for(values), "tensor lora_A: CRC32C mismatch")
 
 
 def test_wrong_run_round_client_and_size_are_refused():
@@ -95,7 +95,7 @@ def test_wrong_run_round_client_and_size_are_refused():
     refused(chunks, expected_for(values, run_id="run-2"), "wrong run id")
     refused(chunks, expected_for(values, round=4), "round 3 is not the current round 4")
     refused(chunks, expected_for(values, client_id="c1"), "chunk from 'c0' in the stream of 'c1'")
-    refused(chunks, expected_for(values, max_bytes=5000), "over the 5000-byte limit")
+    refused(chunks, expected_for(values, max_bytes=5000), "the limit is 5000")
 
 
 def test_garbage_and_mismatching_tensors_are_refused():
@@ -114,15 +114,15 @@ def test_garbage_and_mismatching_tensors_are_refused():
     refused(stream(values, make_codec("fp16")), expected_for(values), "codec 'fp16', this run uses 'none'")
 
 
-def test_tampered_tensor_digest_nan_and_norm_bound_are_refused():
+def test_tampered_tensor_checksum_nan_and_norm_bound_are_refused():
     values, codec = state(), make_codec("none")
     payload = serialize_state(encode_state(codec, values))
     message = pb.StatePayload.FromString(payload)
-    message.tensors[0].sha256 = b"\x00" * 32
+    message.tensors[0].crc32c ^= 1
     refused(
         list(chunk_stream(message.SerializeToString(), "run-1", 3, "c0")),
         expected_for(values),
-        "tensor lora_A: sha256 mismatch",
+        "tensor lora_A: CRC32C mismatch",
     )
     poisoned = {**values, "head": values["head"].clone()}
     poisoned["head"][0, 0] = float("nan")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from typing import ClassVar
@@ -43,6 +44,30 @@ def client_weights(updates: Sequence[ClientUpdate]) -> list[float]:
     if total <= 0:
         raise ValueError("client updates carry no training examples")
     return [update.num_examples / total for update in updates]
+
+
+def bounded_shares(updates: Sequence[ClientUpdate], max_share: float) -> list[ClientUpdate]:
+    """The updates with their example counts lowered so that no client holds more than `max_share` of
+    the round's total: the largest counts drop to a common cap c = max_share·Σ_k min(n_k, c), the others
+    are kept (water-filling); with max_share·K ≤ 1 every client counts the same. A client that
+    declares 10¹⁵ examples then weighs what `max_share` allows, and no more."""
+    counts = [float(update.num_examples) for update in updates]
+    if max_share >= 1 or not counts or max(counts) <= max_share * sum(counts):
+        return list(updates)
+    if max_share * len(counts) <= 1:
+        capped = [1.0] * len(counts)
+    else:
+        order = sorted(counts, reverse=True)
+        rest = sum(order)
+        for top in range(1, len(order)):  # cap the `top` largest counts
+            rest -= order[top - 1]
+            cap = max_share * rest / (1 - max_share * top)
+            if order[top] <= cap <= order[top - 1]:
+                break
+        capped = [min(count, cap) for count in counts]
+    return [
+        dataclasses.replace(update, num_examples=count) for update, count in zip(updates, capped, strict=True)
+    ]
 
 
 def weighted_mean_step(

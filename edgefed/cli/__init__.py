@@ -45,7 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve over TLS")
     server.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
     server.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="PEM certificate(s): mutual TLS, only clients with a certificate they signed may connect",
+    )
+    server.add_argument(
         "--heartbeat-s", type=float, help="client heartbeat interval; 3 missed = dropped (default 1)"
+    )
+    server.add_argument(
+        "--stream-idle-s",
+        type=float,
+        help="cancel a client's stream that moves no message for this long (default 30)",
+    )
+    server.add_argument(
+        "--split-port",
+        type=int,
+        help="split learning (fedbert): the Split service's port on --address's host (default: any free one)",
     )
     add_run_options(server, skip=("transport",))
     client = commands.add_parser(
@@ -73,9 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     client.add_argument("--model", metavar="PATH", help="pre-trained model (default: the one the run names)")
     client.add_argument("--tls-ca", metavar="FILE", help="PEM certificate(s) to trust: connect over TLS")
+    client.add_argument("--tls-cert", metavar="FILE", help="PEM certificate of this client (mutual TLS)")
+    client.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
     client.add_argument("--threads", type=int, help="CPU threads for training (default: torch's)")
     client.add_argument(
-        "--retry-s", type=float, default=120.0, help="how long to retry an unreachable server (default 120)"
+        "--retry-s",
+        type=float,
+        default=120.0,
+        help="how long to retry an unreachable or busy server (default 120)",
     )
     profile = commands.add_parser(
         "profile",
@@ -155,19 +175,29 @@ def run_config(args: dict[str, Any], resume: bool):
 def server_command(args: dict[str, Any]) -> int:
     from edgefed.federation.runner import serve
     from edgefed.transport.auth import TokenBook
+    from edgefed.wire.channels import ServerTls
+    from edgefed.wire.streams import STREAM_IDLE_S
 
     address, tokens = args.pop("address"), args.pop("tokens", None)
-    cert, key = args.pop("tls_cert", None), args.pop("tls_key", None)
+    cert, key, client_ca = (args.pop(name, None) for name in ("tls_cert", "tls_key", "tls_client_ca"))
     heartbeat_s, resume = args.pop("heartbeat_s", 1.0), args.pop("resume", False)
+    stream_idle_s, split_port = args.pop("stream_idle_s", STREAM_IDLE_S), args.pop("split_port", 0)
     if (cert is None) != (key is None):
         raise EdgefedError("--tls-cert and --tls-key go together")
+    if client_ca is not None and cert is None:
+        raise EdgefedError("--tls-client-ca needs the server's own --tls-cert and --tls-key")
+    tls = None
+    if cert is not None:
+        tls = ServerTls(read_bytes(key), read_bytes(cert), read_bytes(client_ca) if client_ca else None)
     serve(
         run_config(args, resume),
         address,
         tokens=TokenBook.read(tokens) if tokens else None,
-        tls=(read_bytes(key), read_bytes(cert)) if cert else None,
+        tls=tls,
         resume=resume,
         heartbeat_s=heartbeat_s,
+        stream_idle_s=stream_idle_s,
+        split_port=split_port,
     )
     return 0
 
@@ -176,9 +206,20 @@ def client_command(args: dict[str, Any]) -> int:
     import torch
 
     from edgefed.transport.grpc_client import GrpcClient
+    from edgefed.wire.channels import ClientTls
 
     if args["threads"] is not None:
         torch.set_num_threads(args["threads"])
+    if (args["tls_cert"] is None) != (args["tls_key"] is None):
+        raise EdgefedError("--tls-cert and --tls-key go together")
+    if args["tls_cert"] is not None and args["tls_ca"] is None:
+        raise EdgefedError("--tls-cert needs --tls-ca, the certificate(s) of the server to trust")
+    tls = None
+    if args["tls_ca"] is not None:
+        identity = (
+            (read_bytes(args["tls_key"]), read_bytes(args["tls_cert"])) if args["tls_cert"] else (None, None)
+        )
+        tls = ClientTls(read_bytes(args["tls_ca"]), *identity)
     client = GrpcClient(
         args["server"],
         args["data"],
@@ -186,7 +227,7 @@ def client_command(args: dict[str, Any]) -> int:
         token=args["token"] or os.environ.get(TOKEN_ENV),
         profile=args["profile"],
         model=args["model"],
-        tls_ca=read_bytes(args["tls_ca"]) if args["tls_ca"] else None,
+        tls=tls,
         retry_s=args["retry_s"],
     )
     client.run()

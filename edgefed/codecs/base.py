@@ -90,5 +90,9 @@ def to_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def from_bytes(data: bytes, dtype: torch.dtype) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
+def from_bytes(data: bytes | memoryview, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor over `data`: a view of a writable buffer (a received payload's), a copy of bytes."""
+    if not len(data):
+        return torch.empty(0, dtype=dtype)
+    writable = isinstance(data, memoryview) and not data.readonly
+    return torch.frombuffer(data if writable else bytearray(data), dtype=dtype)

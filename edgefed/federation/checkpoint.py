@@ -1,16 +1,15 @@
 """The server's checkpoint, written after every completed round so a killed server resumes exactly.
 
-`checkpoint/` in the run directory holds the round, the run id, the client slots, the global
-trainable state, the aggregator's state and the RNG states. It is written to a temporary folder
-and swapped in with a rename, so a kill at any moment leaves the previous round's checkpoint whole.
+`checkpoint/` in the run directory holds the round, the run id, the clients (slots and declared
+example counts), the global trainable state, the aggregator's state and the RNG states. It is
+written to a temporary folder and swapped in with a rename (edgefed/federation/atomic.py), so a kill
+at any moment leaves the previous round's checkpoint whole.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from edgefed.errors import EdgefedError
+from edgefed.federation.atomic import replace_dir, staging_dir
+from edgefed.transport.base import Roster
 from edgefed.types import State
 
 DIRNAME = "checkpoint"
@@ -31,7 +32,7 @@ class Checkpoint:
     global_state: State
     wall_s: float  # training wall clock up to that round
     aggregator_state: State = field(default_factory=dict)
-    clients: dict[str, int] = field(default_factory=dict)  # client id -> slot, so rejoining keeps it
+    clients: Roster = field(default_factory=Roster)  # who joined, so rejoining keeps slot and count
     rng: dict = field(default_factory=dict)
     sim_s: float | None = None  # the simulated device clock up to that round (fleets with profiles)
     server_state: State = field(default_factory=dict)  # what only the server trains (FedBERT's body)
@@ -57,9 +58,8 @@ def restore_rng(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:
-    final, staging = run_dir / DIRNAME, run_dir / f"{DIRNAME}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    final = run_dir / DIRNAME
+    staging = staging_dir(final)
     tensors = {f"global.{name}": t.detach().cpu().contiguous() for name, t in checkpoint.global_state.items()}
     tensors.update(
         {
@@ -76,18 +76,12 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:
         "run_id": checkpoint.run_id,
         "wall_s": checkpoint.wall_s,
         "sim_s": checkpoint.sim_s,
-        "clients": checkpoint.clients,
+        "clients": checkpoint.clients.slots,
+        "examples": checkpoint.clients.examples,
         "rng": checkpoint.rng,
     }
     (staging / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-    for path in staging.iterdir():  # on disk before the swap, not just in the page cache
-        with path.open("rb") as handle:
-            os.fsync(handle.fileno())
-    old = run_dir / f"{DIRNAME}.old"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(staging, final)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(staging, final)
 
 
 def load_checkpoint(run_dir: Path) -> Checkpoint:
@@ -109,7 +103,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         aggregator_state={
             k.removeprefix("aggregator."): v for k, v in tensors.items() if k.startswith("aggregator.")
         },
-        clients=meta["clients"],
+        clients=Roster(meta["clients"], meta.get("examples", {})),
         rng=meta["rng"],
         sim_s=meta.get("sim_s"),
         server_state={k.removeprefix("server."): v for k, v in tensors.items() if k.startswith("server.")},

@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 from torch import nn
 
-from edgefed.aggregators.base import Aggregator
+from edgefed.aggregators.base import Aggregator, bounded_shares
 from edgefed.devices.clock import SimulatedClock, SimulatedRound
 from edgefed.devices.planner import plan_record
 from edgefed.methods.base import LowRankPair, load_trainable_state, trainable_state
@@ -62,8 +62,10 @@ class FederatedServer:
         min_clients: int | None = None,
         echo: Callable[[str], None] = print,
         clock: SimulatedClock | None = None,
+        max_share: float = 1.0,
     ) -> None:
-        """`clock`: the simulated device clock of a fleet with device profiles (None: no sim_s)."""
+        """`clock`: the simulated device clock of a fleet with device profiles (None: no sim_s).
+        `max_share`: the largest share of a round's aggregation weight one client may hold."""
         self.model = model
         self.aggregator = aggregator
         self.pairs = pairs
@@ -74,6 +76,7 @@ class FederatedServer:
         self.seed = seed
         self.echo = echo
         self.clock = clock
+        self.max_share = max_share
         self._recorded_plans: set[int] = set()
 
     def sample(self, round_number: int, available: list[int]) -> list[int]:
@@ -93,6 +96,7 @@ class FederatedServer:
         sim_s = start.sim_s if self.clock else None
         global_state = trainable_state(self.model)
         round_number = start.first_round
+        discarded = RoundResult([])  # the traffic of attempts at this round that were run again
         if round_number == 1:
             metrics = self._metrics(0, self.evaluator(self.model), RoundResult([]), started, started, sim_s)
             metrics.plans = self._joined()
@@ -105,7 +109,7 @@ class FederatedServer:
             late = self.clock.late(clients) if self.clock else []
             on_time = [client for client in clients if client not in late]
             round_start = time.perf_counter()
-            result = self.transport.fit_round(round_number, on_time, global_state)
+            result = carry_traffic(discarded, self.transport.fit_round(round_number, on_time, global_state))
             result.dropped = sorted(result.dropped + late)
             needed = min(self.min_clients, len(on_time))
             if len(result.updates) < needed:
@@ -113,10 +117,13 @@ class FederatedServer:
                     f"edgefed: round {round_number}: {len(result.updates)} of the {needed} updates it needs "
                     f"arrived (dropped clients {result.dropped}); running the round again"
                 )
+                discarded = RoundResult([], [], result.bytes_up, result.bytes_down, result.client_bytes)
                 continue
+            discarded = RoundResult([])
             aggregate_start = time.perf_counter()
             if result.updates:  # else every sampled client missed the deadline: the model stays
-                global_state = self.aggregator.aggregate(global_state, result.updates, self.pairs)
+                updates = bounded_shares(result.updates, self.max_share)
+                global_state = self.aggregator.aggregate(global_state, updates, self.pairs)
             aggregate_s = time.perf_counter() - aggregate_start
             simulated = self.clock.round(result) if self.clock else None
             if simulated is not None:
@@ -186,3 +193,13 @@ class FederatedServer:
             task_accuracy=evaluation.task_accuracy,
             client_scores=scores if updates and None not in (scores := [u.score for u in updates]) else None,
         )
+
+
+def carry_traffic(earlier: RoundResult, result: RoundResult) -> RoundResult:
+    """`result` with the bytes of earlier, discarded attempts at its round added: they crossed the wire."""
+    result.bytes_up += earlier.bytes_up
+    result.bytes_down += earlier.bytes_down
+    for slot, (down, up) in earlier.client_bytes.items():
+        now_down, now_up = result.client_bytes.get(slot, (0, 0))
+        result.client_bytes[slot] = (now_down + down, now_up + up)
+    return result

@@ -46,7 +46,7 @@ class RunPolicy:
                 global_state,
                 metrics.wall_s,
                 self.aggregator.state_dict(),
-                self.transport.slots(),
+                self.transport.roster(),
                 rng_state(),
                 metrics.sim_s,
                 self.split.trainer.state_dict() if self.split else {},

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from edgefed.federation.atomic import write_text_atomic
 from edgefed.types import RoundMetrics
 
 MB = 1e6
@@ -50,9 +51,7 @@ class Recorder:
         self.rounds: list[RoundMetrics] = []
         if resume_after is not None:  # rounds after the checkpoint are run again
             self.rounds = [m for m in read_metrics(self.metrics_path) if m.round <= resume_after]
-            self.metrics_path.write_text(
-                "".join(json.dumps(m.to_json()) + "\n" for m in self.rounds), encoding="utf-8"
-            )
+            write_text_atomic(self.metrics_path, "".join(json.dumps(m.to_json()) + "\n" for m in self.rounds))
 
     def record(self, metrics: RoundMetrics) -> None:
         simulated = metrics.sim_s is not None

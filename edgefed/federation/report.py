@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from edgefed.devices.planner import plan_record
+from edgefed.federation.atomic import replace_dir, staging_dir, write_text_atomic
 from edgefed.federation.setup import ServerSide
 from edgefed.methods import count_trainable
 from edgefed.plotting import pyplot
@@ -17,8 +18,10 @@ def finish_run(side: ServerSide, run_dir: Path, rounds: list[RoundMetrics], tota
     """The trained adapter, summary.json, curves.png and the closing lines."""
     config, global_model = side.config, side.global_model
     result_dir = run_dir / side.method.result_dir
-    side.method.save(global_model.cpu(), side.spec, side.setup, result_dir)
-    side.tokenizer.save_pretrained(result_dir)
+    staging = staging_dir(result_dir)
+    side.method.save(global_model.cpu(), side.spec, side.setup, staging)
+    side.tokenizer.save_pretrained(staging)
+    replace_dir(staging, result_dir)
     target_round, target_wall, target_sim = time_to_target(rounds, config.target_accuracy)
     best = max(rounds, key=lambda metrics: metrics.accuracy)
     last = rounds[-1]
@@ -68,7 +71,7 @@ def finish_run(side: ServerSide, run_dir: Path, rounds: list[RoundMetrics], tota
         "run_dir": str(run_dir),
         "result_dir": str(result_dir),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     title = f"{config.method} · {config.aggregator} · {config.clients} clients · {config.sharing()}"
     if not plot_curves(rounds, title, run_dir / "curves.png", masked_lm=side.task.unlabeled):
         echo("edgefed: curves.png skipped (matplotlib is not installed: pip install 'edgefed[demo]')")

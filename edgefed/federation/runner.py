@@ -34,25 +34,25 @@ from edgefed.methods import count_trainable, load_trainable_state
 from edgefed.models import resolve_model_path
 from edgefed.split import InProcessSplitStub, RemoteBody, SplitSide
 from edgefed.transport.auth import TokenBook
-from edgefed.transport.base import Transport, state_payload
+from edgefed.transport.base import Roster, Transport, state_payload
 from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, RunDescription
 from edgefed.transport.inproc import InProcessTransport
 from edgefed.transport.loopback import LoopbackFleet
 from edgefed.transport.split_rounds import SplitRounds
 from edgefed.types import client_name
+from edgefed.wire.channels import ServerTls, is_loopback
+from edgefed.wire.streams import STREAM_IDLE_S
 
 Echo = Callable[[str], None]
-# Builds a run's transport: (the federation, its run id and directory, the client slots of a resumed
-# run, the step progress, the log, FedBERT's split side or None).
-TransportFactory = Callable[
-    [ServerSide, str, Path, dict[str, int], StepProgress, Echo, SplitSide | None], Transport
-]
+# Builds a run's transport: (the federation, its run id and directory, the clients of a resumed run,
+# the step progress, the log, FedBERT's split side or None).
+TransportFactory = Callable[[ServerSide, str, Path, Roster, StepProgress, Echo, SplitSide | None], Transport]
 
 
 def run(config: RunConfig, echo: Echo = print, resume: bool = False) -> dict:
     """`edgefed run`: a whole federation from one command; clients in this process or in processes."""
 
-    def transport(side, run_id, run_dir, slots, progress, log, split) -> Transport:
+    def transport(side, run_id, run_dir, roster, progress, log, split) -> Transport:
         if side.config.transport == "inproc":
             return in_process_transport(side, run_id, progress.step, split)
         return LoopbackFleet.start(
@@ -62,7 +62,7 @@ def run(config: RunConfig, echo: Echo = print, resume: bool = False) -> dict:
             side.fleet,
             side.device,
             run_dir,
-            slots,
+            roster,
             log,
             split.servicer if split else None,
         )
@@ -74,23 +74,33 @@ def serve(
     config: RunConfig,
     address: str,
     tokens: TokenBook | None = None,
-    tls: tuple[bytes, bytes] | None = None,
+    tls: ServerTls | None = None,
     resume: bool = False,
     heartbeat_s: float = 1.0,
     echo: Echo = print,
+    stream_idle_s: float = STREAM_IDLE_S,
+    split_port: int = 0,
 ) -> dict:
     """`edgefed server`: serve the federation on `address` to `edgefed client`s; returns the summary."""
     if tokens is not None and len(tokens.clients) != config.clients:
         raise EdgefedError(
             f"the token file lists {len(tokens.clients)} clients, the run has {config.clients}"
         )
-    host = address.rsplit(":", 1)[0]
-    if tokens is None and host not in ("127.0.0.1", "localhost", "[::1]"):
+    if tokens is None and not is_loopback(address):
         echo(f"edgefed: warning: serving {address} without --tokens: anyone who reaches it can join")
+    if tokens is not None and tls is None and not is_loopback(address):
+        echo(f"edgefed: warning: serving {address} without TLS: the clients' tokens travel in plaintext")
 
-    def transport(side, run_id, run_dir, slots, progress, log, split) -> Transport:
+    def transport(side, run_id, run_dir, roster, progress, log, split) -> Transport:
         servicer = FederationServicer(
-            run_description(side, run_id), tokens, slots, heartbeat_s, side.device, log, side.fleet
+            run_description(side, run_id),
+            tokens,
+            roster,
+            heartbeat_s,
+            side.device,
+            log,
+            side.fleet,
+            stream_idle_s,
         )
         grpc_transport = GrpcTransport(
             servicer,
@@ -99,6 +109,7 @@ def serve(
             side.config.round_deadline_s,
             tls,
             split=split.servicer if split else None,
+            split_port=split_port,
         )
         log(f"edgefed: serving run {run_id} on {grpc_transport.address}")
         return grpc_transport
@@ -134,7 +145,7 @@ def federate(config: RunConfig, make_transport: TransportFactory, echo: Echo, re
     log = progress.writer(echo)
     split = split_side(side, run_id, checkpoint, log, echo) if side.method.splits_model else None
     transport = make_transport(
-        side, run_id, run_dir, checkpoint.clients if checkpoint else {}, progress, log, split
+        side, run_id, run_dir, checkpoint.clients if checkpoint else Roster(), progress, log, split
     )
     if split is not None:
         transport = SplitRounds(transport, split)
@@ -150,6 +161,7 @@ def federate(config: RunConfig, make_transport: TransportFactory, echo: Echo, re
         config.min_clients,
         log,
         SimulatedClock(side.fleet) if config.profiles else None,
+        config.max_client_share,
     )
     recorder = Recorder(
         run_dir, log, resume_after=checkpoint.round if checkpoint else None, masked_lm=side.task.unlabeled

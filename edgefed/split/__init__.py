@@ -8,7 +8,7 @@ step of the body's optimizer. Both sides train with ordinary torch optimizers, s
 as the uncut one does, up to the wire codec: `none` (exact), `fp16`, `bf16` or `int8`.
 
 Every message is checked before it touches the body: run, round, sender, order, kind, codec, shape,
-dtype, sha256 and finiteness. A bad one ends its stream with INVALID_ARGUMENT and a message for the
+dtype, CRC32C and finiteness. A bad one ends its stream with INVALID_ARGUMENT and a message for the
 sender (`RemoteBody` raises it as a `SplitError`); the server and its other streams carry on. A stream
 holds one micro-batch at a time: every gradient is one optimizer step of the body (no accumulation),
 and a forward that is never backpropagated (evaluation) is dropped by the next one.

@@ -37,11 +37,19 @@ class InProcessRpcError(grpc.RpcError):
 
 
 class InProcessContext:
-    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
+    def __init__(self, metadata: Sequence[tuple[str, str]], peer: str) -> None:
         self.metadata = tuple(metadata)
+        self._peer = peer
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self.metadata
+
+    def peer(self) -> str:
+        return self._peer
+
+    def cancel(self) -> None:
+        """An in-process stream moves only when its own client's thread drives it: an idle one holds
+        no worker thread, so the servicer's idle limit has nothing to free."""
 
     def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
         raise InProcessAbort(code, details)
@@ -59,7 +67,8 @@ class InProcessSplitStub:
     ) -> Iterator[pb.SplitMessage]:
         requests = (pb.SplitMessage.FromString(m.SerializeToString()) for m in request_iterator)
         try:
-            for reply in self.servicer.Exchange(requests, InProcessContext(metadata)):
+            context = InProcessContext(metadata, peer=f"in-process:{id(self):x}")  # a stub per client
+            for reply in self.servicer.Exchange(requests, context):
                 yield pb.SplitMessage.FromString(reply.SerializeToString())
         except InProcessAbort as refused:
             raise InProcessRpcError(refused.status, refused.text) from None

@@ -23,17 +23,17 @@ from edgefed.split.wire import (
     split_codec,
 )
 from edgefed.types import EncodedTensor
-from edgefed.wire.channels import open_channel
+from edgefed.wire.channels import ClientTls, open_channel
 from edgefed.wire.framing import WireError, tensor_message, wire_size
 from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
 
 
 def split_channel(
-    address: str, tls_ca: bytes | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES
+    address: str, tls: ClientTls | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES
 ) -> grpc.Channel:
     """A channel to a split server whose message limits fit a micro-batch."""
-    return open_channel(address, tls_ca, max_message_bytes)
+    return open_channel(address, tls, max_message_bytes)
 
 
 class ExchangeStream:

@@ -24,8 +24,10 @@ from edgefed.split.wire import (
     kind_name,
     split_codec,
 )
-from edgefed.wire.channels import start_server
+from edgefed.wire.channels import ServerTls, start_server
 from edgefed.wire.framing import WireError, tensor_message, wire_size
+from edgefed.wire.streams import StreamGuard
+from edgefed.wire.text import printable
 from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
 
@@ -92,6 +94,9 @@ class SplitBodyServicer(pb_grpc.SplitServicer):
         self.authorize = authorize
         self.traffic: dict[str, list[int]] = {}  # client id -> [bytes received, bytes sent]
         self._traffic_lock = threading.Lock()
+        # At most two streams per caller, none idle for long (a federation server shares its own).
+        self.guard = StreamGuard(log=log)
+        self.caller: Callable[[Any], str] = lambda context: context.peer()
 
     def take_traffic(self) -> dict[str, tuple[int, int]]:
         """Bytes (received from, sent to) each client since the last call."""
@@ -101,17 +106,18 @@ class SplitBodyServicer(pb_grpc.SplitServicer):
 
     def Exchange(self, request_iterator: Iterator[pb.SplitMessage], context) -> Iterator[pb.SplitMessage]:
         stream = StreamState()
-        try:
-            for message in request_iterator:
-                self._count(message.client_id, wire_size(message), 0)
-                try:
-                    reply = self._answer(message, stream, context)
-                except WireError as error:
-                    self._refuse(context, Code.INVALID_ARGUMENT, str(error), message.client_id)
-                self._count(message.client_id, 0, wire_size(reply))
-                yield reply
-        except grpc.RpcError:  # the client went away; its pending forward goes with the stream
-            return
+        with self.guard.admit(self.caller(context), "Exchange", context) as held:
+            try:
+                for message in held.follow(request_iterator):
+                    try:
+                        reply = self._answer(message, stream, context)
+                    except WireError as error:
+                        self._refuse(context, Code.INVALID_ARGUMENT, str(error), message.client_id)
+                    # Counted once answered: the sender is the stream's authorised client by then.
+                    self._count(stream.client_id, wire_size(message), wire_size(reply))
+                    yield reply
+            except grpc.RpcError:  # the client went away; its pending forward goes with the stream
+                return
 
     def _count(self, client_id: str, received: int, sent: int) -> None:
         with self._traffic_lock:
@@ -214,7 +220,8 @@ class SplitBodyServicer(pb_grpc.SplitServicer):
         )
 
     def _refuse(self, context, code: grpc.StatusCode, message: str, client_id: str) -> NoReturn:
-        self.log(f"edgefed: split: refused {client_id or 'a client'}: {message}")
+        message = printable(message, 400)
+        self.log(f"edgefed: split: refused {printable(client_id) or 'a client'}: {message}")
         context.abort(code, message)
 
 
@@ -240,7 +247,7 @@ def serve_split_body(
     servicer: SplitBodyServicer,
     address: str = "127.0.0.1:0",
     *,
-    tls: tuple[bytes, bytes] | None = None,
+    tls: ServerTls | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     max_streams: int = 8,

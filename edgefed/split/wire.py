@@ -37,7 +37,7 @@ def split_codec(spec: str) -> Codec:
 def decode_tensor(
     message: pb.Tensor, codec: Codec, shape: tuple[int, ...] | None = None, dtype: str | None = None
 ) -> torch.Tensor:
-    """A tensor of a SplitMessage, checked (sha256, codec, shape and dtype when given, finite values)."""
+    """A tensor of a SplitMessage, checked (CRC32C, codec, shape and dtype when given, finite values)."""
     encoded = encoded_from_message(message)
     if encoded.codec != codec.spec:
         raise WireError(f"tensor {encoded.name}: codec '{encoded.codec}', this run uses '{codec.spec}'")

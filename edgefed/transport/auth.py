@@ -6,7 +6,7 @@ number is its slot: which shard it trains in a simulation, and where it returns 
 
 from __future__ import annotations
 
-import hmac
+import hashlib
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,9 +23,15 @@ TOKEN_ENV = "EDGEFED_TOKEN"
 class TokenBook:
     def __init__(self, pairs: Sequence[tuple[str, str]]) -> None:
         self.clients = [client for client, _ in pairs]
+        self.slots = {client: slot for slot, client in enumerate(self.clients)}
         self._tokens = dict(pairs)
         if len(self._tokens) != len(pairs):
             raise EdgefedError("token file: a client id appears twice")
+        # Looked up by the token's sha256: one dict probe per call however many clients, and what is
+        # compared is a digest, which says nothing about how close a guessed token came.
+        self._owners = {token_key(token): client for client, token in pairs}
+        if len(self._owners) != len(pairs):
+            raise EdgefedError("token file: two clients share a token")
 
     @classmethod
     def read(cls, path: str | Path) -> TokenBook:
@@ -59,12 +65,17 @@ class TokenBook:
         return self._tokens[client]
 
     def client_of(self, token: str) -> str | None:
-        """The client a token belongs to (compared in constant time), or None."""
-        found = None
-        for client, known in self._tokens.items():
-            if hmac.compare_digest(known.encode(), token.encode()):
-                found = client
-        return found
+        """The client a token belongs to, or None."""
+        return self._owners.get(token_key(token))
+
+    def caller(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+        """The client whose token a call carries, or None."""
+        token = bearer_token(metadata)
+        return None if token is None else self.client_of(token)
+
+
+def token_key(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
@@ -88,30 +99,27 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        token = bearer_token(handler_call_details.invocation_metadata)
-        if token is not None and self.tokens.client_of(token) is not None:
+        metadata = handler_call_details.invocation_metadata
+        if self.tokens.caller(metadata) is not None:
             return handler
-        message = "missing bearer token" if token is None else "unknown bearer token"
+        message = "missing bearer token" if bearer_token(metadata) is None else "unknown bearer token"
         return _refusing(handler, message)
 
 
 def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    def refuse(request, context):
+    """A handler that refuses the call without reading its request: served as a stream (whatever the
+    method), the request is never received, so a caller without a token costs the server no memory
+    for what it sends."""
+
+    def refuse(requests, context):
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    def refuse_stream(request, context):
-        refuse(request, context)
+    def refuse_stream(requests, context):
+        refuse(requests, context)
         yield from ()
 
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(handler.request_streaming, handler.response_streaming)]
-    behaviour = refuse_stream if handler.response_streaming else refuse
-    return make(
-        behaviour,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(
+            refuse_stream, response_serializer=handler.response_serializer
+        )
+    return grpc.stream_unary_rpc_method_handler(refuse, response_serializer=handler.response_serializer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,11 +18,20 @@ from edgefed.codecs import Codec, EncodedDelta, encode_state, make_codec
 from edgefed.devices.planner import Plan
 from edgefed.scope import Scope
 from edgefed.types import ClientUpdate, RoundResult, State
-from edgefed.wire.framing import Expected, WireError, parse_encoded, reassemble, serialize_state
+from edgefed.wire.framing import Expected, PayloadReader, WireError, reassemble, serialize_state
 from edgefed.wire.v1 import federation_pb2 as pb
 
 # The global state and the setup go down losslessly; only client deltas use the run's codec.
 LOSSLESS = make_codec("none")
+
+
+@dataclass
+class Roster:
+    """The clients that joined a run: their slots, and the training examples each declared at Join;
+    checkpointed, so a client that comes back to a restarted server keeps both."""
+
+    slots: dict[str, int] = field(default_factory=dict)  # client id -> slot
+    examples: dict[str, int] = field(default_factory=dict)  # client id -> declared examples
 
 
 class Transport(ABC):
@@ -43,9 +53,9 @@ class Transport(ABC):
         """Slot -> the plan of every client that joined with one (a device profile's)."""
         return {}
 
-    def slots(self) -> dict[str, int]:
-        """Client id -> slot of every client that joined; checkpointed so that restarts keep them."""
-        return {}
+    def roster(self) -> Roster:
+        """Every client that joined; checkpointed so that restarts keep them."""
+        return Roster()
 
 
 def state_payload(state: State) -> bytes:
@@ -94,13 +104,21 @@ def receive_update(
     codec: Codec,
     client_index: int,
     device: torch.device,
+    declared_examples: int | None = None,
 ) -> ClientUpdate:
     """Reassemble and check one client's pushed delta, kept encoded for the aggregator (edgefed.codecs
-    .EncodedDelta); raises WireError, applying nothing."""
-    payload, first = reassemble(chunks, expected)
-    encoded, decoded = parse_encoded(payload, codec, expected)
+    .EncodedDelta); raises WireError, applying nothing. `declared_examples`: the count the client
+    declared at Join, which the update must report."""
+    reader = PayloadReader(codec, expected)  # checks each tensor while the next chunks arrive
+    payload, first = reassemble(chunks, expected, reader.feed)
+    encoded, decoded = reader.finish(payload)
     if first.num_examples <= 0 or first.steps <= 0:
         raise WireError("an update must report its examples and local steps (first chunk)")
+    if declared_examples is not None and first.num_examples != declared_examples:
+        raise WireError(
+            f"the update reports {first.num_examples:,} training examples; its client declared "
+            f"{declared_examples:,} at Join"
+        )
     if not math.isfinite(first.train_loss) or not math.isfinite(first.train_s):
         raise WireError("an update's training loss and time must be finite")
     score = first.score if first.HasField("score") else None

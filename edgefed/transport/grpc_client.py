@@ -7,6 +7,7 @@ client's slot, so the client carries on from the round the server asks for.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from edgefed.split import RemoteBody, split_channel
 from edgefed.transport.auth import bearer_metadata
 from edgefed.transport.base import LOSSLESS, state_shapes
 from edgefed.transport.grpc_server import MESSAGE_HEADROOM
-from edgefed.wire.channels import open_channel
+from edgefed.wire.channels import ClientTls, is_loopback, open_channel
 from edgefed.wire.framing import Expected, parse_state, reassemble
 from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
@@ -40,6 +41,10 @@ ROUND_REFUSALS = (
     Code.INVALID_ARGUMENT,
     Code.RESOURCE_EXHAUSTED,
 )
+# A server that is restarting, or too busy to answer now: a call is tried again, with backoff.
+TRANSIENT = (Code.UNAVAILABLE, Code.RESOURCE_EXHAUSTED, Code.DEADLINE_EXCEEDED)
+UNARY_TIMEOUT_S = 10.0  # a Join or Heartbeat unanswered this long is tried again
+BACKOFF_S = (0.2, 5.0)  # first and longest wait between tries (doubling, with jitter)
 
 
 class GrpcClient:
@@ -51,10 +56,11 @@ class GrpcClient:
         token: str | None = None,
         profile: str = "",
         model: str | None = None,
-        tls_ca: bytes | None = None,
+        tls: ClientTls | None = None,
         retry_s: float = 120.0,
         echo: Callable[[str], None] = print,
     ) -> None:
+        """`retry_s`: how long to keep trying a server that is unreachable or refuses for being busy."""
         self.server = server
         self.data = data
         self.client_id = client_id
@@ -63,17 +69,21 @@ class GrpcClient:
         self.model = model
         self.retry_s = retry_s
         self.echo = echo
-        self.tls_ca = tls_ca
-        self.stub = pb_grpc.FederationStub(open_channel(server, tls_ca, CHANNEL_MESSAGE_BYTES))
+        self.tls = tls
+        if token and tls is None and not is_loopback(server):
+            echo(f"edgefed: warning: the bearer token travels to {server} in plaintext; pass --tls-ca")
+        self.stub = pb_grpc.FederationStub(open_channel(server, tls, CHANNEL_MESSAGE_BYTES))
         self.run_id = ""
         self.finished = threading.Event()  # a heartbeat said DONE
+        self.jitter = random.Random()
 
     def run(self) -> int:
         """Train every round the server asks for until it says DONE; returns the rounds trained."""
         joined = self._call(self.stub.Join, pb.JoinRequest(client_id=self.client_id, profile=self.profile))
         self.run_id = joined.run_id
-        self._build(joined)
+        # Live from Join: the server hears from it while it reads its data and builds its model.
         threading.Thread(target=self._keep_alive, args=(joined.heartbeat_s,), daemon=True).start()
+        self._build(joined)
         trained, poll_s = 0, min(0.2, joined.heartbeat_s / 2)
         request = pb.HeartbeatRequest(run_id=self.run_id, client_id=self.client_id)
         while not self.finished.is_set():
@@ -108,6 +118,10 @@ class GrpcClient:
             plan.seq_len if plan else config.max_seq_len,
             config.data_settings(),
         )
+        declaration = pb.JoinRequest(
+            client_id=self.client_id, profile=self.profile, num_examples=len(examples)
+        )
+        self._call(self.stub.Join, declaration)  # its weight, declared once for the run
         request = pb.FetchRequest(run_id=self.run_id, round=0, client_id=self.client_id)
         chunks = self._call(lambda r, **kw: list(self.stub.FetchSetup(r, **kw)), request)
         expected = Expected(self.run_id, 0, None, self.client_id)
@@ -116,8 +130,9 @@ class GrpcClient:
         worker = build_worker(config, base, tuple(joined.head_modules), self.device, setup)
         remote_body = None
         if worker.method.splits_model:  # FedBERT: the body runs on the server, over the Split stream
+            host = self.server.rsplit(":", 1)[0]
             remote_body = RemoteBody(
-                split_channel(self.server, self.tls_ca),
+                split_channel(f"{host}:{joined.split_port}", self.tls),
                 self.run_id,
                 config.split_codec,
                 self.client_id,
@@ -164,29 +179,39 @@ class GrpcClient:
         return 1
 
     def _call(self, method, request):
-        """An RPC, retried while the server is unreachable; a refusal becomes a clear error."""
-        unreachable_since = None
+        """An RPC, tried again with backoff while the server is unreachable or busy (TRANSIENT, up to
+        retry_s); a refusal becomes a clear error."""
+        unary = isinstance(request, pb.JoinRequest | pb.HeartbeatRequest)
+        failing_since, attempt = None, 0
         while True:
             try:
+                if unary:
+                    return method(request, metadata=self.metadata, timeout=UNARY_TIMEOUT_S)
                 return method(request, metadata=self.metadata)
             except grpc.RpcError as error:
-                if error.code() == Code.UNAVAILABLE:
-                    if self.finished.is_set():  # the server stopped after saying DONE
-                        raise RunFinished from None
-                    unreachable_since = unreachable_since or time.monotonic()
-                    if time.monotonic() - unreachable_since > self.retry_s:
+                if error.code() in TRANSIENT and (unary or error.code() == Code.UNAVAILABLE):
+                    if error.code() == Code.UNAVAILABLE and self.finished.is_set():
+                        raise RunFinished from None  # the server stopped after saying DONE
+                    failing_since = failing_since or time.monotonic()
+                    if time.monotonic() - failing_since > self.retry_s:
                         raise EdgefedError(
-                            f"server {self.server} unreachable for {self.retry_s:g} s"
+                            f"server {self.server} unreachable or busy for {self.retry_s:g} s "
+                            f"({error.code().name}: {error.details()})"
                         ) from None
-                    time.sleep(0.5)
+                    time.sleep(self._backoff(attempt))
+                    attempt += 1
                     continue
-                if error.code() in ROUND_REFUSALS and not isinstance(
-                    request, pb.JoinRequest | pb.HeartbeatRequest
-                ):
+                if error.code() in ROUND_REFUSALS and not unary:
                     raise
                 raise EdgefedError(
                     f"server {self.server} refused {self.client_id}: {error.details()}"
                 ) from None
+
+    def _backoff(self, attempt: int) -> float:
+        """Seconds before try `attempt + 1`: doubling from BACKOFF_S[0] up to BACKOFF_S[1], jittered so
+        that clients refused together do not all come back together."""
+        first, longest = BACKOFF_S
+        return min(longest, first * 2**attempt) * self.jitter.uniform(0.5, 1.0)
 
     def _keep_alive(self, interval_s: float) -> None:
         """Heartbeats while the main thread trains, so the server does not take it for dead."""

@@ -5,6 +5,13 @@ them they `FetchGlobal`, train, and `PushUpdate`; the round ends when every samp
 pushed, died (no heartbeat for `MISSED_HEARTBEATS` intervals) or missed the round's deadline. Every
 pushed stream is reassembled and checked (edgefed/wire) before it can touch the round; a bad one is
 refused with a status and a message for the sender, and the server carries on.
+
+One client cannot stall, steer or flood the server: it holds at most two streams at a time and a
+stream that moves nothing for `stream_idle_s` is cancelled (edgefed/wire/streams.py); its example
+count, its FedAvg weight, is declared once at Join and capped; Join and Heartbeat requests are small,
+state streams come in chunks, and the Split service (FedBERT's 64 MiB micro-batches) has a port of
+its own; a call without a token is refused before its request is read; bytes count for a client only
+once its update is accepted; what it sends is escaped and cut short before it is logged.
 """
 
 from __future__ import annotations
@@ -19,30 +26,36 @@ import grpc
 import torch
 
 from edgefed.codecs import make_codec
-from edgefed.config import RunConfig, config_text
+from edgefed.config import RunConfig, client_config, config_text
 from edgefed.devices.fleet import FleetPlans
 from edgefed.devices.planner import Plan, plan_text
 from edgefed.errors import EdgefedError
 from edgefed.methods import METHODS
 from edgefed.scope import Scope
-from edgefed.split import MAX_MESSAGE_BYTES as SPLIT_MESSAGE_BYTES
-from edgefed.split import SplitBodyServicer
-from edgefed.transport.auth import BearerTokenInterceptor, TokenBook, bearer_token
+from edgefed.split import SplitBodyServicer, serve_split_body
+from edgefed.transport.auth import BearerTokenInterceptor, TokenBook
 from edgefed.transport.base import (
+    Roster,
     ScopedStates,
     Transport,
     max_update_bytes,
     receive_update,
 )
 from edgefed.types import ClientUpdate, RoundResult, State
-from edgefed.wire.channels import start_server
-from edgefed.wire.framing import Expected, WireError, chunk_stream, wire_size
+from edgefed.wire.channels import ServerTls, start_server
+from edgefed.wire.framing import ChunkView, Expected, WireError, chunk_stream, wire_size
+from edgefed.wire.streams import STREAM_IDLE_S, StreamGuard
+from edgefed.wire.text import printable
 from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
 
 MISSED_HEARTBEATS = 3
 # Room above the chunk size for a chunk's other fields; anything larger is refused by gRPC itself.
 MESSAGE_HEADROOM = 64 << 10
+# A Join or Heartbeat request holds ids and a profile name; anything larger is refused.
+SMALL_MESSAGE_BYTES = 4 << 10
+# Refusal messages (which quote what the client sent) are cut to this length in the log and the status.
+REFUSAL_CHARS = 400
 Code = grpc.StatusCode
 
 
@@ -85,13 +98,16 @@ class FederationServicer(pb_grpc.FederationServicer):
         self,
         run: RunDescription,
         tokens: TokenBook | None = None,
-        slots: dict[str, int] | None = None,
+        roster: Roster | None = None,
         heartbeat_s: float = 1.0,
         device: torch.device | None = None,
         log: Callable[[str], None] = print,
         fleet: FleetPlans | None = None,
+        stream_idle_s: float = STREAM_IDLE_S,
     ) -> None:
-        """`fleet`: plans each client's work from its profile (--profiles, or the one it announces)."""
+        """`fleet`: plans each client's work from its profile (--profiles, or the one it announces).
+        `roster`: a resumed run's clients (their slots and declared example counts).
+        `stream_idle_s`: a stream that moves no message for this long is cancelled."""
         self.run = run
         self.fleet = fleet
         self.plans: dict[int, Plan | None] = {}  # slot -> the plan sent at its Join
@@ -102,7 +118,12 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.device = device or torch.device("cpu")
         self._log, self._log_lock = log, threading.Lock()
         self.condition = threading.Condition()
-        self.slots = dict(slots or {})  # client id -> slot
+        roster = roster or Roster()
+        self.slots = dict(roster.slots)  # client id -> slot
+        # slot -> the training examples its client declared at Join (its weight)
+        self.examples = {self.slots[c]: n for c, n in roster.examples.items() if c in self.slots}
+        self.streams = StreamGuard(idle_s=stream_idle_s, log=self.log)
+        self.split_port = 0  # the Split service's port (FedBERT), set by the transport serving it
         self.last_seen: dict[int, float] = {}
         self.told_done: set[int] = set()
         self.round: OpenRound | None = None
@@ -118,6 +139,7 @@ class FederationServicer(pb_grpc.FederationServicer):
     # -- RPCs ------------------------------------------------------------------------------------
 
     def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
+        self._small(request, "Join", context)
         self._check_token(request.client_id, context)
         if not request.client_id:
             context.abort(Code.INVALID_ARGUMENT, "a client id is required")
@@ -126,7 +148,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             if slot is None:
                 slot = self._free_slot(request.client_id, request.profile, context)
                 self.slots[request.client_id] = slot
-            self._seen(slot)
+            self._seen(slot)  # live from now: its heartbeats start before it builds its model
         plan = None
         if self.fleet is not None:
             try:
@@ -136,58 +158,91 @@ class FederationServicer(pb_grpc.FederationServicer):
                 with self.condition:
                     if self.slots.get(request.client_id) == slot and slot not in self.plans:
                         del self.slots[request.client_id]  # it never joined: its slot stays free
-                self._refuse(context, Code.INVALID_ARGUMENT, f"{request.client_id}: {error}")
+                self._refuse(context, Code.INVALID_ARGUMENT, f"{printable(request.client_id)}: {error}")
         with self.condition:
+            rejoined = slot in self.plans
             self.plans[slot] = plan
-        profile = f", profile {request.profile}" if request.profile else ""
-        planned = f"; plan: {plan.profile}, layers {plan.frozen_layers}-{plan.exit_layer - 1}" if plan else ""
-        self.log(f"edgefed: {request.client_id} joined as client {slot}{profile}{planned}")
+        if request.num_examples:
+            self._declare(slot, request.num_examples, context)
+        elif not rejoined:
+            profile = f", profile {printable(request.profile)}" if request.profile else ""
+            planned = (
+                f"; plan: {plan.profile}, layers {plan.frozen_layers}-{plan.exit_layer - 1}" if plan else ""
+            )
+            self.log(f"edgefed: {printable(request.client_id)} joined as client {slot}{profile}{planned}")
         return pb.JoinReply(
             run_id=self.run.run_id,
-            config_toml=config_text(self.run.config),
+            config_toml=config_text(client_config(self.run.config)),
             client_index=slot,
             num_labels=self.run.num_labels,
             head_modules=list(self.run.head_modules),
             heartbeat_s=self.heartbeat_s,
             model_fingerprint=self.run.model_fingerprint,
             plan_toml=plan_text(plan) if plan else "",
+            split_port=self.split_port,
         )
 
     def FetchSetup(self, request: pb.FetchRequest, context) -> Iterator[pb.Chunk]:
-        self._slot(request.client_id, request.run_id, context)
-        yield from self._stream_down(self.run.setup_payload, 0, request.client_id)
+        slot = self._slot(request.client_id, request.run_id, context)
+        with self.streams.admit(self.caller(context), "FetchSetup", context) as stream:
+            yield from stream.follow(self._stream_down(self.run.setup_payload, 0, slot, request.client_id))
 
     def FetchGlobal(self, request: pb.FetchRequest, context) -> Iterator[pb.Chunk]:
         slot = self._slot(request.client_id, request.run_id, context)
         with self.condition:
             current = self._round_for(slot, request.round, context)
             payload = current.states.payload(self._scope(slot))
-        yield from self._stream_down(payload, request.round, request.client_id)
+        with self.streams.admit(self.caller(context), "FetchGlobal", context) as stream:
+            yield from stream.follow(self._stream_down(payload, request.round, slot, request.client_id))
 
-    def PushUpdate(self, request_iterator: Iterator[pb.Chunk], context) -> pb.PushReply:
-        first = next(request_iterator, None)
+    def PushUpdate(self, request_iterator: Iterator[bytes], context) -> pb.PushReply:
+        """The chunks arrive as their serialised bytes (see `serve_federation`) and are read as views."""
+        if self.tokens is not None:  # the sender is known before it sends a byte: is its update due?
+            owner = self.tokens.caller(context.invocation_metadata())
+            with self.condition:
+                self._expects_update(self.tokens.slots[owner], context)
+        with self.streams.admit(self.caller(context), "PushUpdate", context) as stream:
+            return self._receive_update(map(ChunkView, stream.follow(request_iterator)), context)
+
+    def _receive_update(self, chunks: Iterator[ChunkView], context) -> pb.PushReply:
+        received = [0]  # gRPC message bytes of the stream, credited to its client once accepted
+        try:
+            first = next(chunks, None)
+        except grpc.RpcError:  # the client went away (or the stream idled) before its first chunk
+            return pb.PushReply()
+        except WireError as error:
+            self._refuse(context, Code.INVALID_ARGUMENT, str(error))
         if first is None:
             context.abort(Code.INVALID_ARGUMENT, "empty update stream")
         slot = self._slot(first.client_id, first.run_id, context)
         with self.condition:
             current = self._round_for(slot, first.round, context)
+            declared = self.examples.get(slot)
             expected = Expected(
                 self.run.run_id,
                 current.number,
                 current.states.up_shapes(self._scope(slot)),
+                client_id=first.client_id,
                 max_bytes=current.max_bytes,
                 max_norm=self.run.config.max_update_norm,
             )
+        if declared is None:
+            self._refuse(
+                context,
+                Code.FAILED_PRECONDITION,
+                f"client {slot} has not declared its training examples: join with num_examples first",
+            )
         try:
             update = receive_update(
-                self._count_up(itertools.chain([first], request_iterator)),
+                self._sized(itertools.chain([first], chunks), received),
                 expected,
                 self.codec,
                 slot,
                 self.device,
+                declared,
             )
         except WireError as error:
-            self._refuse(context, Code.INVALID_ARGUMENT, f"{first.client_id}: {error}")
+            self._refuse(context, Code.INVALID_ARGUMENT, f"{printable(first.client_id)}: {error}")
         except grpc.RpcError:  # the client went away mid-stream: nothing was applied
             return pb.PushReply()
         with self.condition:
@@ -196,10 +251,12 @@ class FederationServicer(pb_grpc.FederationServicer):
                     context, Code.FAILED_PRECONDITION, f"round {first.round} closed before the update"
                 )
             current.updates[slot] = update
+            self._credit(slot, current.number, 0, received[0])
             self._seen(slot)
         return pb.PushReply(message=f"round {first.round} update accepted")
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
+        self._small(request, "Heartbeat", context)
         slot = self._slot(request.client_id, request.run_id, context)
         with self.condition:
             self._seen(slot)
@@ -275,17 +332,52 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     # -- checks ------------------------------------------------------------------------------------
 
+    def caller(self, context) -> str:
+        """Who makes a call, for the per-client stream limit: its token's client, or its connection."""
+        owner = self.tokens.caller(context.invocation_metadata()) if self.tokens is not None else None
+        return owner or context.peer()
+
     def _check_token(self, client_id: str, context) -> None:
         if self.tokens is None:
             return
-        token = bearer_token(context.invocation_metadata())
-        owner = self.tokens.client_of(token) if token else None
+        owner = self.tokens.caller(context.invocation_metadata())
         if owner is None:
             self._refuse(context, Code.UNAUTHENTICATED, "missing or unknown bearer token")
         if owner != client_id:
             self._refuse(
-                context, Code.PERMISSION_DENIED, f"the token belongs to '{owner}', not '{client_id}'"
+                context,
+                Code.PERMISSION_DENIED,
+                f"the token belongs to '{printable(owner)}', not '{printable(client_id)}'",
             )
+
+    def _small(self, request, method: str, context) -> None:
+        size = request.ByteSize()
+        if size > SMALL_MESSAGE_BYTES:
+            self._refuse(
+                context,
+                Code.INVALID_ARGUMENT,
+                f"a {method} request of {size:,} bytes; the limit is {SMALL_MESSAGE_BYTES:,}",
+            )
+
+    def _declare(self, slot: int, count: int, context) -> None:
+        """Fix the client's example count, its aggregation weight, for the run."""
+        cap = self.run.config.max_client_examples
+        if not 0 < count <= cap:
+            self._refuse(
+                context,
+                Code.INVALID_ARGUMENT,
+                f"client {slot} declared {count:,} training examples; a client may declare 1 to {cap:,} "
+                "(max-client-examples)",
+            )
+        with self.condition:
+            known = self.examples.setdefault(slot, count)
+        if known != count:
+            self._refuse(
+                context,
+                Code.FAILED_PRECONDITION,
+                f"client {slot} declared {known:,} training examples; the count is fixed for the run",
+            )
+        self.log(f"edgefed: client {slot} declared {count:,} training examples")
 
     def _slot(self, client_id: str, run_id: str, context) -> int:
         self._check_token(client_id, context)
@@ -299,7 +391,7 @@ class FederationServicer(pb_grpc.FederationServicer):
     def _free_slot(self, client_id: str, profile: str, context) -> int:
         """A token's own slot, or the first free one (of the announced device's, in a fleet)."""
         if self.tokens is not None:
-            return self.tokens.clients.index(client_id)
+            return self.tokens.slots[client_id]
         taken = set(self.slots.values())
         free = [slot for slot in range(self.num_clients) if slot not in taken]
         if not free:
@@ -318,6 +410,14 @@ class FederationServicer(pb_grpc.FederationServicer):
         if current is None or current.number != number:
             open_now = "no round is open" if current is None else f"round {current.number} is open"
             self._refuse(context, Code.FAILED_PRECONDITION, f"round {number} is not open ({open_now})")
+        return self._expects_update(slot, context)
+
+    def _expects_update(self, slot: int, context) -> OpenRound:
+        """The open round, when it waits for this client's update (call under the condition)."""
+        current = self.round
+        if current is None:
+            self._refuse(context, Code.FAILED_PRECONDITION, "no round is open")
+        number = current.number
         if slot in current.updates:
             self._refuse(context, Code.ALREADY_EXISTS, f"client {slot} already pushed round {number}")
         if slot in current.dropped:
@@ -332,6 +432,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         return current
 
     def _refuse(self, context, code: grpc.StatusCode, message: str):
+        message = printable(message, REFUSAL_CHARS)
         self.log(f"edgefed: refused: {message}")
         context.abort(code, message)
 
@@ -349,37 +450,61 @@ class FederationServicer(pb_grpc.FederationServicer):
             return self.round.states.full_scope()
         return self.fleet.scope(self.plans[slot])
 
-    def _stream_down(self, payload: bytes, round_number: int, client_id: str) -> Iterator[pb.Chunk]:
-        for chunk in chunk_stream(
-            payload, self.run.run_id, round_number, client_id, self.run.config.chunk_bytes
-        ):
-            self._count(client_id, round_number, wire_size(chunk), 0)
-            yield chunk
-
-    def _count_up(self, chunks: Iterator[pb.Chunk]) -> Iterator[pb.Chunk]:
+    def _stream_down(
+        self, payload: bytes, round_number: int, slot: int, client_id: str
+    ) -> Iterator[pb.Chunk]:
+        """`payload` in chunks addressed to the client in `slot`, each counted as it is sent."""
+        chunks = chunk_stream(payload, self.run.run_id, round_number, client_id, self.run.config.chunk_bytes)
         for chunk in chunks:
-            # gRPC's own limit is higher where the Split service shares the server (FedBERT).
-            if len(chunk.data) > self.run.config.chunk_bytes:
-                raise WireError(
-                    f"a chunk of {len(chunk.data)} bytes is over chunk-bytes {self.run.config.chunk_bytes}"
-                )
-            self._count(chunk.client_id, chunk.round, 0, wire_size(chunk))
+            with self.condition:
+                self._credit(slot, round_number, wire_size(chunk), 0)
             yield chunk
 
-    def _count(self, client_id: str, round_number: int, down: int, up: int) -> None:
-        with self.condition:
-            self.bytes_down += down
-            self.bytes_up += up
-            slot, current = self.slots.get(client_id), self.round
-            if slot is None:
-                return
-            setup = round_number == 0  # FetchSetup: counted with the round it is fetched for
-            if current is not None and (current.number == round_number or setup):
-                counts = current.client_bytes.setdefault(slot, [0, 0])
-                counts[0] += down
-                counts[1] += up
-            elif setup:
-                self.setup_down[slot] = self.setup_down.get(slot, 0) + down
+    @staticmethod
+    def _sized(chunks: Iterator[ChunkView], received: list[int]) -> Iterator[ChunkView]:
+        """The chunks (gRPC itself refuses one over chunk-bytes); `received[0]` sums their message bytes."""
+        for chunk in chunks:
+            received[0] += wire_size(chunk)
+            yield chunk
+
+    def _credit(self, slot: int, round_number: int, down: int, up: int) -> None:
+        """Count bytes for the client in `slot` (call under the condition)."""
+        self.bytes_down += down
+        self.bytes_up += up
+        current = self.round
+        setup = round_number == 0  # FetchSetup: counted with the round it is fetched for
+        if current is not None and (current.number == round_number or setup):
+            counts = current.client_bytes.setdefault(slot, [0, 0])
+            counts[0] += down
+            counts[1] += up
+        elif setup:
+            self.setup_down[slot] = self.setup_down.get(slot, 0) + down
+
+
+def serve_federation(servicer: FederationServicer, server: grpc.Server) -> None:
+    """Add the Federation service to `server` as the generated code does, except that PushUpdate
+    receives each chunk as its serialised bytes, which `ChunkView` reads without copying the data."""
+    handlers = {
+        "Join": grpc.unary_unary_rpc_method_handler(
+            servicer.Join, pb.JoinRequest.FromString, pb.JoinReply.SerializeToString
+        ),
+        "FetchSetup": grpc.unary_stream_rpc_method_handler(
+            servicer.FetchSetup, pb.FetchRequest.FromString, pb.Chunk.SerializeToString
+        ),
+        "FetchGlobal": grpc.unary_stream_rpc_method_handler(
+            servicer.FetchGlobal, pb.FetchRequest.FromString, pb.Chunk.SerializeToString
+        ),
+        "PushUpdate": grpc.stream_unary_rpc_method_handler(
+            servicer.PushUpdate,
+            None,
+            pb.PushReply.SerializeToString,  # None: the bytes as they came
+        ),
+        "Heartbeat": grpc.unary_unary_rpc_method_handler(
+            servicer.Heartbeat, pb.HeartbeatRequest.FromString, pb.HeartbeatReply.SerializeToString
+        ),
+    }
+    service = grpc.method_handlers_generic_handler("edgefed.v1.Federation", handlers)
+    server.add_generic_rpc_handlers((service,))
 
 
 class GrpcTransport(Transport):
@@ -391,32 +516,41 @@ class GrpcTransport(Transport):
         address: str,
         min_clients: int,
         deadline_s: float,
-        tls: tuple[bytes, bytes] | None = None,
+        tls: ServerTls | None = None,
         watchdog: Callable[[], None] = lambda: None,
         split: SplitBodyServicer | None = None,
+        split_port: int = 0,
     ) -> None:
-        """`split`: FedBERT's Split servicer, served beside the federation on the same address."""
+        """`split`: FedBERT's Split servicer, served on the same host at `split_port` (0: any free port),
+        a server of its own whose message limit fits a micro-batch; the federation's stays chunk-sized."""
         self.servicer = servicer
         self.min_clients = min_clients
         self.deadline_s = deadline_s
         self.watchdog = watchdog
         workers = 2 * servicer.num_clients + 8
-        limit = servicer.run.config.chunk_bytes + MESSAGE_HEADROOM
-        services = [lambda server: pb_grpc.add_FederationServicer_to_server(servicer, server)]
-        if split is not None:  # a Split message is a whole micro-batch (edgefed/split/wire.py)
-            limit = max(limit, SPLIT_MESSAGE_BYTES)
-            split.authorize = servicer.authorize_split
-            services.append(lambda server: pb_grpc.add_SplitServicer_to_server(split, server))
+        interceptors = [BearerTokenInterceptor(servicer.tokens)] if servicer.tokens else []
         self.server, port = start_server(
-            services,
+            [lambda server: serve_federation(servicer, server)],
             address,
-            max_message_bytes=limit,
+            max_message_bytes=servicer.run.config.chunk_bytes + MESSAGE_HEADROOM,
             workers=workers,
             max_concurrent_rpcs=4 * workers,
             tls=tls,
-            interceptors=[BearerTokenInterceptor(servicer.tokens)] if servicer.tokens else [],
+            interceptors=interceptors,
         )
-        self.address = f"{address.rsplit(':', 1)[0]}:{port}"
+        host = address.rsplit(":", 1)[0]
+        self.address = f"{host}:{port}"
+        self.split_server = None
+        if split is not None:
+            split.authorize = servicer.authorize_split
+            split.guard, split.caller = servicer.streams, servicer.caller
+            self.split_server, servicer.split_port = serve_split_body(
+                split,
+                f"{host}:{split_port}",
+                tls=tls,
+                interceptors=interceptors,
+                max_streams=2 * servicer.num_clients + 2,
+            )
 
     def wait_for_clients(self) -> list[int]:
         servicer, announced = self.servicer, None
@@ -453,11 +587,17 @@ class GrpcTransport(Transport):
         self.close()
 
     def close(self) -> None:
-        self.server.stop(grace=1.0).wait()
+        self.servicer.streams.close()
+        stopping = [server.stop(grace=1.0) for server in (self.server, self.split_server) if server]
+        for stopped in stopping:
+            stopped.wait()
 
-    def slots(self) -> dict[str, int]:
-        with self.servicer.condition:
-            return dict(self.servicer.slots)
+    def roster(self) -> Roster:
+        servicer = self.servicer
+        with servicer.condition:
+            names = {slot: client for client, slot in servicer.slots.items()}
+            examples = {names[slot]: count for slot, count in servicer.examples.items() if slot in names}
+            return Roster(dict(servicer.slots), examples)
 
     def plans(self) -> dict[int, Plan]:
         with self.servicer.condition:

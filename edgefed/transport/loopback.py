@@ -29,6 +29,7 @@ from edgefed.errors import EdgefedError, report_errors
 from edgefed.split import SplitBodyServicer
 from edgefed.tasks import Task
 from edgefed.transport.auth import TokenBook
+from edgefed.transport.base import Roster
 from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, RunDescription
 from edgefed.types import client_name
 
@@ -46,7 +47,7 @@ class LoopbackFleet(GrpcTransport):
         fleet: FleetPlans | None,
         device: torch.device,
         run_dir: Path,
-        slots: dict[str, int],
+        roster: Roster,
         log: Callable[[str], None],
         split: SplitBodyServicer | None,
     ) -> LoopbackFleet:
@@ -54,7 +55,7 @@ class LoopbackFleet(GrpcTransport):
         config = description.config
         names = [client_name(index) for index in range(config.clients)]
         tokens = TokenBook.generate(names)
-        servicer = FederationServicer(description, tokens, slots, device=device, log=log, fleet=fleet)
+        servicer = FederationServicer(description, tokens, roster, device=device, log=log, fleet=fleet)
         loopback = cls(servicer, config.min_clients or config.clients, config.round_deadline_s, split)
         try:
             loopback.shard_dir = tempfile.TemporaryDirectory(prefix="edgefed-shards-")

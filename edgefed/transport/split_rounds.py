@@ -4,7 +4,7 @@ client parts (edgefed/split)."""
 from __future__ import annotations
 
 from edgefed.split.body import SplitSide
-from edgefed.transport.base import Transport
+from edgefed.transport.base import Roster, Transport
 from edgefed.types import RoundResult, State, client_name
 
 
@@ -20,7 +20,7 @@ class SplitRounds(Transport):
         return self.inner.wait_for_clients()
 
     def fit_round(self, round_number: int, clients: list[int], global_state: State) -> RoundResult:
-        names = {slot: client for client, slot in self.inner.slots().items()}
+        names = {slot: client for client, slot in self.inner.roster().slots.items()}
         ids = {slot: names.get(slot, client_name(slot)) for slot in clients}
         self.split.trainer.begin_round(round_number, list(ids.values()))
         self.split.servicer.round = round_number
@@ -38,5 +38,5 @@ class SplitRounds(Transport):
     def close(self) -> None:
         self.inner.close()
 
-    def slots(self) -> dict[str, int]:
-        return self.inner.slots()
+    def roster(self) -> Roster:
+        return self.inner.roster()

@@ -1,30 +1,68 @@
-"""The one place that builds gRPC servers and channels: message limits, TLS, worker threads."""
+"""The one place that builds gRPC servers and channels: message limits, TLS, keepalive, worker threads."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 
 from edgefed.errors import EdgefedError
+
+# Both ends ping an idle connection every KEEPALIVE_S and close it when a ping goes unanswered for
+# KEEPALIVE_TIMEOUT_S: a device whose link died is noticed, and the calls it held end.
+KEEPALIVE_S = 20
+KEEPALIVE_TIMEOUT_S = 10
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """PEM bytes of the server's TLS identity; `client_ca` asks every client for a certificate it signed
+    (mutual TLS)."""
+
+    key: bytes
+    certificate: bytes
+    client_ca: bytes | None = None
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """PEM bytes: the certificates a client trusts, and its own identity for servers that ask (mutual TLS)."""
+
+    ca: bytes
+    key: bytes | None = None
+    certificate: bytes | None = None
+
+
+def is_loopback(address: str) -> bool:
+    return address.rsplit(":", 1)[0] in LOOPBACK_HOSTS
 
 
 def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # The other end pings every KEEPALIVE_S: accept that, however idle the connection.
+        ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_S * 1000 // 2),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_S * 1000 // 2),
     ]
 
 
-def open_channel(address: str, tls_ca: bytes | None, max_message_bytes: int) -> grpc.Channel:
-    """A channel to `address`, over TLS when `tls_ca` (PEM certificates to trust) is given."""
+def open_channel(address: str, tls: ClientTls | None, max_message_bytes: int) -> grpc.Channel:
+    """A channel to `address`, over TLS when `tls` is given."""
     options = message_options(max_message_bytes)
-    if tls_ca is None:
+    if tls is None:
         return grpc.insecure_channel(address, options=options)
-    return grpc.secure_channel(
-        address, grpc.ssl_channel_credentials(root_certificates=tls_ca), options=options
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.certificate
     )
+    return grpc.secure_channel(address, credentials, options=options)
 
 
 def start_server(
@@ -34,12 +72,12 @@ def start_server(
     max_message_bytes: int,
     workers: int,
     max_concurrent_rpcs: int,
-    tls: tuple[bytes, bytes] | None = None,
+    tls: ServerTls | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     thread_prefix: str = "edgefed-rpc",
 ) -> tuple[grpc.Server, int]:
     """Serve `services` (each adds its servicer to the server) on `address` (port 0: any free port),
-    over TLS when `tls` (private key, certificate chain) is given; returns the started server and its port."""
+    over TLS when `tls` is given; returns the started server and its port."""
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix=thread_prefix),
         interceptors=list(interceptors),
@@ -52,7 +90,12 @@ def start_server(
         if tls is None:
             port = server.add_insecure_port(address)
         else:
-            port = server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
+            credentials = grpc.ssl_server_credentials(
+                [(tls.key, tls.certificate)],
+                root_certificates=tls.client_ca,
+                require_client_auth=tls.client_ca is not None,
+            )
+            port = server.add_secure_port(address, credentials)
     except RuntimeError:
         port = 0
     if port == 0:

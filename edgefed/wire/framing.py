@@ -1,19 +1,27 @@
 """States on the wire: encoded tensors → one StatePayload → a stream of ≤ 1 MiB Chunks, and back.
 
 Everything that arrives is checked before it can touch a server's state: chunk order and
-completeness, the run, round and client it claims, the size limit, each tensor's sha256 (which
+completeness, the run, round and client it claims, the size limit, each tensor's CRC32C (which
 covers every byte of tensor data; the rest of the payload is checked field by field), its name,
 shape and dtype against what is expected, finiteness, and the update's norm. A failed check raises
 `WireError`, whose text is meant for the sender.
+
+The checksum guards against accidental corruption only (the sender computes it; the bearer token
+and TLS are what authenticate), so it is CRC32C, which hardware computes at memory speed, not a
+cryptographic hash. The receive path copies each byte once: the first chunk announces the payload's
+size, each chunk's data lands in one buffer of that size, and a received chunk's data and a
+payload's tensors are read as views into the bytes gRPC handed over (`ChunkView`, `split_fields`)
+rather than through protobuf, which copies every bytes field it parses.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+import crc32c
+import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
@@ -49,15 +57,13 @@ def wire_size(message) -> int:
     return message.ByteSize() + GRPC_PREFIX_BYTES
 
 
-def tensor_digest(tensor: EncodedTensor) -> bytes:
-    digest = hashlib.sha256(tensor.data)  # field by field: concatenating would copy the tensor
-    digest.update(tensor.scales)
-    digest.update(tensor.indices)
-    return digest.digest()
+def tensor_checksum(tensor: EncodedTensor) -> int:
+    """CRC32C of a tensor's data, scales and indices, in that order (field by field: no concatenation)."""
+    return crc32c.crc32c(tensor.indices, crc32c.crc32c(tensor.scales, crc32c.crc32c(tensor.data)))
 
 
 def tensor_message(tensor: EncodedTensor) -> pb.Tensor:
-    """The wire form of an encoded tensor, with the sha256 of its bytes."""
+    """The wire form of an encoded tensor, with the CRC32C of its bytes."""
     return pb.Tensor(
         name=tensor.name,
         shape=list(tensor.shape),
@@ -66,24 +72,117 @@ def tensor_message(tensor: EncodedTensor) -> pb.Tensor:
         data=tensor.data,
         scales=tensor.scales,
         indices=tensor.indices,
-        sha256=tensor_digest(tensor),
+        crc32c=tensor_checksum(tensor),
     )
 
 
 def encoded_from_message(message: pb.Tensor) -> EncodedTensor:
-    """The encoded tensor a message carries; WireError when its bytes do not match its sha256."""
+    """The encoded tensor a parsed message carries; WireError when its bytes do not match their CRC32C."""
+    return checked_tensor(message, message.data, message.scales, message.indices)
+
+
+def checked_tensor(header: pb.Tensor, data, scales, indices) -> EncodedTensor:
     encoded = EncodedTensor(
-        message.name,
-        tuple(message.shape),
-        message.dtype,
-        message.codec,
-        message.data,
-        message.scales,
-        message.indices,
+        header.name, tuple(header.shape), header.dtype, header.codec, data, scales, indices
     )
-    if tensor_digest(encoded) != message.sha256:
-        raise WireError(f"tensor {message.name}: sha256 mismatch")
+    if tensor_checksum(encoded) != header.crc32c:
+        raise WireError(f"tensor {header.name}: CRC32C mismatch")
     return encoded
+
+
+# -- reading protobuf's wire format without copying bytes fields -----------------------------------------
+# Wire types (protobuf encoding): a varint, 8 bytes, a length and that many bytes, 4 bytes.
+VARINT, FIXED64, LENGTH_DELIMITED, FIXED32 = 0, 1, 2, 5
+
+
+def _varint(buffer: memoryview, position: int, limit: int) -> tuple[int, int] | None:
+    """The varint at `position` and the position after it; None when it runs past `limit`."""
+    value = shift = 0
+    while position < limit:
+        byte = buffer[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+        if shift > 63:
+            raise WireError("a varint longer than 10 bytes")
+    return None
+
+
+def field_at(buffer: memoryview, position: int, limit: int) -> tuple[int, int, int, int] | None:
+    """The field that starts at `position` — (number, wire type, value start, end) — or None when it
+    does not end by `limit` (its bytes have not all arrived)."""
+    key = _varint(buffer, position, limit)
+    if key is None:
+        return None
+    (number, wire), value = divmod(key[0], 8), key[1]
+    if number == 0:
+        raise WireError("a field numbered 0")
+    if wire in (VARINT, LENGTH_DELIMITED):
+        parsed = _varint(buffer, value, limit)
+        if parsed is None:
+            return None
+        end = parsed[1] if wire == VARINT else parsed[1] + parsed[0]
+        value = value if wire == VARINT else parsed[1]
+    elif wire in (FIXED64, FIXED32):
+        end = value + (8 if wire == FIXED64 else 4)
+    else:
+        raise WireError(f"a field of wire type {wire}, which edgefed never sends")
+    return (number, wire, value, end) if end <= limit else None
+
+
+def fields(buffer: memoryview) -> Iterator[tuple[int, int, int, int, int]]:
+    """The top-level fields of a serialised message: (start, number, wire type, value start, end)."""
+    position = 0
+    while position < len(buffer):
+        field = field_at(buffer, position, len(buffer))
+        if field is None:
+            raise WireError("a message cut short")
+        yield position, *field
+        position = field[3]
+
+
+def split_fields(buffer: memoryview, wanted: frozenset[int]) -> tuple[bytes, dict[int, memoryview]]:
+    """A message's `wanted` bytes fields as views into `buffer`, and the rest of its fields serialised
+    (small: parse it with protobuf). A wanted field that appears twice is refused."""
+    rest, found = [], {}
+    for start, number, wire, value, end in fields(buffer):
+        if number not in wanted:
+            rest.append(buffer[start:end])
+        elif wire != LENGTH_DELIMITED or number in found:
+            raise WireError(f"field {number} is malformed or repeated")
+        else:
+            found[number] = buffer[value:end]
+    return b"".join(rest), found
+
+
+CHUNK_DATA = 6  # pb.Chunk.data
+TENSOR_BYTES = frozenset({5, 6, 7})  # pb.Tensor.data, .scales, .indices
+STATE_TENSORS = 1  # pb.StatePayload.tensors
+EMPTY = memoryview(b"")
+
+
+class ChunkView:
+    """A Chunk received as its serialised bytes (the server's PushUpdate deserialiser is the identity):
+    its data is a view into those bytes, its other fields a parsed pb.Chunk (`ChunkView(raw).round`)."""
+
+    __slots__ = ("data", "header", "size")
+
+    def __init__(self, raw: bytes) -> None:
+        try:
+            rest, found = split_fields(memoryview(raw), frozenset({CHUNK_DATA}))
+            self.header = pb.Chunk.FromString(rest)
+        except (WireError, DecodeError) as error:
+            raise WireError(f"a message that is not a Chunk ({error or 'undecodable'})") from None
+        self.data = found.get(CHUNK_DATA, EMPTY)
+        self.size = len(raw)
+
+    def __getattr__(self, name: str):
+        return getattr(self.header, name)
+
+    def ByteSize(self) -> int:  # protobuf's name, so that wire_size takes either
+        return self.size
 
 
 def serialize_state(tensors: Iterable[EncodedTensor]) -> bytes:
@@ -98,7 +197,8 @@ def chunk_stream(
     chunk_bytes: int = CHUNK_BYTES,
     **first_chunk: float,
 ) -> Iterator[pb.Chunk]:
-    """The payload in order; `first_chunk` fields (num_examples, train_loss, steps, train_s) go on chunk 0."""
+    """The payload in order. Chunk 0 carries the payload's size and the `first_chunk` fields
+    (num_examples, train_loss, steps, train_s, score)."""
     count = max(1, math.ceil(len(payload) / chunk_bytes))
     for index in range(count):
         last = index == count - 1
@@ -109,85 +209,146 @@ def chunk_stream(
             index=index,
             last=last,
             data=payload[index * chunk_bytes : (index + 1) * chunk_bytes],
-            **(first_chunk if index == 0 else {}),
+            **({"payload_bytes": len(payload), **first_chunk} if index == 0 else {}),
         )
 
 
-def reassemble(chunks: Iterable[pb.Chunk], expected: Expected) -> tuple[bytes, pb.Chunk]:
-    """The payload and its first chunk (which carries n_k and the training loss)."""
-    parts, first, size = [], None, 0
+def reassemble(
+    chunks: Iterable[pb.Chunk | ChunkView],
+    expected: Expected,
+    on_data: Callable[[memoryview, int], None] = lambda buffer, filled: None,
+) -> tuple[memoryview, pb.Chunk | ChunkView]:
+    """The payload (a view of the one buffer its chunks were copied into) and its first chunk (which
+    carries its size, n_k and the training loss). `on_data(buffer, filled)` after each chunk: the first
+    `filled` bytes are in (a PayloadReader checks what it can while the rest is on the wire)."""
+    buffer, first, size, count = None, None, 0, 0
     for chunk in chunks:
-        if chunk.index != len(parts):
-            raise WireError(f"chunk {chunk.index} arrived where chunk {len(parts)} was due")
+        if chunk.index != count:
+            raise WireError(f"chunk {chunk.index} arrived where chunk {count} was due")
         if chunk.run_id != expected.run_id:
             raise WireError(f"wrong run id '{chunk.run_id}'")
         if chunk.round != expected.round:
             raise WireError(f"round {chunk.round} is not the current round {expected.round}")
         if expected.client_id is not None and chunk.client_id != expected.client_id:
             raise WireError(f"chunk from '{chunk.client_id}' in the stream of '{expected.client_id}'")
-        data = chunk.data  # each access to a bytes field copies it
+        if first is None:
+            first, total = chunk, chunk.payload_bytes
+            if not 0 <= total <= expected.max_bytes:
+                raise WireError(f"a payload of {total} bytes; the limit is {expected.max_bytes}")
+            buffer = memoryview(np.empty(total, dtype=np.uint8))  # not zero-filled: every byte is written
+        data = chunk.data  # a view for a ChunkView; a copy for a parsed Chunk
+        if size + len(data) > len(buffer):
+            raise WireError(f"chunks carry more than the {len(buffer)} bytes the first one announced")
+        buffer[size : size + len(data)] = data
         size += len(data)
-        if size > expected.max_bytes:
-            raise WireError(f"payload over the {expected.max_bytes}-byte limit")
-        first = first or chunk
-        parts.append(data)
+        count += 1
+        on_data(buffer, size)
         if chunk.last:
-            return b"".join(parts), first
-    raise WireError(f"stream ended after {len(parts)} chunks without its last one (truncated)")
+            if size != len(buffer):
+                raise WireError(f"stream ended after {size} of the {len(buffer)} bytes it announced")
+            return buffer, first
+    raise WireError(f"stream ended after {count} chunks without its last one (truncated)")
 
 
-def parse_state(payload: bytes, codec: Codec, expected: Expected) -> dict[str, torch.Tensor]:
+def parse_state(payload: bytes | memoryview, codec: Codec, expected: Expected) -> dict[str, torch.Tensor]:
     """Decode and check every tensor; returns tensors on the CPU in their own dtypes."""
     encoded, decoded = parse_encoded(payload, codec, expected)
     return {item.name: decoded[item.name] if item.name in decoded else codec.decode(item) for item in encoded}
 
 
-def parse_encoded(
-    payload: bytes, codec: Codec, expected: Expected
-) -> tuple[list[EncodedTensor], dict[str, torch.Tensor]]:
-    """Check every tensor (names, shapes, dtypes, codec, sha256, finite values, the norm bound) and
-    return them still encoded: a server aggregates quantised deltas without decoding them. The second
-    value holds the tensors the checks had to decode (those without a quantised form), by name."""
-    message = pb.StatePayload()
-    try:
-        message.ParseFromString(payload)
-    except DecodeError:
-        raise WireError("payload is not a StatePayload message") from None
-    names = [tensor.name for tensor in message.tensors]
-    if len(set(names)) != len(names):
-        raise WireError("a tensor name appears twice")
-    if expected.shapes is not None and set(names) != set(expected.shapes):
-        unknown, missing = (
-            sorted(set(names) - set(expected.shapes)),
-            sorted(set(expected.shapes) - set(names)),
-        )
-        raise WireError(f"tensors do not match the model: unknown {unknown[:3]}, missing {missing[:3]}")
-    checked, decoded, squares = [], {}, 0.0
-    for tensor in message.tensors:
-        encoded = encoded_from_message(tensor)
-        shape, dtype = (
-            expected.shapes[tensor.name] if expected.shapes is not None else (encoded.shape, encoded.dtype)
-        )
+class PayloadReader:
+    """Reads and checks a serialised StatePayload, as its bytes arrive or whole: each tensor is parsed
+    (its bytes fields left as views into the payload) and checked — CRC32C, name, shape, dtype, codec,
+    finite values — as soon as its last byte is in, while later chunks are still on the wire; `finish`
+    checks the whole (every expected name once, none missing, the norm bound)."""
+
+    def __init__(self, codec: Codec, expected: Expected) -> None:
+        self.codec, self.expected = codec, expected
+        self.position = 0  # where the next unread top-level field starts
+        self.tensors: list[EncodedTensor] = []
+        self.decoded: dict[str, torch.Tensor] = {}  # tensors the checks had to decode, by name
+        self.unknown: list[str] = []
+        self.names: set[str] = set()
+        self.squares = 0.0
+
+    def feed(self, buffer: memoryview, filled: int) -> None:
+        """Read every tensor that lies within the first `filled` bytes and has not been read."""
+        while (field := self._next(buffer, filled)) is not None:
+            _, _, value, end = field
+            self._check(self._tensor(buffer[value:end]))
+            self.position = end
+
+    def finish(self, payload: bytes | memoryview) -> tuple[list[EncodedTensor], dict[str, torch.Tensor]]:
+        """The checked tensors, still encoded, and those the checks decoded; WireError when any is wrong."""
+        payload = memoryview(payload)
+        self.feed(payload, len(payload))
+        if self.position != len(payload):
+            raise WireError("payload is not a StatePayload message (cut short)")
+        if self.expected.shapes is not None and self.names != set(self.expected.shapes):
+            missing = sorted(set(self.expected.shapes) - self.names)
+            raise WireError(
+                f"tensors do not match the model: unknown {sorted(self.unknown)[:3]}, missing {missing[:3]}"
+            )
+        norm, bound = math.sqrt(self.squares), self.expected.max_norm
+        if bound is not None and norm > bound:
+            raise WireError(f"update norm {norm:.4g} over the bound {bound:.4g}")
+        return self.tensors, self.decoded
+
+    def _next(self, buffer: memoryview, filled: int) -> tuple[int, int, int, int] | None:
+        try:
+            field = field_at(buffer, self.position, filled)
+        except WireError as error:
+            raise WireError(f"payload is not a StatePayload message ({error})") from None
+        if field is not None and (field[0] != STATE_TENSORS or field[1] != LENGTH_DELIMITED):
+            raise WireError(f"payload is not a StatePayload message (field {field[0]} at the top level)")
+        return field
+
+    @staticmethod
+    def _tensor(message: memoryview) -> EncodedTensor:
+        try:
+            rest, found = split_fields(message, TENSOR_BYTES)
+            header = pb.Tensor.FromString(rest)
+        except (WireError, DecodeError) as error:
+            raise WireError(f"payload is not a StatePayload message ({error or 'undecodable'})") from None
+        return checked_tensor(header, *(found.get(number, EMPTY) for number in sorted(TENSOR_BYTES)))
+
+    def _check(self, encoded: EncodedTensor) -> None:
+        if encoded.name in self.names:
+            raise WireError("a tensor name appears twice")
+        self.names.add(encoded.name)
+        shapes = self.expected.shapes
+        if shapes is not None and encoded.name not in shapes:
+            self.unknown.append(encoded.name)  # reported with the missing ones, in `finish`
+            return
+        shape, dtype = shapes[encoded.name] if shapes is not None else (encoded.shape, encoded.dtype)
         if encoded.shape != tuple(shape) or encoded.dtype != dtype:
             raise WireError(
-                f"tensor {tensor.name}: {encoded.dtype}{list(encoded.shape)} where "
+                f"tensor {encoded.name}: {encoded.dtype}{list(encoded.shape)} where "
                 f"{dtype}{list(shape)} is expected"
             )
-        if encoded.codec != codec.spec:
-            raise WireError(f"tensor {tensor.name}: codec '{encoded.codec}', this run uses '{codec.spec}'")
+        if encoded.codec != self.codec.spec:
+            raise WireError(
+                f"tensor {encoded.name}: codec '{encoded.codec}', this run uses '{self.codec.spec}'"
+            )
         try:
-            square_sum, value = squares_of(codec, encoded)
+            square_sum, value = squares_of(self.codec, encoded)
         except ValueError as error:
             raise WireError(str(error)) from None
         if not math.isfinite(square_sum):
-            raise WireError(f"tensor {tensor.name}: NaN or Inf values")
-        squares += square_sum
-        checked.append(encoded)
+            raise WireError(f"tensor {encoded.name}: NaN or Inf values")
+        self.squares += square_sum
+        self.tensors.append(encoded)
         if value is not None:
-            decoded[encoded.name] = value
-    if expected.max_norm is not None and math.sqrt(squares) > expected.max_norm:
-        raise WireError(f"update norm {math.sqrt(squares):.4g} over the bound {expected.max_norm:.4g}")
-    return checked, decoded
+            self.decoded[encoded.name] = value
+
+
+def parse_encoded(
+    payload: bytes | memoryview, codec: Codec, expected: Expected
+) -> tuple[list[EncodedTensor], dict[str, torch.Tensor]]:
+    """Check every tensor (names, shapes, dtypes, codec, CRC32C, finite values, the norm bound) and
+    return them still encoded: a server aggregates quantised deltas without decoding them. The second
+    value holds the tensors the checks had to decode (those without a quantised form), by name."""
+    return PayloadReader(codec, expected).finish(payload)
 
 
 def squares_of(codec: Codec, encoded: EncodedTensor) -> tuple[float, torch.Tensor | None]:

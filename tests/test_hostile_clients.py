@@ -1,0 +1,408 @@
+"""A server that one slow or hostile client cannot stall, steer or flood. Each test is an attack that
+once worked against a live server on loopback; all are bounded in count and time."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+from torch import nn
+
+from edgefed.aggregators import AGGREGATORS
+from edgefed.aggregators.base import bounded_shares
+from edgefed.config import RunConfig
+from edgefed.errors import EdgefedError
+from edgefed.federation.atomic import write_text_atomic
+from edgefed.federation.loop import FederatedServer
+from edgefed.transport import grpc_client
+from edgefed.transport.base import Transport, state_payload
+from edgefed.transport.grpc_client import CHANNEL_MESSAGE_BYTES, GrpcClient
+from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, RunDescription
+from edgefed.types import ClientUpdate, Evaluation, RoundResult
+from edgefed.wire.channels import ClientTls, ServerTls, open_channel, start_server
+from edgefed.wire.framing import wire_size
+from edgefed.wire.v1 import federation_pb2 as pb
+from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
+from tests.federation_harness import (
+    CLIENTS,
+    EXAMPLES,
+    HEARTBEAT_S,
+    RUN_ID,
+    TOKENS,
+    auth,
+    good_delta,
+    keep_beating,
+    refusal,
+    self_signed_certificate,
+    serve_federation,
+    update_chunks,
+)
+
+Code = grpc.StatusCode
+STALLED = 16
+
+
+def silent_push(federation, client: str, stop: threading.Event) -> grpc.Future:
+    """A PushUpdate stream that sends nothing until `stop` is set."""
+
+    def nothing():
+        stop.wait()
+        yield from ()
+
+    return federation.stub.PushUpdate.future(nothing(), metadata=auth(client))
+
+
+@pytest.mark.parametrize("tokens", [TOKENS, None], ids=["tokens", "open"])
+def test_silent_streams_of_one_client_leave_the_others_served_and_are_cancelled(tokens):
+    with serve_federation(tokens, stream_idle_s=1.0) as federation:
+        for client in CLIENTS:
+            federation.join(client)
+        round_1 = federation.open_round(1, [0, 1])  # client-0's update is due: its streams get in
+        stop, beating = threading.Event(), threading.Event()
+        stalled = [silent_push(federation, "client-0", stop) for _ in range(STALLED)]
+        try:
+            keep_beating(federation, ["client-0", "client-1"], beating)  # both stay connected
+            for _ in range(10):  # the worker pool has 14 threads: 16 held streams would starve these
+                assert (
+                    federation.stub.Heartbeat(
+                        pb.HeartbeatRequest(run_id=RUN_ID, client_id="client-1"),
+                        metadata=auth("client-1"),
+                        timeout=2,
+                    ).action
+                    == pb.HeartbeatReply.TRAIN
+                )
+            refused = [call for call in stalled if call.done()]
+            assert len(refused) >= STALLED - 2, "a client holds at most two streams"
+            assert all(call.exception().code() == Code.RESOURCE_EXHAUSTED for call in refused)
+            deadline = time.monotonic() + 10
+            while not all(call.done() for call in stalled) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert all(
+                call.exception().code() in (Code.RESOURCE_EXHAUSTED, Code.CANCELLED) for call in stalled
+            )
+            assert federation.servicer.streams.open_streams() == 0
+            assert any(
+                "cancelled PushUpdate" in line and "no message for 1 s" in line for line in federation.log
+            )
+            for client in CLIENTS[:2]:  # the attacker's slot still takes an honest update
+                federation.push(update_chunks(good_delta(), client), client)
+            assert sorted(u.client_id for u in round_1.result(timeout=10).updates) == [0, 1]
+        finally:
+            stop.set()
+            beating.set()
+
+
+class BusyServer(pb_grpc.FederationServicer):
+    """Refuses the first heartbeats as an overloaded server does, then says the run is DONE."""
+
+    def __init__(self, refusals: int) -> None:
+        self.calls, self.refusals = 0, refusals
+
+    def Heartbeat(self, request, context):
+        self.calls += 1
+        if self.calls <= self.refusals:
+            code = Code.RESOURCE_EXHAUSTED if self.calls % 2 else Code.UNAVAILABLE
+            context.abort(code, "Concurrent RPC limit exceeded!")
+        return pb.HeartbeatReply(action=pb.HeartbeatReply.DONE)
+
+
+def test_a_client_retries_a_busy_server_with_backoff_instead_of_exiting(monkeypatch):
+    monkeypatch.setattr(grpc_client, "BACKOFF_S", (0.01, 0.05))
+    busy = BusyServer(refusals=4)
+    server, port = start_server(
+        [lambda s: pb_grpc.add_FederationServicer_to_server(busy, s)],
+        "127.0.0.1:0",
+        max_message_bytes=1 << 20,
+        workers=2,
+        max_concurrent_rpcs=4,
+    )
+    try:
+        client = GrpcClient(f"127.0.0.1:{port}", "unused", "client-0", echo=lambda line: None)
+        beat = client._call(client.stub.Heartbeat, pb.HeartbeatRequest(run_id="r", client_id="client-0"))
+        assert beat.action == pb.HeartbeatReply.DONE and busy.calls == 5
+        client.retry_s, busy.calls = 0.05, 0
+        busy.refusals = 1000
+        with pytest.raises(EdgefedError, match=r"unreachable or busy for 0\.05 s"):
+            client._call(client.stub.Heartbeat, pb.HeartbeatRequest(run_id="r", client_id="client-0"))
+    finally:
+        server.stop(0)
+
+
+def test_a_client_declares_its_examples_once_within_the_cap(federation):
+    join = federation.stub.Join
+    too_many = refusal(lambda: federation.join("client-0", num_examples=10**15))
+    assert too_many.code() == Code.INVALID_ARGUMENT and "max-client-examples" in too_many.details()
+    federation.join("client-0")
+    changed = refusal(lambda: federation.join("client-0", num_examples=EXAMPLES + 1))
+    assert changed.code() == Code.FAILED_PRECONDITION and "fixed for the run" in changed.details()
+    assert join(pb.JoinRequest(client_id="client-0"), metadata=auth("client-0")).client_index == 0
+    federation.join("client-1", num_examples=0)  # joined, count not declared yet
+    round_1 = federation.open_round(1, [0, 1])
+    lying = refusal(lambda: federation.push(update_chunks(good_delta(), num_examples=10**15)))
+    assert lying.code() == Code.INVALID_ARGUMENT and f"declared {EXAMPLES} at Join" in lying.details()
+    undeclared = refusal(lambda: federation.push(update_chunks(good_delta(), "client-1"), "client-1"))
+    assert (
+        undeclared.code() == Code.FAILED_PRECONDITION
+        and "declared its training examples" in undeclared.details()
+    )
+    federation.join("client-1")
+    for client in CLIENTS[:2]:
+        federation.push(update_chunks(good_delta(), client), client)
+    assert [u.num_examples for u in round_1.result(timeout=10).updates] == [EXAMPLES, EXAMPLES]
+
+
+def test_declared_counts_survive_a_server_restart(federation):
+    federation.join("client-0", num_examples=7)
+    restarted = FederationServicer(federation.servicer.run, TOKENS, federation.transport.roster(), log=print)
+    assert restarted.examples == {0: 7}
+
+
+class ScriptedTransport(Transport):
+    """Rounds whose results a test writes: the network's part, so the loop's own is what is tested."""
+
+    def __init__(self, results: list[RoundResult]) -> None:
+        self.results = results
+
+    def wait_for_clients(self) -> list[int]:
+        return [0, 1, 2]
+
+    def fit_round(self, round_number, clients, global_state) -> RoundResult:
+        return self.results.pop(0)
+
+
+class Recorded:
+    def __init__(self) -> None:
+        self.rounds = []
+
+    def record(self, metrics) -> None:
+        self.rounds.append(metrics)
+
+    def checkpoint(self, metrics, global_state) -> None:
+        pass
+
+    def should_stop(self, metrics) -> bool:
+        return False
+
+
+def test_no_client_outweighs_its_share_and_a_rerun_round_keeps_its_bytes():
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(model.weight)
+
+    def update(client: int, value: float, examples: float) -> ClientUpdate:
+        return ClientUpdate(client, {"weight": torch.full((1, 1), value)}, examples, 0.5, 1, 0.1)
+
+    results = [
+        RoundResult([update(0, 1.0, 10)], [1, 2], bytes_up=100, bytes_down=300, client_bytes={0: (100, 100)}),
+        RoundResult(
+            [update(0, 100.0, 10**15), update(1, 1.0, 10), update(2, 1.0, 10)],
+            bytes_up=60,
+            bytes_down=90,
+            client_bytes={0: (30, 20), 1: (30, 20), 2: (30, 20)},
+        ),
+    ]
+    policy = Recorded()
+    server = FederatedServer(
+        model,
+        AGGREGATORS.create("fedavg"),
+        [],
+        ScriptedTransport(results),
+        lambda model: Evaluation(0.5, 1.0),
+        num_clients=3,
+        sample_fraction=1.0,
+        seed=0,
+        echo=lambda line: None,
+        max_share=0.5,
+    )
+    state = server.run(1, policy)
+    assert state["weight"].item() == pytest.approx(0.5 * 100 + 0.25 + 0.25)  # the liar weighs half, not all
+    last = policy.rounds[-1]
+    assert (last.bytes_up, last.bytes_down) == (160, 390), (
+        "the discarded attempt's bytes crossed the wire too"
+    )
+    assert last.client_bytes[0] == [130, 120]
+
+
+@pytest.mark.parametrize(
+    ("counts", "share"),
+    [([10**15, 10, 10, 10], 0.5), ([5, 5, 90], 0.4), ([1, 2, 3, 4, 100], 0.25), ([3, 1], 0.3)],
+)
+def test_bounded_shares_cap_the_largest_and_keep_the_rest(counts, share):
+    updates = [ClientUpdate(k, {}, n, 0.0, 1, 0.0) for k, n in enumerate(counts)]
+    weights = [u.num_examples for u in bounded_shares(updates, share)]
+    assert max(weights) / sum(weights) <= max(share, 1 / len(counts)) + 1e-9
+    cap = max(weights)
+    if share * len(counts) > 1:  # feasible: counts under the cap are kept, the others drop to it
+        assert weights == [min(n, cap) for n in counts]
+
+
+def test_unauthenticated_senders_cost_the_server_no_memory(tmp_path):
+    """16 callers without a token send 16 MiB messages to each service (the Split one too): the
+    server's peak memory barely moves, since no request without a token is read."""
+    script = tmp_path / "server.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys, time, torch
+            from edgefed.config import RunConfig
+            from edgefed.split import BodySlot, SplitBodyServicer
+            from edgefed.transport.auth import TokenBook
+            from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, RunDescription
+            run = RunDescription("run", RunConfig(method="fedbert", clients=2), 0, ("cls",), "f", b"")
+            tokens = TokenBook([("client-0", "token-of-client-0"), ("client-1", "token-of-client-1")])
+            federation = FederationServicer(run, tokens, log=lambda line: None)
+            body = torch.nn.Linear(4, 4)
+            split = SplitBodyServicer(BodySlot(body, torch.optim.SGD(body.parameters(), lr=0.1)), "run")
+            transport = GrpcTransport(federation, "127.0.0.1:0", 2, 600.0, split=split)
+            print(transport.address.rsplit(":", 1)[1], federation.split_port, flush=True)
+            time.sleep(600)
+            """
+        )
+    )
+    server = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        port, split_port = server.stdout.readline().split()
+        big = bytes(16 << 20)
+        options = [("grpc.max_send_message_length", 64 << 20)]
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{port}", options) as federation_channel,
+            grpc.insecure_channel(f"127.0.0.1:{split_port}", options) as split_channel,
+        ):
+            join = federation_channel.unary_unary("/edgefed.v1.Federation/Join")
+            exchange = split_channel.stream_stream("/edgefed.v1.Split/Exchange")
+            before = peak_rss(server.pid)
+
+            def send(index: int) -> Code:
+                try:
+                    if index % 2:
+                        join(big, timeout=20)
+                    else:
+                        list(exchange(iter([big]), timeout=20))
+                except grpc.RpcError as error:
+                    return error.code()
+                return Code.OK
+
+            with ThreadPoolExecutor(STALLED) as pool:
+                codes = list(pool.map(send, range(2 * STALLED)))
+            growth = peak_rss(server.pid) - before
+        assert set(codes) <= {Code.UNAUTHENTICATED, Code.RESOURCE_EXHAUSTED}, codes
+        assert growth < 48 << 20, f"the server's peak memory grew by {growth / 2**20:.0f} MiB"
+    finally:
+        server.kill()
+        server.wait()
+
+
+def peak_rss(pid: int) -> int:
+    """A process's peak resident memory (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_client_is_live_from_join_while_it_builds_its_model(federation, monkeypatch):
+    client = GrpcClient(
+        federation.transport.address, "unused", "client-1", token=TOKENS.token_for("client-1"), echo=print
+    )
+    alive = []
+
+    def slow_build(joined):  # an edge device loading its model: many heartbeat intervals
+        for _ in range(8):
+            time.sleep(HEARTBEAT_S)
+            with federation.servicer.condition:
+                alive.append(joined.client_index in federation.servicer.connected())
+        federation.servicer.finished = True
+
+    monkeypatch.setattr(client, "_build", slow_build)
+    client.run()
+    assert alive and all(alive)
+
+
+def test_bytes_count_only_for_accepted_updates_and_their_sender(federation):
+    for client in CLIENTS:
+        federation.join(client)
+    round_1 = federation.open_round(1, [0, 1])
+    spoofed = update_chunks(good_delta())
+    for chunk in spoofed[1:]:
+        chunk.client_id = "client-1"
+    refused = refusal(lambda: federation.push(spoofed))
+    assert "in the stream of 'client-0'" in refused.details()
+    nan = update_chunks({**good_delta(), "classifier.weight": torch.full((2, 64), float("nan"))})
+    refusal(lambda: federation.push(nan))
+    pushed = {client: update_chunks(good_delta(), client) for client in CLIENTS[:2]}
+    for client, chunks in pushed.items():
+        federation.push(chunks, client)
+    result = round_1.result(timeout=10)
+    for slot, client in enumerate(CLIENTS[:2]):
+        assert result.client_bytes[slot][1] == sum(map(wire_size, pushed[client]))
+    assert result.bytes_up == sum(sum(map(wire_size, chunks)) for chunks in pushed.values())
+
+
+def test_client_strings_are_escaped_and_cut_short_in_the_log():
+    with serve_federation(tokens=None) as federation:
+        forged = "evil\nedgefed: round 1: dropped client 0"
+        federation.stub.Join(pb.JoinRequest(client_id=forged))
+        federation.stub.Join(pb.JoinRequest(client_id="x" * 3000))
+        huge = refusal(lambda: federation.stub.Join(pb.JoinRequest(client_id="y" * 10_000)))
+        assert huge.code() == Code.INVALID_ARGUMENT and "limit is 4,096" in huge.details()
+        assert all("\n" not in line and len(line) < 500 for line in federation.log)
+        assert any("evil\\nedgefed: round 1" in line for line in federation.log)
+
+
+def test_the_join_reply_says_nothing_of_the_servers_paths():
+    config = RunConfig(clients=3, data="/srv/secret/place/sst2", model="all-MiniLM-L6-v2")
+    description = RunDescription(RUN_ID, config, 2, ("classifier",), "f" * 64, state_payload({}))
+    servicer = FederationServicer(description, TOKENS, log=lambda line: None)
+    transport = GrpcTransport(servicer, "127.0.0.1:0", 1, 30.0)
+    try:
+        with grpc.insecure_channel(transport.address) as channel:
+            request = pb.JoinRequest(client_id="client-0")
+            reply = pb_grpc.FederationStub(channel).Join(request, metadata=auth("client-0"))
+        assert "/srv/secret" not in reply.config_toml and 'data = "sst2"' in reply.config_toml
+    finally:
+        transport.close()
+
+
+def test_mutual_tls_admits_only_clients_with_a_certificate_the_server_trusts():
+    server_key, server_certificate = self_signed_certificate()
+    client_key, client_certificate = self_signed_certificate()
+    stranger = self_signed_certificate()
+    description = RunDescription(RUN_ID, RunConfig(clients=3), 2, ("classifier",), "f" * 64, b"")
+    servicer = FederationServicer(description, TOKENS, log=lambda line: None)
+    tls = ServerTls(server_key, server_certificate, client_ca=client_certificate)
+    secure = GrpcTransport(servicer, "127.0.0.1:0", 1, 30.0, tls=tls)
+    request = pb.JoinRequest(client_id="client-1")
+    try:
+        known = ClientTls(server_certificate, client_key, client_certificate)
+        with open_channel(secure.address, known, CHANNEL_MESSAGE_BYTES) as channel:
+            assert pb_grpc.FederationStub(channel).Join(request, metadata=auth("client-1")).client_index == 1
+        for identity in (ClientTls(server_certificate), ClientTls(server_certificate, *stranger)):
+            with open_channel(secure.address, identity, CHANNEL_MESSAGE_BYTES) as channel:
+                join = pb_grpc.FederationStub(channel).Join
+                error = refusal(lambda join=join: join(request, metadata=auth("client-1"), timeout=5))
+                assert error.code() == Code.UNAVAILABLE
+    finally:
+        secure.close()
+
+
+def test_a_client_warns_before_its_token_travels_in_plaintext():
+    said = []
+    GrpcClient("10.1.2.3:50051", "unused", "client-0", token="t" * 20, echo=said.append)
+    GrpcClient("127.0.0.1:50051", "unused", "client-0", token="t" * 20, echo=said.append)
+    assert len(said) == 1 and "in plaintext" in said[0] and "--tls-ca" in said[0]
+
+
+def test_a_file_written_atomically_is_whole_or_untouched(tmp_path):
+    path = tmp_path / "summary.json"
+    write_text_atomic(path, "old\n")
+    with pytest.raises(UnicodeEncodeError):
+        write_text_atomic(path, "new, then a lone surrogate \udc80 the encoder refuses\n")
+    assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["summary.json"]
