@@ -30,6 +30,7 @@ from pathlib import Path
 import crc32c
 import grpc
 import torch
+from publish import publish
 
 from edgefed.client.federated import EncodedUpdate
 from edgefed.codecs import encode_state, make_codec
@@ -263,10 +264,7 @@ def main() -> None:
     ]
     if args.accuracy:
         lines += ["", "## Demo setting, codec none vs int8 (in-process)", "", *demo_accuracy()]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.write_text(report + "\n", encoding="utf-8")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

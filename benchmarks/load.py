@@ -28,6 +28,7 @@ from pathlib import Path
 
 import grpc
 from grpc import aio
+from publish import publish
 
 from edgefed.transport.auth import TokenBook, bearer_metadata
 from edgefed.wire.v1 import federation_pb2 as pb
@@ -218,10 +219,7 @@ def main() -> None:
         "",
         *table,
     ]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.write_text(report + "\n", encoding="utf-8")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from publish import publish
 
 from edgefed.config import resolve_config
 from edgefed.federation.runner import run
@@ -45,10 +46,7 @@ def main() -> None:
         "|---|---:|---:|---:|",
         *rows,
     ]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.write_text(report + "\n", encoding="utf-8")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":
