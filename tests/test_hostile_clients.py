@@ -22,6 +22,7 @@ from edgefed.config import RunConfig
 from edgefed.errors import EdgefedError
 from edgefed.federation.atomic import write_text_atomic
 from edgefed.federation.loop import FederatedServer
+from edgefed.federation.runner import serve
 from edgefed.transport import grpc_client
 from edgefed.transport.base import Transport, state_payload
 from edgefed.transport.grpc_client import CHANNEL_MESSAGE_BYTES, GrpcClient
@@ -393,11 +394,17 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_the_server_trusts():
         secure.close()
 
 
-def test_a_client_warns_before_its_token_travels_in_plaintext():
+def test_both_ends_warn_before_a_token_travels_in_plaintext(tmp_path):
     said = []
     GrpcClient("10.1.2.3:50051", "unused", "client-0", token="t" * 20, echo=said.append)
     GrpcClient("127.0.0.1:50051", "unused", "client-0", token="t" * 20, echo=said.append)
     assert len(said) == 1 and "in plaintext" in said[0] and "--tls-ca" in said[0]
+    config = RunConfig(clients=3, data=str(tmp_path / "no-such-data"), out=str(tmp_path / "run"))
+    for address, warned in (("0.0.0.0:0", True), ("127.0.0.1:0", False)):
+        said.clear()
+        with pytest.raises(EdgefedError):  # the data is missing: the server stops after its warnings
+            serve(config, address, tokens=TOKENS, echo=said.append)
+        assert any("tokens travel in plaintext" in line for line in said) == warned, said
 
 
 def test_a_file_written_atomically_is_whole_or_untouched(tmp_path):
