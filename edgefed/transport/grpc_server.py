@@ -199,6 +199,8 @@ class FederationServicer(pb_grpc.FederationServicer):
         """The chunks arrive as their serialised bytes (see `serve_federation`) and are read as views."""
         if self.tokens is not None:  # the sender is known before it sends a byte: is its update due?
             owner = self.tokens.caller(context.invocation_metadata())
+            if owner is None:
+                self._refuse(context, Code.UNAUTHENTICATED, "missing or unknown bearer token")
             with self.condition:
                 self._expects_update(self.tokens.slots[owner], context)
         with self.streams.admit(self.caller(context), "PushUpdate", context) as stream:
@@ -543,6 +545,7 @@ class GrpcTransport(Transport):
         self.split_server = None
         if split is not None:
             split.authorize = servicer.authorize_split
+            split.guard.close()  # a client's streams count across both services
             split.guard, split.caller = servicer.streams, servicer.caller
             self.split_server, servicer.split_port = serve_split_body(
                 split,
