@@ -5,7 +5,7 @@ import warnings
 
 from edgefed.wire.v1 import federation_pb2 as edgefed_dot_wire_dot_v1_dot_federation__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.76.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class FederationStub:
+class FederationStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -61,7 +61,7 @@ class FederationStub:
                 _registered_method=True)
 
 
-class FederationServicer:
+class FederationServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Join(self, request, context):
@@ -131,7 +131,7 @@ def add_FederationServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Federation:
+class Federation(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -270,7 +270,7 @@ class Federation:
             _registered_method=True)
 
 
-class SplitStub:
+class SplitStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -286,7 +286,7 @@ class SplitStub:
                 _registered_method=True)
 
 
-class SplitServicer:
+class SplitServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Exchange(self, request_iterator, context):
@@ -311,7 +311,7 @@ def add_SplitServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Split:
+class Split(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
