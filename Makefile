@@ -48,8 +48,8 @@ $(STAMP): pyproject.toml
 	  $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$$spec"; \
 	fi; \
 	echo "torch==$$($(PY) -W ignore -c 'import torch; print(torch.__version__)' 2>/dev/null)" > $(VENV)/torch-constraint.txt; \
-	echo "edgefed: installing edgefed[dev,demo] (torch pinned to $$(cat $(VENV)/torch-constraint.txt))"; \
-	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,demo]"; \
+	echo "edgefed: installing edgefed[dev,demo,flower] (torch pinned to $$(cat $(VENV)/torch-constraint.txt))"; \
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,demo,flower]"; \
 	touch $(STAMP)
 
 clean:

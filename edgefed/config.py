@@ -113,8 +113,9 @@ class RunConfig:
     )
     transport: str = option(
         "inproc",
-        "inproc (clients in this process) or grpc (a server and one client process per client on "
-        "127.0.0.1, same metrics for the same seed)",
+        "inproc (clients in this process), grpc (a server and one client process per client on "
+        "127.0.0.1) or flower (Flower's Simulation Engine on Ray, one SuperNode per client); the same "
+        "metrics for the same seed",
     )
     min_clients: int | None = option(
         None, "connected clients a round needs, and updates it counts (default: all)"
@@ -197,7 +198,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fewfedweight": {"pseudo_labels": "energy", "aggregator": "adaptive"},
 }
 
-TRANSPORTS = ("inproc", "grpc")
+TRANSPORTS = ("inproc", "grpc", "flower")
 # Fields that hold comma-separated names, with an example for errors.
 LIST_EXAMPLES = {
     "target_modules": "query,value",

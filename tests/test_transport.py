@@ -55,10 +55,12 @@ def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run_dir).global_state
 
 
-def assert_same_run(a: Path, b: Path, setup_resent_in: int | None = None) -> None:
+def assert_same_run(
+    a: Path, b: Path, setup_resent_in: int | None = None, exact_keys: tuple[str, ...] = EXACT_KEYS
+) -> None:
     """`setup_resent_in`: the round in which `b`'s restarted clients fetched the setup state again."""
     for row_a, row_b in zip(rows_of(a), rows_of(b), strict=True):
-        keys = [k for k in EXACT_KEYS if not (k == "bytes_down" and row_a["round"] == setup_resent_in)]
+        keys = [k for k in exact_keys if not (k == "bytes_down" and row_a["round"] == setup_resent_in)]
         assert {k: row_a[k] for k in keys} == {k: row_b[k] for k in keys}
         for key in ("loss", "train_loss"):
             assert row_a[key] == (None if row_b[key] is None else pytest.approx(row_b[key], rel=1e-5))
@@ -97,6 +99,23 @@ def test_a_run_records_each_round_and_checkpoints_it(runs, transport):
     assert checkpoint.round == 3 and checkpoint.wall_s == rows[-1]["wall_s"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["transport"] == transport and summary["final_accuracy"] == rows[-1]["accuracy"]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Flower 1.42 needs Python 3.11 (edgefed[flower])")
+def test_a_flower_simulation_computes_the_in_process_run(
+    runs, tmp_path, tiny_model_dir, small_data_dir, capsys
+):
+    """Flower's Simulation Engine (Ray, one SuperNode per client, nodes' messages spread over its
+    actors) gives the in-process run's clients, accuracy and losses, error feedback included; its bytes
+    are Flower's records, counted apart."""
+    out = tmp_path / "flower"
+    argv = ["run", *run_args(tiny_model_dir, small_data_dir, out, "--codec", "int8"), "--transport", "flower"]
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert said.count("joined as client") == 2 and "dropped" not in said and "again" not in said
+    assert_same_run(runs("inproc"), out, exact_keys=("round", "clients", "dropped", "accuracy"))
+    assert all(row["bytes_up"] > 0 for row in rows_of(out)[1:])
+    assert json.loads((out / "summary.json").read_text())["transport"] == "flower"
 
 
 def test_grpc_computes_the_in_process_run(runs):

@@ -158,7 +158,17 @@ def run_command(args: dict[str, Any]) -> int:
     from edgefed.federation.runner import run
 
     resume = args.pop("resume", False)
-    run(run_config(args, resume), resume=resume)
+    config = run_config(args, resume)
+    if config.transport == "flower":
+        try:
+            from edgefed.flower.app import simulate
+        except ImportError as error:
+            raise EdgefedError(
+                f"--transport flower needs Flower ({error}): pip install 'edgefed[flower]' (Python 3.11+)"
+            ) from None
+        simulate(config, resume=resume)
+    else:
+        run(config, resume=resume)
     return 0
 
 

@@ -34,6 +34,14 @@ class ErrorFeedback:
             self.residual[item.name] = (compensated[item.name] - sent).detach()
         return encoded
 
+    def state(self) -> tuple[int | None, State, State]:
+        """(the last round encoded, the residual, the residual before that round): what a client keeps
+        between rounds, for runtimes that keep it outside the client object (a Flower node's state)."""
+        return self._round, self.residual, self._before
+
+    def restore(self, round_number: int | None, residual: State, before: State) -> None:
+        self._round, self.residual, self._before = round_number, dict(residual), dict(before)
+
     def residual_norm(self) -> float:
         return (
             float(torch.sqrt(sum((r.double() ** 2).sum() for r in self.residual.values())))

@@ -17,7 +17,7 @@ import torch
 from edgefed.codecs import Codec, EncodedDelta, encode_state, make_codec
 from edgefed.devices.planner import Plan
 from edgefed.scope import Scope
-from edgefed.types import ClientUpdate, RoundResult, State
+from edgefed.types import ClientUpdate, EncodedTensor, RoundResult, State
 from edgefed.wire.framing import Expected, PayloadReader, WireError, reassemble, serialize_state
 from edgefed.wire.v1 import federation_pb2 as pb
 
@@ -111,7 +111,20 @@ def receive_update(
     declared at Join, which the update must report."""
     reader = PayloadReader(codec, expected)  # checks each tensor while the next chunks arrive
     payload, first = reassemble(chunks, expected, reader.feed)
-    encoded, decoded = reader.finish(payload)
+    return checked_update(reader.finish(payload), first, codec, client_index, device, declared_examples)
+
+
+def checked_update(
+    tensors: tuple[list[EncodedTensor], State],
+    first: pb.Chunk,
+    codec: Codec,
+    client_index: int,
+    device: torch.device,
+    declared_examples: int | None = None,
+) -> ClientUpdate:
+    """An update from its checked tensors (PayloadReader.finish) and what it reports on its first chunk
+    (n_k, loss, steps, time, held-out score), checked too; raises WireError."""
+    encoded, decoded = tensors
     if first.num_examples <= 0 or first.steps <= 0:
         raise WireError("an update must report its examples and local steps (first chunk)")
     if declared_examples is not None and first.num_examples != declared_examples:

@@ -1,0 +1,64 @@
+"""The Flower apps of an edgefed run. `simulate(config)` runs one on Flower's Simulation Engine (Ray),
+one simulated SuperNode per client: `edgefed run --transport flower`. The ServerApp's loop is
+`edgefed.federation.runner.federate` with a `FlowerTransport`, so the run directory, metrics,
+checkpoints and summary are every edgefed run's."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from edgefed.config import RunConfig
+from edgefed.errors import EdgefedError
+from edgefed.federation.runner import federate
+from edgefed.flower import client
+from edgefed.flower.transport import JOIN_ACTION, FlowerTransport
+
+Echo = Callable[[str], None]
+
+
+def client_app() -> ClientApp:
+    app = ClientApp()
+    app.query(JOIN_ACTION)(client.join)
+    app.train()(client.train)
+    return app
+
+
+def server_app(config: RunConfig, echo: Echo, outcome: dict, resume: bool = False) -> ServerApp:
+    """A ServerApp that runs `config` as an edgefed federation; `outcome["summary"]` gets its summary."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        def transport(side, run_id, run_dir, roster, progress, log, split) -> FlowerTransport:
+            return FlowerTransport(grid, side, run_id, log)
+
+        outcome["summary"] = federate(config, transport, echo, resume)
+
+    return app
+
+
+def simulate(config: RunConfig, echo: Echo = print, resume: bool = False) -> dict:
+    """The run on Flower's Simulation Engine: a Ray actor per core, one SuperNode per client."""
+    from flwr.simulation import run_simulation
+
+    if config.method == "fedbert":
+        raise EdgefedError(
+            "fedbert trains its body over edgefed's Split service, which Flower does not carry"
+        )
+    outcome: dict = {}
+    cpus = max(1, (os.cpu_count() or 1) // min(config.clients, os.cpu_count() or 1))
+    run_simulation(
+        server_app(dataclasses.replace(config, transport="flower"), echo, outcome, resume),
+        client_app(),
+        num_supernodes=config.clients,
+        backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0}},
+    )
+    if "summary" not in outcome:
+        raise EdgefedError("the Flower simulation ended without finishing the run (its log says why)")
+    return outcome["summary"]
