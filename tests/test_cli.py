@@ -124,6 +124,28 @@ def test_help_and_version():
         ),
         (["run", "--clients", "2", "--min-clients", "3"], "min-clients 3 exceeds clients 2"),
         (
+            ["run", "--transport", "flower", "--method", "fedbert"],
+            "fedbert trains its body over edgefed's Split service",
+        ),
+        (
+            ["server", "--address", "127.0.0.1:0", "--tls-client-ca", "ca.pem"],
+            "--tls-client-ca needs the server's own --tls-cert and --tls-key",
+        ),
+        (
+            [
+                "client",
+                "--server",
+                "127.0.0.1:9",
+                "--data",
+                "d.tsv",
+                "--tls-cert",
+                "c.pem",
+                "--tls-key",
+                "k.pem",
+            ],
+            "--tls-cert needs --tls-ca",
+        ),
+        (
             ["client", "--server", "127.0.0.1:9", "--data", "d.tsv", "--retry-s", "0.5"],
             "server 127.0.0.1:9 unreachable or busy for 0.5 s",
         ),
