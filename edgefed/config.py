@@ -263,7 +263,11 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 def config_values(text: str, origin: str) -> dict[str, Any]:
     """The keys of a TOML text (a file, or the configuration a server sends its clients)."""
-    raw = parse_toml(text, origin)
+    return named_values(parse_toml(text, origin), origin)
+
+
+def named_values(raw: dict[str, Any], origin: str) -> dict[str, Any]:
+    """Option keys (`local-steps`) → field names (`local_steps`); an unknown key is a clear error."""
     values = {}
     for key, value in raw.items():
         name = key.replace("-", "_")

@@ -1,5 +1,7 @@
 """The Flower apps of an edgefed run. `simulate(config)` runs one on Flower's Simulation Engine (Ray),
-one simulated SuperNode per client: `edgefed run --transport flower`. The ServerApp's loop is
+one simulated SuperNode per client: `edgefed run --transport flower`. `serverapp` and `clientapp`
+are the apps a Flower app's pyproject.toml names for `flwr run`, configured by its
+`[tool.flwr.app.config]` keys, which are edgefed's options. Either way the ServerApp's loop is
 `edgefed.federation.runner.federate` with a `FlowerTransport`, so the run directory, metrics,
 checkpoints and summary are every edgefed run's."""
 
@@ -13,7 +15,7 @@ from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from edgefed.config import RunConfig
+from edgefed.config import RunConfig, named_values, resolve_config
 from edgefed.errors import EdgefedError
 from edgefed.federation.runner import federate
 from edgefed.flower import client
@@ -35,12 +37,37 @@ def server_app(config: RunConfig, echo: Echo, outcome: dict, resume: bool = Fals
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        def transport(side, run_id, run_dir, roster, progress, log, split) -> FlowerTransport:
-            return FlowerTransport(grid, side, run_id, log)
-
-        outcome["summary"] = federate(config, transport, echo, resume)
+        outcome["summary"] = federate_on(grid, config, echo, resume)
 
     return app
+
+
+def federate_on(grid: Grid, config: RunConfig, echo: Echo = print, resume: bool = False) -> dict:
+    """The edgefed federation `config` describes, its rounds carried over Flower's `grid`."""
+
+    def transport(side, run_id, run_dir, roster, progress, log, split) -> FlowerTransport:
+        return FlowerTransport(grid, side, run_id, log)
+
+    return federate(dataclasses.replace(config, transport="flower"), transport, echo, resume)
+
+
+def flower_run_config(run_config: dict) -> RunConfig:
+    """An edgefed configuration from a Flower app's `[tool.flwr.app.config]` (and `flwr run
+    --run-config`): the keys are edgefed's options (`local-steps = 10`, `profiles = "2×jetson-…"`)."""
+    return resolve_config(None, named_values(dict(run_config), "[tool.flwr.app.config]"))
+
+
+# The apps `flwr run` starts, named in a Flower app's pyproject.toml:
+#   [tool.flwr.app.components]
+#   serverapp = "edgefed.flower.app:serverapp"
+#   clientapp = "edgefed.flower.app:clientapp"
+serverapp = ServerApp()
+clientapp = client_app()
+
+
+@serverapp.main()
+def run_from_flower(grid: Grid, context: Context) -> None:
+    federate_on(grid, flower_run_config(context.run_config))
 
 
 def simulate(config: RunConfig, echo: Echo = print, resume: bool = False) -> dict:
@@ -54,7 +81,7 @@ def simulate(config: RunConfig, echo: Echo = print, resume: bool = False) -> dic
     outcome: dict = {}
     cpus = max(1, (os.cpu_count() or 1) // min(config.clients, os.cpu_count() or 1))
     run_simulation(
-        server_app(dataclasses.replace(config, transport="flower"), echo, outcome, resume),
+        server_app(config, echo, outcome, resume),
         client_app(),
         num_supernodes=config.clients,
         backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0}},
