@@ -230,3 +230,113 @@ def test_a_client_process_that_dies_stops_the_run_with_its_reason(tmp_path, tiny
             fleet.fit_round(1, fleet.wait_for_clients(), {})
     finally:
         fleet.close()
+
+
+FLOWER_APP = """
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "edgefed-fleet"
+version = "1.0.0"
+description = "An edgefed federation on Flower's Deployment Engine"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "edgefed"
+
+[tool.flwr.app.components]
+serverapp = "edgefed.flower.app:serverapp"
+clientapp = "edgefed.flower.app:clientapp"
+
+[tool.flwr.app.config]
+{config}
+"""
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Flower 1.42 needs Python 3.11 (edgefed[flower])")
+def test_a_superlink_and_supernodes_over_tls_run_the_in_process_federation(
+    runs, tmp_path, tiny_model_dir, small_data_dir
+):
+    """Flower's Deployment Engine on 127.0.0.1: a SuperLink serving TLS, one SuperNode per client with
+    its own data file, and `flwr run` of a Flower app that names edgefed's apps; the run computes the
+    in-process one (its clients' files are that run's shards)."""
+    from tests.federation_harness import self_signed_certificate
+
+    key, certificate = self_signed_certificate()
+    (tmp_path / "server.key").write_bytes(key)
+    (tmp_path / "server.pem").write_bytes(certificate)
+    config = resolve_config(None, {"model": str(tiny_model_dir), "data": str(small_data_dir), "clients": 2})
+    shards = write_shards(*task_shards(config), tmp_path)
+    out, superlink = tmp_path / "deployed", f"127.0.0.1:{free_port()}"
+    flags = run_args(tiny_model_dir, small_data_dir, out, "--codec", "int8")
+    options = "\n".join(
+        f"{flag[2:]} = {json.dumps(convert(value))}"
+        for flag, value in zip(flags[::2], flags[1::2], strict=True)
+    )
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "pyproject.toml").write_text(FLOWER_APP.format(config=options))
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{superlink}"\n'
+        f'root-certificates = "{tmp_path / "server.pem"}"\n'
+    )
+    env = {**os.environ, "FLWR_HOME": str(home)}
+    tls = ["--ssl-certfile", "server.pem", "--ssl-keyfile", "server.key", "--ssl-ca-certfile", "server.pem"]
+    port = superlink.rsplit(":", 1)[1]
+    commands = [
+        ["flower-superlink", *tls, "--port", port, "--disable-runtime-dependency-installation"]
+    ] + [
+        ["flower-supernode", "--root-certificates", "server.pem", "--superlink", superlink, "--port",
+         str(free_port()), "--node-config", f"slot={slot} data='{shard}'"]
+        for slot, shard in enumerate(shards)
+    ]  # fmt: skip
+    bin_dir = Path(sys.executable).parent
+    logs, processes = [], []
+    try:
+        for index, command in enumerate(commands):
+            logs.append((tmp_path / f"flower-{index}.log").open("wb"))
+            processes.append(
+                subprocess.Popen(
+                    [str(bin_dir / command[0]), *command[1:]],
+                    cwd=tmp_path,
+                    env=env,
+                    stdout=logs[-1],
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+            wait_for(
+                lambda i=index: b"Starting Flower SuperExec" in (tmp_path / f"flower-{i}.log").read_bytes(),
+                60,
+                "Flower",
+            )
+        submitted = subprocess.run(
+            [str(bin_dir / "flwr"), "run", ".", "local", "--stream"],
+            cwd=tmp_path / "app", env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert (out / "summary.json").is_file(), submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    finally:
+        for process in processes:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        for log in logs:
+            log.close()
+    assert_same_run(runs("inproc"), out, exact_keys=("round", "clients", "dropped", "accuracy"))
+    assert json.loads((out / "summary.json").read_text())["transport"] == "flower"
+
+
+def convert(value: str):
+    """A flag's value as its TOML type (a Flower app config holds no strings for numbers)."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
