@@ -31,3 +31,35 @@ def test_a_bad_flower_app_config_is_one_clear_error(run_config, message):
 
     with pytest.raises(EdgefedError, match=message):
         flower_run_config(run_config)
+
+
+def test_a_supernode_without_a_slot_or_data_is_one_clear_error(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from edgefed.config import RunConfig
+    from edgefed.flower.client import Run, encoded_data, node_slot
+
+    def context(**node_config) -> Context:
+        return Context(run_id=1, node_id=2, node_config=node_config, state=RecordDict(), run_config={})
+
+    with pytest.raises(EdgefedError, match="a SuperNode needs --node-config 'slot=<client index>'"):
+        node_slot(context(data="x.tsv"))
+    run = Run(RunConfig(), 2, ("classifier",), "f", tokenizer=None)
+    with pytest.raises(EdgefedError, match="this SuperNode has no data"):
+        encoded_data(run, 0, context(slot=0), None)
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "<class 'edgefed.errors.EdgefedError'>:<'this SuperNode has no data: start it with --node-config'>",
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() (pid=7)\n"
+        '  File "ray_actor.py", line 65, in run\nflwr.clientapp.client_app.ClientAppException: \n'
+        "Exception ClientAppException occurred. Message: this SuperNode has no data: start it with "
+        "--node-config\n'>",
+    ],
+)
+def test_the_server_reports_what_a_node_raised_in_one_line(reason):
+    from edgefed.flower.transport import client_error
+
+    assert client_error(reason) == "this SuperNode has no data: start it with --node-config"

@@ -111,10 +111,15 @@ def encoded_data(run: Run, slot: int, context: Context, plan: Plan | None):
     task, settings = config.task(), config.data_settings()
     if "data" in context.node_config:
         shard = task.client_data(str(context.node_config["data"]))
-    else:
+    elif "partition-id" in context.node_config:
         if run.shards is None:
             run.shards = task.shards(task.load_data(settings)[0], settings)
         shard = run.shards[slot]
+    else:
+        raise EdgefedError(
+            "this SuperNode has no data: start it with "
+            "--node-config \"slot=<client> data='<file or folder>'\""
+        )
     return task.encode_client(shard, run.tokenizer, plan.seq_len if plan else config.max_seq_len, settings)
 
 

@@ -19,6 +19,7 @@ from edgefed.flower.records import checked_reply, config_value, record_bytes, st
 from edgefed.transport.base import Roster, ScopedStates, Transport, checked_update, max_update_bytes
 from edgefed.types import RoundResult, State
 from edgefed.wire.framing import Expected, WireError
+from edgefed.wire.text import printable
 
 JOIN_ACTION = "join"  # the ClientApp's `query` handler for it
 JOIN, TRAIN = f"query.{JOIN_ACTION}", "train"
@@ -73,7 +74,9 @@ class FlowerTransport(Transport):
             reply = by_node.get(self.nodes[slot])
             result.bytes_down += down[slot]
             if reply is None or reply.has_error():
-                why = "no reply by the round's deadline" if reply is None else reply.error.reason
+                why = (
+                    "no reply by the round's deadline" if reply is None else client_error(reply.error.reason)
+                )
                 result.dropped.append(slot)
                 self.log(f"edgefed: round {round_number}: dropped client {slot} ({why})")
                 continue
@@ -132,7 +135,7 @@ class FlowerTransport(Transport):
         for reply in self.grid.send_and_receive(messages, timeout=side.config.round_deadline_s):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                raise EdgefedError(f"Flower node {node} could not join: {reply.error.reason}")
+                raise EdgefedError(f"Flower node {node} could not join: {client_error(reply.error.reason)}")
             joined = reply.content["joined"]
             slot = config_value(joined, "slot", int, f"Flower node {node}")
             examples = config_value(joined, "num_examples", int, f"Flower node {node}")
@@ -145,3 +148,14 @@ class FlowerTransport(Transport):
                 )
             self.nodes[slot], self.examples[slot] = node, examples
             self.log(f"edgefed: Flower node {node} joined as client {slot} ({examples:,} training examples)")
+
+
+def client_error(reason: str) -> str:
+    """What a node's ClientApp raised, out of Flower's error reason, which wraps it in class names
+    (`<class '…'>:<'message'>`) and, simulated, in Ray's traceback (`… Message: message`)."""
+    for marker in ("Message: ", ":<'"):
+        if marker in reason:
+            reason = reason.rsplit(marker, 1)[1]
+            break
+    lines = [line for line in reason.strip().splitlines() if line.strip()] or ["(no reason given)"]
+    return printable(lines[0].removesuffix("'>"), 300)
