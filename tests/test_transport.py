@@ -287,7 +287,9 @@ def test_a_superlink_and_supernodes_over_tls_run_the_in_process_federation(
         f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "{superlink}"\n'
         f'root-certificates = "{tmp_path / "server.pem"}"\n'
     )
-    env = {**os.environ, "FLWR_HOME": str(home)}
+    bin_dir = Path(sys.executable).parent
+    # Flower's processes start their helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name.
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     tls = ["--ssl-certfile", "server.pem", "--ssl-keyfile", "server.key", "--ssl-ca-certfile", "server.pem"]
     port = superlink.rsplit(":", 1)[1]
     commands = [
@@ -297,7 +299,6 @@ def test_a_superlink_and_supernodes_over_tls_run_the_in_process_federation(
          str(free_port()), "--node-config", f"slot={slot} data='{shard}'"]
         for slot, shard in enumerate(shards)
     ]  # fmt: skip
-    bin_dir = Path(sys.executable).parent
     logs, processes = [], []
     try:
         for index, command in enumerate(commands):
@@ -312,11 +313,15 @@ def test_a_superlink_and_supernodes_over_tls_run_the_in_process_federation(
                     start_new_session=True,
                 )
             )
+            log_path, process = tmp_path / f"flower-{index}.log", processes[-1]
             wait_for(
-                lambda i=index: b"Starting Flower SuperExec" in (tmp_path / f"flower-{i}.log").read_bytes(),
+                lambda p=log_path, q=process: (
+                    b"Starting Flower SuperExec" in p.read_bytes() or q.poll() is not None
+                ),
                 60,
-                "Flower",
+                command[0],
             )
+            assert process.poll() is None, log_path.read_text(errors="replace")[-2000:]
         submitted = subprocess.run(
             [str(bin_dir / "flwr"), "run", ".", "local", "--stream"],
             cwd=tmp_path / "app", env=env, capture_output=True, text=True, timeout=300,
