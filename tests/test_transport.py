@@ -118,6 +118,17 @@ def test_a_flower_simulation_computes_the_in_process_run(
     assert json.loads((out / "summary.json").read_text())["transport"] == "flower"
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Flower 1.42 needs Python 3.11 (edgefed[flower])")
+def test_flower_carries_the_exact_aggregator_too(tmp_path, tiny_model_dir, small_data_dir):
+    """`product` needs every reply of a round at once: on Flower as in process."""
+    outs = {}
+    for transport in ("inproc", "flower"):
+        outs[transport] = tmp_path / transport
+        argv = run_args(tiny_model_dir, small_data_dir, outs[transport], "--aggregator", "product")
+        assert main(["run", *argv, "--rounds", "2", "--transport", transport]) == 0
+    assert_same_run(outs["inproc"], outs["flower"], exact_keys=("round", "clients", "dropped", "accuracy"))
+
+
 def test_grpc_computes_the_in_process_run(runs):
     assert_same_run(runs("inproc"), runs("grpc"))
     logs = sorted((runs("grpc") / "clients").glob("*.log"))
