@@ -180,14 +180,17 @@ class ScriptedTransport(Transport):
 
 
 class Recorded:
+    """A round policy that keeps what the loop hands it."""
+
     def __init__(self) -> None:
         self.rounds = []
+        self.checkpointed: list[int] = []
 
     def record(self, metrics) -> None:
         self.rounds.append(metrics)
 
     def checkpoint(self, metrics, global_state) -> None:
-        pass
+        self.checkpointed.append(metrics.round)
 
     def should_stop(self, metrics) -> bool:
         return False
@@ -224,6 +227,7 @@ def test_no_client_outweighs_its_share_and_a_rerun_round_keeps_its_bytes():
     )
     state = server.run(1, policy)
     assert state["weight"].item() == pytest.approx(0.5 * 100 + 0.25 + 0.25)  # the liar weighs half, not all
+    assert policy.checkpointed == [1], "only the round that completed is checkpointed"
     last = policy.rounds[-1]
     assert (last.bytes_up, last.bytes_down) == (160, 390), (
         "the discarded attempt's bytes crossed the wire too"

@@ -7,6 +7,7 @@ the gRPC messages of the same wire format) and the same metrics, up to float sum
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -351,8 +352,6 @@ def test_a_superlink_and_supernodes_over_tls_run_the_in_process_federation(
 def convert(value: str):
     """A flag's value as its TOML type (a Flower app config holds no strings for numbers)."""
     for kind in (int, float):
-        try:
+        with contextlib.suppress(ValueError):
             return kind(value)
-        except ValueError:
-            pass
     return value
