@@ -63,3 +63,19 @@ def test_the_server_reports_what_a_node_raised_in_one_line(reason):
     from edgefed.flower.transport import client_error
 
     assert client_error(reason) == "this SuperNode has no data: start it with --node-config"
+
+
+def test_a_reply_whose_arrays_are_not_edgefed_tensors_is_refused():
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+    from edgefed.codecs import make_codec
+    from edgefed.flower.records import REPORT, TENSOR_STYPE, UPDATE, checked_reply
+    from edgefed.wire.framing import Expected, WireError
+
+    report = MetricRecord({"num_examples": 4, "train_loss": 0.5, "steps": 1, "train_s": 0.1})
+    expected = Expected("run", 1, {"w": ((2,), "float32")})
+    for stype, message in ((TENSOR_STYPE, "not a StatePayload"), ("numpy.ndarray", "must be of stype")):
+        garbage = Array(dtype="float32", shape=(2,), stype=stype, data=b"\xff\xfe not a tensor")
+        content = RecordDict({UPDATE: ArrayRecord({"w": garbage}), REPORT: report})
+        with pytest.raises(WireError, match=message):
+            checked_reply(content, make_codec("none"), expected)

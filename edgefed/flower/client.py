@@ -42,6 +42,7 @@ class Run:
     fingerprint: str
     tokenizer: Any
     shards: list[Any] | None = None  # simulated: every client's shard, drawn as the server draws them
+    encoded: dict[tuple[int, int], Any] = field(default_factory=dict)  # (slot, length) -> its data
     worker: Worker | None = None
     clients: dict[int, FederatedClient] = field(default_factory=dict)  # slot -> client
 
@@ -106,8 +107,12 @@ def node_slot(context: Context) -> int:
 
 def encoded_data(run: Run, slot: int, context: Context, plan: Plan | None):
     """The node's data, tokenised: its own file or folder (`data` in its node config) or, simulated,
-    the shard the server draws for that client (the partition every edgefed transport uses)."""
+    the shard the server draws for that client (the partition every edgefed transport uses). Read and
+    tokenised once per process: the join counts it, the first round trains on it."""
     config = run.config
+    seq_len = plan.seq_len if plan else config.max_seq_len
+    if (slot, seq_len) in run.encoded:
+        return run.encoded[slot, seq_len]
     task, settings = config.task(), config.data_settings()
     if "data" in context.node_config:
         shard = task.client_data(str(context.node_config["data"]))
@@ -120,7 +125,8 @@ def encoded_data(run: Run, slot: int, context: Context, plan: Plan | None):
             "this SuperNode has no data: start it with "
             "--node-config \"slot=<client> data='<file or folder>'\""
         )
-    return task.encode_client(shard, run.tokenizer, plan.seq_len if plan else config.max_seq_len, settings)
+    encoded = run.encoded[slot, seq_len] = task.encode_client(shard, run.tokenizer, seq_len, settings)
+    return encoded
 
 
 def build_run_worker(run: Run, setup) -> Worker:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
-from google.protobuf.message import DecodeError
 
 from edgefed.client import EncodedUpdate
 from edgefed.codecs import Codec
 from edgefed.errors import EdgefedError
 from edgefed.types import State
-from edgefed.wire.framing import Expected, PayloadReader, WireError
+from edgefed.wire.framing import Expected, PayloadReader, WireError, state_payload_of
 from edgefed.wire.v1 import federation_pb2 as pb
 
 TENSOR_STYPE = "edgefed.v1.Tensor"
@@ -61,11 +60,7 @@ def checked_reply(content: RecordDict, codec: Codec, expected: Expected):
     arrays = content[UPDATE]
     if any(array.stype != TENSOR_STYPE for array in arrays.values()):
         raise WireError(f"an update's arrays must be of stype {TENSOR_STYPE}")
-    try:
-        tensors = [pb.Tensor.FromString(array.data) for array in arrays.values()]
-    except DecodeError:
-        raise WireError(f"an array of stype {TENSOR_STYPE} that is not a Tensor message") from None
-    payload = pb.StatePayload(tensors=tensors).SerializeToString()
+    payload = state_payload_of(array.data for array in arrays.values())
     report = content[REPORT]
     try:
         header = pb.Chunk(

@@ -498,8 +498,8 @@ def serve_federation(servicer: FederationServicer, server: grpc.Server) -> None:
         ),
         "PushUpdate": grpc.stream_unary_rpc_method_handler(
             servicer.PushUpdate,
-            None,
-            pb.PushReply.SerializeToString,  # None: the bytes as they came
+            None,  # no deserialiser: each chunk arrives as the bytes that came
+            pb.PushReply.SerializeToString,
         ),
         "Heartbeat": grpc.unary_unary_rpc_method_handler(
             servicer.Heartbeat, pb.HeartbeatRequest.FromString, pb.HeartbeatReply.SerializeToString

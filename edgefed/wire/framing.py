@@ -189,6 +189,22 @@ def serialize_state(tensors: Iterable[EncodedTensor]) -> bytes:
     return pb.StatePayload(tensors=[tensor_message(t) for t in tensors]).SerializeToString()
 
 
+def state_payload_of(tensor_messages: Iterable[bytes]) -> bytes:
+    """A serialised StatePayload of already serialised Tensor messages, without parsing them: each is
+    field 1, length-delimited (`PayloadReader` checks them as it checks any payload)."""
+    key = bytes([STATE_TENSORS << 3 | LENGTH_DELIMITED])
+    return b"".join(key + _varint_bytes(len(message)) + message for message in tensor_messages)
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 def chunk_stream(
     payload: bytes,
     run_id: str,
