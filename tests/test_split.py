@@ -4,6 +4,8 @@ gRPC server) trains as the uncut model does, and bad messages are refused while 
 import copy
 import dataclasses
 import re
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -379,6 +381,28 @@ def test_one_micro_batch_at_a_time(served):
         remote(inputs).sum().backward()
         with pytest.raises(SplitError, match="backward of step 1 after the forward of step 2"):
             earlier.backward()
+
+
+def test_a_client_whose_last_streams_the_server_still_counts_opens_its_next_one(served):
+    """A client may hold two streams; one whose earlier streams have not yet ended on the server is
+    refused at first, and its RemoteBody opens the stream again once they have."""
+    servicer, stub, channel = served
+    held = threading.Event()
+
+    def silent():
+        held.wait()
+        yield from ()
+
+    lingering = [stub.Exchange(silent()) for _ in range(2)]  # same channel: the same caller
+    deadline = time.monotonic() + 5
+    while servicer.guard.open_streams() < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    threading.Timer(0.2, held.set).start()  # the earlier streams end a moment later
+    with RemoteBody(channel, "run-1", "fp16") as remote:
+        output = remote(torch.randn(BATCH, SEQ, HIDDEN))
+    assert output.shape == (BATCH, SEQ, HIDDEN)
+    for call in lingering:
+        call.cancel()
 
 
 def test_the_body_trains_behind_frozen_client_layers(served):

@@ -4,6 +4,7 @@ with a split server."""
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -27,6 +28,10 @@ from edgefed.wire.channels import ClientTls, open_channel
 from edgefed.wire.framing import WireError, tensor_message, wire_size
 from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
+
+# Opening a stream while the server still counts this client's previous one (a client may hold two):
+# tries after the first, waiting OPEN_BACKOFF_S, then twice as long each time (about 3 s in all).
+OPEN_RETRIES, OPEN_BACKOFF_S = 6, 0.05
 
 
 def split_channel(
@@ -159,19 +164,27 @@ class RemoteBody(nn.Module):
             raise SplitError(
                 f"{what} is {size:.1f} MB, over the {limit:.1f} MB message limit; send smaller micro-batches"
             )
-        if self._stream is None:
-            self._stream = ExchangeStream(self.stub, self.metadata)
-        self._stream.requests.put(message)
-        self.bytes_sent += wire_size(message)
-        try:
-            reply = next(self._stream.replies)
-        except grpc.RpcError as error:
-            self.close()  # the call is over (the next forward opens another); this frees its sender
-            how = "is unreachable at" if error.code() == Code.UNAVAILABLE else "refused"
-            raise SplitError(f"split server {how} {what}: {error.details()}", error.code()) from None
-        except StopIteration:
-            self.close()
-            raise SplitError(f"split server closed the stream without answering {what}") from None
+        opening = self._stream is None
+        for attempt in range(OPEN_RETRIES + 1):
+            if self._stream is None:
+                self._stream = ExchangeStream(self.stub, self.metadata)
+            self._stream.requests.put(message)
+            self.bytes_sent += wire_size(message)
+            try:
+                reply = next(self._stream.replies)
+                break
+            except grpc.RpcError as error:
+                self.close()  # the call is over (the next forward opens another); this frees its sender
+                # A new stream refused for too many open ones: the server has yet to see this client's
+                # previous stream end (a client holds at most two). Wait a moment and open it again.
+                if opening and error.code() == Code.RESOURCE_EXHAUSTED and attempt < OPEN_RETRIES:
+                    time.sleep(OPEN_BACKOFF_S * 2**attempt)
+                    continue
+                how = "is unreachable at" if error.code() == Code.UNAVAILABLE else "refused"
+                raise SplitError(f"split server {how} {what}: {error.details()}", error.code()) from None
+            except StopIteration:
+                self.close()
+                raise SplitError(f"split server closed the stream without answering {what}") from None
         self.bytes_received += wire_size(reply)
         if reply.kind != answer or reply.step != message.step or not reply.HasField("tensor"):
             self.close()
