@@ -372,6 +372,10 @@ def validate(config: RunConfig) -> None:
     validate_multitask(config, method)
     if config.transport not in TRANSPORTS:
         raise EdgefedError(f"unknown transport '{config.transport}'; choose one of: {', '.join(TRANSPORTS)}")
+    if config.transport == "flower" and method.splits_model:
+        raise EdgefedError(
+            f"{config.method} trains its body over edgefed's Split service, which Flower does not carry"
+        )
     if config.min_clients is not None and config.min_clients > config.clients:
         raise EdgefedError(f"min-clients {config.min_clients} exceeds clients {config.clients}")
     if not 1024 <= config.chunk_bytes <= 4 << 20:

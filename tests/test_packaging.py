@@ -2,13 +2,13 @@
 
 from pathlib import Path
 
-import tomllib
+from edgefed.toml_io import parse_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_subpackage_is_listed_for_installation():
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    listed = set(parse_toml((ROOT / "pyproject.toml").read_text(), "pyproject.toml")["tool"]["setuptools"]["packages"])
     inits = (ROOT / "edgefed").rglob("__init__.py")
     found = {".".join(init.parent.relative_to(ROOT).parts) for init in inits}
     assert found - listed == set()

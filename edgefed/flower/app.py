@@ -74,10 +74,6 @@ def simulate(config: RunConfig, echo: Echo = print, resume: bool = False) -> dic
     """The run on Flower's Simulation Engine: a Ray actor per core, one SuperNode per client."""
     from flwr.simulation import run_simulation
 
-    if config.method == "fedbert":
-        raise EdgefedError(
-            "fedbert trains its body over edgefed's Split service, which Flower does not carry"
-        )
     outcome: dict = {}
     cpus = max(1, (os.cpu_count() or 1) // min(config.clients, os.cpu_count() or 1))
     run_simulation(
