@@ -12,6 +12,8 @@ STAMP  := $(VENV)/.edgefed-installed
 TORCH_CPU   ?= torch==2.13.0+cpu
 TORCH_CUDA  ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
+# What `make` installs beside edgefed itself (`make install EXTRAS=` for the package alone).
+EXTRAS ?= dev,demo,flower
 
 .PHONY: demo test lint install clean
 
@@ -37,6 +39,11 @@ $(STAMP): pyproject.toml
 	  if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
 	    echo "edgefed: reusing the torch already installed for $(PYTHON)"; \
 	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	    if ! $(PY) -c "import torch" >/dev/null 2>&1; then \
+	      : "$(PYTHON) is itself a virtual environment: its packages join the new one's path"; \
+	      $(PYTHON) -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))" \
+	        > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/edgefed-reused-torch.pth"; \
+	    fi; \
 	  else \
 	    $(PYTHON) -m venv $(VENV); \
 	  fi; \
@@ -48,8 +55,8 @@ $(STAMP): pyproject.toml
 	  $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$$spec"; \
 	fi; \
 	echo "torch==$$($(PY) -W ignore -c 'import torch; print(torch.__version__)' 2>/dev/null)" > $(VENV)/torch-constraint.txt; \
-	echo "edgefed: installing edgefed[dev,demo,flower] (torch pinned to $$(cat $(VENV)/torch-constraint.txt))"; \
-	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,demo,flower]"; \
+	echo "edgefed: installing edgefed$(if $(EXTRAS),[$(EXTRAS)]) (torch pinned to $$(cat $(VENV)/torch-constraint.txt))"; \
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e "$(if $(EXTRAS),.[$(EXTRAS)],.)"; \
 	touch $(STAMP)
 
 clean:

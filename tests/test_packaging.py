@@ -8,7 +8,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_subpackage_is_listed_for_installation():
-    listed = set(parse_toml((ROOT / "pyproject.toml").read_text(), "pyproject.toml")["tool"]["setuptools"]["packages"])
+    pyproject = parse_toml((ROOT / "pyproject.toml").read_text(), "pyproject.toml")
+    listed = set(pyproject["tool"]["setuptools"]["packages"])
     inits = (ROOT / "edgefed").rglob("__init__.py")
     found = {".".join(init.parent.relative_to(ROOT).parts) for init in inits}
     assert found - listed == set()

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 from edgefed import __version__
 from edgefed.cli.bench import add_bench_options, bench_command
+from edgefed.cli.client import add_client_options, client_command, read_bytes
 from edgefed.cli.options import add_config_option, add_run_options
 from edgefed.errors import EdgefedError, report_errors
-from edgefed.transport.auth import TOKEN_ENV
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,37 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     client = commands.add_parser(
         "client",
         help="join a federation served by `edgefed server` and train on local data",
-        description="Join a federation and train on this device's data; the data never leaves it.",
+        description="Join a federation and train on this device's data; the data never leaves it. Every "
+        "setting can also come from the environment (EDGEFED_<NAME>) or a TOML file (--config), so that "
+        "the client runs as a service (deploy/edgefed-client.service); SIGTERM stops it cleanly.",
+        allow_abbrev=False,  # `--token SECRET` must fail, not pass for --token-file
     )
-    client.add_argument("--server", required=True, help="HOST:PORT of the edgefed server")
-    client.add_argument(
-        "--data",
-        required=True,
-        metavar="PATH",
-        help="TSV/CSV/JSONL file (pre-training: also .txt, one document per line), or a folder with train.* "
-        "(a few-shot multi-task run: labels.txt, train.* and unlabeled.txt)",
-    )
-    client.add_argument(
-        "--name", default=socket.gethostname(), help="client id, stable across restarts (default: host name)"
-    )
-    client.add_argument("--token", help=f"bearer token (default: ${TOKEN_ENV})")
-    client.add_argument(
-        "--profile",
-        default="",
-        help="this device's profile (a name from `edgefed plan --list` or a file from `edgefed profile`); "
-        "the server plans what this client trains from it",
-    )
-    client.add_argument("--model", metavar="PATH", help="pre-trained model (default: the one the run names)")
-    client.add_argument("--tls-ca", metavar="FILE", help="PEM certificate(s) to trust: connect over TLS")
-    client.add_argument("--tls-cert", metavar="FILE", help="PEM certificate of this client (mutual TLS)")
-    client.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
-    client.add_argument("--threads", type=int, help="CPU threads for training (default: torch's)")
-    client.add_argument(
-        "--retry-s",
-        type=float,
-        default=120.0,
-        help="how long to retry an unreachable or busy server (default 120)",
-    )
+    add_client_options(client)
     profile = commands.add_parser(
         "profile",
         help="measure this machine and write its device profile",
@@ -210,45 +183,6 @@ def server_command(args: dict[str, Any]) -> int:
         split_port=split_port,
     )
     return 0
-
-
-def client_command(args: dict[str, Any]) -> int:
-    import torch
-
-    from edgefed.transport.grpc_client import GrpcClient
-    from edgefed.wire.channels import ClientTls
-
-    if args["threads"] is not None:
-        torch.set_num_threads(args["threads"])
-    if (args["tls_cert"] is None) != (args["tls_key"] is None):
-        raise EdgefedError("--tls-cert and --tls-key go together")
-    if args["tls_cert"] is not None and args["tls_ca"] is None:
-        raise EdgefedError("--tls-cert needs --tls-ca, the certificate(s) of the server to trust")
-    tls = None
-    if args["tls_ca"] is not None:
-        identity = (
-            (read_bytes(args["tls_key"]), read_bytes(args["tls_cert"])) if args["tls_cert"] else (None, None)
-        )
-        tls = ClientTls(read_bytes(args["tls_ca"]), *identity)
-    client = GrpcClient(
-        args["server"],
-        args["data"],
-        args["name"],
-        token=args["token"] or os.environ.get(TOKEN_ENV),
-        profile=args["profile"],
-        model=args["model"],
-        tls=tls,
-        retry_s=args["retry_s"],
-    )
-    client.run()
-    return 0
-
-
-def read_bytes(path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as error:
-        raise EdgefedError(f"{path}: {error.strerror}") from None
 
 
 def profile_command(args: dict[str, Any]) -> int:

@@ -1,12 +1,14 @@
 """`edgefed client`: join a Federation server, build the model it names, train the rounds it asks for.
 
 The client's data never leaves it. It survives a server restart: while the server is unreachable it
-retries (up to `retry_s`), and a server resumed from its checkpoint keeps the run id and the
-client's slot, so the client carries on from the round the server asks for.
+retries (up to `retry_s`, which may be infinite), and a server resumed from its checkpoint keeps the
+run id and the client's slot, so the client carries on from the round the server asks for. `stop`
+(SIGTERM, from `edgefed client`) ends it between rounds, or after the push it is making.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -76,15 +78,33 @@ class GrpcClient:
         self.run_id = ""
         self.finished = threading.Event()  # a heartbeat said DONE
         self.jitter = random.Random()
+        self.trained = 0
+        self.pushing: int | None = None  # the round whose update is on the wire
+        self.stopping: str | None = None  # why the client was asked to stop
+
+    def stop(self, reason: str) -> None:
+        """End the client (from a signal handler, on the main thread): a push on the wire is finished
+        first; anything else (training, fetching, waiting) is abandoned at once."""
+        self.stopping = reason
+        if self.pushing is None:
+            raise Stopped
 
     def run(self) -> int:
-        """Train every round the server asks for until it says DONE; returns the rounds trained."""
+        """Train every round the server asks for until it says DONE or the client is stopped; returns the
+        rounds trained."""
+        try:
+            self._serve()
+        except Stopped:
+            self.echo(f"edgefed: {self.client_id}: stopped by {self.stopping}; work in progress abandoned")
+        return self.trained
+
+    def _serve(self) -> None:
         joined = self._call(self.stub.Join, pb.JoinRequest(client_id=self.client_id, profile=self.profile))
         self.run_id = joined.run_id
         # Live from Join: the server hears from it while it reads its data and builds its model.
         threading.Thread(target=self._keep_alive, args=(joined.heartbeat_s,), daemon=True).start()
         self._build(joined)
-        trained, poll_s = 0, min(0.2, joined.heartbeat_s / 2)
+        poll_s = min(0.2, joined.heartbeat_s / 2)
         request = pb.HeartbeatRequest(run_id=self.run_id, client_id=self.client_id)
         while not self.finished.is_set():
             try:
@@ -94,11 +114,13 @@ class GrpcClient:
             if beat.action == pb.HeartbeatReply.DONE:
                 break
             if beat.action == pb.HeartbeatReply.TRAIN:
-                trained += self._train(beat.round)
+                self.trained += self._train(beat.round)
+                if self.stopping:
+                    self.echo(f"edgefed: {self.client_id}: stopped by {self.stopping} after its push")
+                    return
             else:
                 time.sleep(poll_s)
-        self.echo(f"edgefed: {self.client_id}: the run is finished ({trained} rounds trained)")
-        return trained
+        self.echo(f"edgefed: {self.client_id}: the run is finished ({self.trained} rounds trained)")
 
     def _build(self, joined: pb.JoinReply) -> None:
         config = config_from_text(joined.config_toml, f"{self.server} (the run's configuration)")
@@ -163,10 +185,14 @@ class GrpcClient:
             expected = Expected(self.run_id, round_number, self.shapes, self.client_id)
             state = parse_state(reassemble(chunks, expected)[0], LOSSLESS, expected)
             update = self.client.fit(round_number, {k: v.to(self.device) for k, v in state.items()})
-            self.stub.PushUpdate(
-                update.chunks(self.run_id, round_number, self.client_id, self.chunk_bytes),
-                metadata=self.metadata,
-            )
+            self.pushing = round_number
+            try:
+                self.stub.PushUpdate(
+                    update.chunks(self.run_id, round_number, self.client_id, self.chunk_bytes),
+                    metadata=self.metadata,
+                )
+            finally:
+                self.pushing = None
         except grpc.RpcError as error:
             if error.code() not in (*ROUND_REFUSALS, Code.UNAVAILABLE):
                 raise
@@ -186,12 +212,22 @@ class GrpcClient:
         while True:
             try:
                 if unary:
-                    return method(request, metadata=self.metadata, timeout=UNARY_TIMEOUT_S)
-                return method(request, metadata=self.metadata)
+                    reply = method(request, metadata=self.metadata, timeout=UNARY_TIMEOUT_S)
+                else:
+                    reply = method(request, metadata=self.metadata)
+                if failing_since is not None:
+                    self.echo(f"edgefed: {self.client_id}: server {self.server} answers again")
+                return reply
             except grpc.RpcError as error:
                 if error.code() in TRANSIENT and (unary or error.code() == Code.UNAVAILABLE):
                     if error.code() == Code.UNAVAILABLE and self.finished.is_set():
                         raise RunFinished from None  # the server stopped after saying DONE
+                    if failing_since is None:
+                        how_long = "forever" if math.isinf(self.retry_s) else f"for up to {self.retry_s:g} s"
+                        self.echo(
+                            f"edgefed: {self.client_id}: server {self.server} {error.code().name}; "
+                            f"trying again with backoff {how_long}"
+                        )
                     failing_since = failing_since or time.monotonic()
                     if time.monotonic() - failing_since > self.retry_s:
                         raise EdgefedError(
@@ -229,3 +265,7 @@ class GrpcClient:
 
 class RunFinished(Exception):
     """The server said DONE and stopped serving."""
+
+
+class Stopped(Exception):
+    """The client was asked to stop (`GrpcClient.stop`)."""
