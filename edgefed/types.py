@@ -78,6 +78,8 @@ class ClientUpdate:
     # The client's trained model on a held-out slice of its own labelled data (few-shot runs:
     # FewFedWeight's adaptive aggregation weighs clients by it); None: not measured.
     score: float | None = None
+    # Joules the device drew over its local round, from its power sensors; None: not measured.
+    energy_j: float | None = None
 
 
 @dataclass
@@ -146,6 +148,11 @@ class RoundMetrics:
     # the clients' held-out scores in `clients` order.
     task_accuracy: dict[str, float] | None = field(default=None, metadata=OPTIONAL)
     client_scores: list[float] | None = field(default=None, metadata=OPTIONAL)
+    # Each client's energy over its round in joules, in `clients` order, and where it comes from:
+    # "measured" (the device's power sensors) or "simulated" (its profile's power budget × its simulated
+    # round, edgefed/devices/clock.py); None where neither is known.
+    client_energy_j: list[float | None] | None = field(default=None, metadata=OPTIONAL)
+    client_energy_source: list[str | None] | None = field(default=None, metadata=OPTIONAL)
 
     def to_json(self) -> dict[str, Any]:
         """The metrics.jsonl record: every field, less optional ones that do not apply."""

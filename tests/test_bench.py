@@ -115,6 +115,11 @@ def test_a_reached_target_gives_rounds_time_and_bytes_up_to_that_round(grid_run)
         )
         assert result.bytes_to_target == sum(row.bytes_up + row.bytes_down for row in rounds[1 : first + 1])
         assert result.sequential_s == rounds[first].wall_s
+        # Energy: every client's simulated busy time at its device's power budget, rounds 1..first.
+        busy_s = sum(
+            sum(clocks[result.profile].replay(row, 0).client_s.values()) for row in rounds[1 : first + 1]
+        )
+        assert result.energy_to_target_j == pytest.approx(load_profile(result.profile).power_w * busy_s)
     maxn, low_power = cell_results(cell, rounds, target, clocks, 0)
     assert low_power.simulated_s > maxn.simulated_s  # 15 W is the slower clock
     assert maxn.wall_s == low_power.wall_s  # one training, one link: the same critical path

@@ -40,6 +40,9 @@ class CellResult:
     sequential_s: float | None  # this machine's own wall clock: clients in turn, evaluation included
     simulated_s: float | None  # critical path, SIMULATED on the clock's devices
     bytes_to_target: int | None
+    # SIMULATED joules over the clients' rounds to the target (each device's power budget × its simulated
+    # busy time); None when a device's profile has no power figure.
+    energy_to_target_j: float | None
     final_accuracy: float
     best_accuracy: float
     rounds_run: int
@@ -64,15 +67,19 @@ def cell_results(
     for name, clock in clocks.items():
         budget = clock.fleet.request.budget_s
         wall = simulated = 0.0
+        energy: float | None = 0.0
         traffic = 0
         reached = None
         for metrics in rounds:
             if metrics.round > 0:
                 wall += critical_path_s(metrics, clock.transfer_s)
-                simulated += clock.replay(metrics, default_steps).seconds
+                replayed = clock.replay(metrics, default_steps)
+                simulated += replayed.seconds
+                known = energy is not None and len(replayed.client_j) == len(replayed.client_s)
+                energy = energy + sum(replayed.client_j.values()) if known else None
                 traffic += metrics.bytes_up + metrics.bytes_down
             if metrics.accuracy >= target:
-                reached = (metrics.round, wall, metrics.wall_s, simulated, traffic)
+                reached = (metrics.round, wall, metrics.wall_s, simulated, traffic, energy)
                 break
         results.append(
             CellResult(
@@ -83,7 +90,7 @@ def cell_results(
                 cell.strategy,
                 name,
                 reached is not None,
-                *(reached if reached else (None,) * 5),
+                *(reached if reached else (None,) * 6),
                 final_accuracy=rounds[-1].accuracy,
                 best_accuracy=max(metrics.accuracy for metrics in rounds),
                 rounds_run=rounds[-1].round,

@@ -55,7 +55,9 @@ def summary_table(grid: Grid, results: list[CellResult]) -> list[str]:
     header = (
         ["partition", "method", "reached", "rounds", "wall s (critical path)"]
         + [f"SIMULATED s, {name}" for name in profiles]
-        + ["MB to target", "sequential s (this machine)", "final accuracy"]
+        + ["MB to target"]
+        + [f"SIMULATED kJ, {name}" for name in profiles]
+        + ["sequential s (this machine)", "final accuracy"]
     )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for partition in grid.partitions:
@@ -72,13 +74,20 @@ def summary_table(grid: Grid, results: list[CellResult]) -> list[str]:
             ]
             for name in profiles:
                 row.append(mean_sd([r.simulated_s for r in own if r.profile == name and r.reached]))
+            row.append(mean_sd([r.bytes_to_target / MB for r in hit]))
+            for name in profiles:
+                row.append(mean_sd(kilojoules(r for r in own if r.profile == name and r.reached), 3))
             row += [
-                mean_sd([r.bytes_to_target / MB for r in hit]),
                 mean_sd([r.sequential_s for r in hit]),
                 mean_sd([r.final_accuracy for r in on_first], 3),
             ]
             lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+def kilojoules(results) -> list[float]:
+    """The energies to target that are known, in kJ."""
+    return [r.energy_to_target_j / 1e3 for r in results if r.energy_to_target_j is not None]
 
 
 def cut_table(grid: Grid, results: list[CellResult]) -> list[str]:
@@ -131,7 +140,10 @@ CLOCKS = (
     "link: equal work gives equal simulated time whatever this machine's load (edgefed/devices/clock.py; "
     "never measured on a device). *wall* is measured: the training times on this machine plus the same "
     "transfers and the server's aggregation. *sequential* is this machine's own wall clock for the same "
-    "rounds, clients trained one after another and the server's evaluation included. Means ± standard "
+    "rounds, clients trained one after another and the server's evaluation included. *SIMULATED kJ* "
+    "is the energy over every participating client's rounds to the target: its device's power budget in "
+    "that power mode (the profile's [power] watts: an upper bound, training draws less) × its SIMULATED "
+    "busy time; a device's sensors measure it in a real fleet (`edgefed client`). Means ± standard "
     "deviation over the seeds that reached the target; *reached* counts them."
 )
 
@@ -186,7 +198,8 @@ def fleet_report(grid: Grid, results: list[CellResult], rounds: dict, anytime: l
 def fleet_table(grid: Grid, results: list[CellResult]) -> list[str]:
     header = [
         "partition", "method", "fleet", "strategy", "reached", "rounds", "SIMULATED s to target",
-        "MB to target", "final accuracy", "final accuracy per exit", "dropped", "slowed", "reduced",
+        "MB to target", "SIMULATED kJ to target", "final accuracy", "final accuracy per exit", "dropped",
+        "slowed", "reduced",
         "wall s (measured, this machine)",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -203,6 +216,7 @@ def fleet_table(grid: Grid, results: list[CellResult]) -> list[str]:
                     mean_sd([r.rounds_to_target for r in hit]),
                     mean_sd([r.simulated_s for r in hit]),
                     mean_sd([r.bytes_to_target / MB for r in hit]),
+                    mean_sd(kilojoules(hit), 3),
                     mean_sd([r.final_accuracy for r in own], 3),
                     " / ".join(f"{value:.3f}" for value in per_exit) or "–",
                     mean_sd([r.dropped for r in own], 0),

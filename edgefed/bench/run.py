@@ -150,6 +150,11 @@ def describe(result: CellResult) -> str:
         f"target reached at round {result.rounds_to_target}: {result.wall_s:.1f} s critical path on this "
         f"machine, {result.simulated_s:.1f} s SIMULATED on {result.profile}, "
         f"{result.bytes_to_target / MB:.1f} MB"
+        + (
+            ""
+            if result.energy_to_target_j is None
+            else f", {result.energy_to_target_j / 1e3:.3f} kJ SIMULATED"
+        )
     )
 
 

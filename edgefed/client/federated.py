@@ -92,6 +92,7 @@ class EncodedUpdate:
     steps: int
     train_s: float
     score: float | None = None
+    energy_j: float | None = None  # measured by the device's power sensors over the local round
 
     def chunks(
         self, run_id: str, round_number: int, client_id: str, chunk_bytes: int = CHUNK_BYTES
@@ -107,6 +108,7 @@ class EncodedUpdate:
             steps=self.steps,
             train_s=self.train_s,
             **({} if self.score is None else {"score": self.score}),
+            **({} if self.energy_j is None else {"energy_j": self.energy_j}),
         )
 
 

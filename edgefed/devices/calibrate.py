@@ -11,6 +11,8 @@ figures as is.
               total and usable memory from psutil (host) or the CUDA device; the framework's own footprint
     launch    a 16-element torch.add, per call (launch_us)
     link      not measurable without a peer: stated defaults, to be edited
+    power     on a Jetson, the power mode (`nvpmodel -q`), and its budget in watts when the mode's name
+              states it (MODE_30W); elsewhere none (energy per round is then measured or not reported)
 
 Every timing is the minimum over repetitions after a warm-up: the minimum is the least disturbed run,
 which matters on shared machines. Nothing here assumes temperature or battery sensors or cgroup files.
@@ -31,6 +33,7 @@ import psutil
 import torch
 from torch import nn
 
+from edgefed.devices.power import power_mode
 from edgefed.devices.profiles import GB, DeviceProfile, profile_toml
 from edgefed.errors import EdgefedError
 from edgefed.models import default_device
@@ -173,6 +176,10 @@ def measure_machine(
         # A CPU has no half-precision GEMM units torch would use for training; FP16 is no faster than FP32.
         fp16_tflops = fp32_tflops
 
+    mode = power_mode()  # a Jetson: the figures above hold in this mode only
+    if mode is not None:
+        calibration["nvpmodel_mode"], calibration["nvpmodel_number"] = mode.name, mode.number
+        echo(f"power mode (nvpmodel -q): {mode.name} (mode {mode.number})")
     total_gb = round(total / GB, 3)
     usable_gb = min(round(usable / GB, 3), total_gb)
     runtime_gb = max(round(runtime / GB, 3), 0.001)  # the parser accepts 0, but a process is never free
@@ -185,7 +192,7 @@ def measure_machine(
         name=profile_name,
         description=clean_text(description),
         accelerator="gpu" if device.type == "cuda" else "cpu",
-        power_mode="as measured",
+        power_mode=mode.name if mode else "as measured",
         fp32_tflops=fp32_tflops,
         fp16_tflops=fp16_tflops,
         compute_efficiency=1.0,
@@ -198,6 +205,7 @@ def measure_machine(
         uplink_mbps=DEFAULT_UPLINK_MBPS,
         downlink_mbps=DEFAULT_DOWNLINK_MBPS,
         latency_ms=DEFAULT_LATENCY_MS,
+        power_w=mode.watts if mode else None,  # the mode's budget where its name states it (MODE_30W)
         calibration=calibration,
     )
     echo(

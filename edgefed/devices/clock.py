@@ -6,6 +6,7 @@ for each client k that returned an update (the model of a step is edgefed/device
 
     client_k = steps_k · step_s(plan_k, profile_k) + profile_k.transfer_s(bytes down to k, bytes up from k)
     round    = max_k client_k, or the deadline when a `deadline` fleet dropped a client that missed it
+    energy_k = profile_k.power_w · client_k   (the power mode's budget: an upper bound; where it is known)
 
 The server's aggregation is not a device's work: it is in the measured columns (wall), not here. The
 round's critical path is its slowest client, so a straggler shows in simulated time-to-accuracy.
@@ -16,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgefed.devices.fleet import FleetPlans
+from edgefed.devices.power import simulated_energy_j
 from edgefed.types import RoundMetrics, RoundResult
 
 LABEL = "simulated device clock"
@@ -26,6 +28,7 @@ class SimulatedRound:
     seconds: float  # the round's critical path
     client_s: dict[int, float]  # each client's simulated compute plus transfer
     slowest: int | None
+    client_j: dict[int, float]  # each client's simulated energy, where its profile has a power figure
 
 
 class SimulatedClock:
@@ -75,4 +78,9 @@ class SimulatedClock:
         seconds = max(client_s.values(), default=0.0)
         if missed:  # the server waited for the deadline before giving up on the late clients
             seconds = max(seconds, self.fleet.request.budget_s)
-        return SimulatedRound(seconds, client_s, slowest)
+        client_j = {
+            client: energy
+            for client, busy_s in client_s.items()
+            if (energy := simulated_energy_j(self.fleet.profile_for(client).power_w, busy_s)) is not None
+        }
+        return SimulatedRound(seconds, client_s, slowest, client_j)

@@ -30,6 +30,9 @@ step times.
     downlink_mbps = 100.0
     latency_ms = 20.0
 
+    [power]                  # optional: the power mode's budget, for SIMULATED energy per round
+    watts = 60.0
+
     [calibration]            # optional: what `edgefed profile` measured
     ...
 """
@@ -69,6 +72,7 @@ class DeviceProfile:
     uplink_mbps: float
     downlink_mbps: float
     latency_ms: float
+    power_w: float | None = None  # the power mode's budget (simulated energy); None: not known
     calibration: dict[str, Any] = field(default_factory=dict, compare=False)
     source: str = field(default="", compare=False)  # the file it was read from
 
@@ -138,6 +142,12 @@ def parse_profile(text: str, origin: str) -> DeviceProfile:
             raise EdgefedError(f"{origin}: {key.replace('_', ' ')} is a share of the peak, at most 1")
     if values["usable_gb"] > values["total_gb"]:
         raise EdgefedError(f"{origin}: [memory] usable_gb exceeds total_gb")
+    power = raw.get("power")
+    if power is not None:
+        watts = power.get("watts") if isinstance(power, dict) else None
+        if isinstance(watts, bool) or not isinstance(watts, int | float) or not 0 < watts < math.inf:
+            raise EdgefedError(f"{origin}: [power] watts must be a positive number, got {watts!r}")
+        values["power_w"] = float(watts)
     calibration = raw.get("calibration", {})
     if not isinstance(calibration, dict):
         raise EdgefedError(f"{origin}: [calibration] must be a table")
@@ -175,6 +185,8 @@ def profile_toml(profile: DeviceProfile, header: str = "") -> str:
             lines += ["", f"[{section}]"]
             table = section
         lines.append(f"{key} = {toml_scalar(getattr(profile, name))}")
+    if profile.power_w is not None:
+        lines += ["", "[power]", f"watts = {toml_scalar(profile.power_w)}"]
     if profile.calibration:
         lines += ["", "[calibration]"]
         nested = []

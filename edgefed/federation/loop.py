@@ -20,7 +20,7 @@ from edgefed.devices.clock import SimulatedClock, SimulatedRound
 from edgefed.devices.planner import plan_record
 from edgefed.methods.base import LowRankPair, load_trainable_state, trainable_state
 from edgefed.transport.base import Transport
-from edgefed.types import Evaluation, RoundMetrics, RoundResult, State
+from edgefed.types import ClientUpdate, Evaluation, RoundMetrics, RoundResult, State
 
 # The global model on the evaluation set: accuracy, loss (and per-exit accuracy for early-exit models).
 Evaluator = Callable[[nn.Module], Evaluation]
@@ -167,6 +167,8 @@ class FederatedServer:
         updates = result.updates
         examples = sum(update.num_examples for update in updates)
         split_up, split_down = result.split_bytes or (None, None)
+        energy = [client_energy(update, simulated) for update in updates]
+        known = any(source is not None for _, source in energy)
         return RoundMetrics(
             round=round_number,
             accuracy=evaluation.accuracy,
@@ -192,7 +194,18 @@ class FederatedServer:
             split_bytes_down=split_down,
             task_accuracy=evaluation.task_accuracy,
             client_scores=scores if updates and None not in (scores := [u.score for u in updates]) else None,
+            client_energy_j=[joules for joules, _ in energy] if known else None,
+            client_energy_source=[source for _, source in energy] if known else None,
         )
+
+
+def client_energy(update: ClientUpdate, simulated: SimulatedRound | None) -> tuple[float | None, str | None]:
+    """A client's energy over the round: measured on its device, else simulated from its profile."""
+    if update.energy_j is not None:
+        return update.energy_j, "measured"
+    if simulated is not None and update.client_id in simulated.client_j:
+        return simulated.client_j[update.client_id], "simulated"
+    return None, None
 
 
 def carry_traffic(earlier: RoundResult, result: RoundResult) -> RoundResult:

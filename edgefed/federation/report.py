@@ -61,6 +61,7 @@ def finish_run(side: ServerSide, run_dir: Path, rounds: list[RoundMetrics], tota
             if (plan := side.fleet.plan(index)) is not None
         },
         "sim_s": last.sim_s,
+        "energy_j": energy_by_source(rounds),
         "bytes_up": sum(metrics.bytes_up for metrics in rounds),
         "bytes_down": sum(metrics.bytes_down for metrics in rounds),
         "split_bytes_up": sum(metrics.split_bytes_up or 0 for metrics in rounds),
@@ -129,11 +130,34 @@ def format_summary(summary: dict) -> str:
     if summary["sim_s"] is not None:
         profiles = ", ".join(summary["profiles"])
         lines.append(f"{summary['sim_s']:.1f} s on the SIMULATED device clock (profiles {profiles})")
+    if summary.get("energy_j"):
+        parts = {
+            "measured": "measured on the devices",
+            "simulated": "SIMULATED at the profiles' power budgets",
+        }
+        lines.append(
+            "energy over the clients' rounds: "
+            + ", ".join(
+                f"{joules / 1e3:.3f} kJ {parts[source]}" for source, joules in summary["energy_j"].items()
+            )
+        )
     lines.append(f"run directory: {summary['run_dir']}")
     if summary.get("task") == "masked-lm":
         result = summary["result_dir"]
         lines.append(f"pre-trained model: {result} (fine-tune it: edgefed run --model {result})")
     return "\n".join(lines)
+
+
+def energy_by_source(rounds: list[RoundMetrics]) -> dict[str, float]:
+    """Joules over all clients and rounds, by where they come from (measured, simulated)."""
+    totals: dict[str, float] = {}
+    for metrics in rounds:
+        for joules, source in zip(
+            metrics.client_energy_j or [], metrics.client_energy_source or [], strict=True
+        ):
+            if source is not None:
+                totals[source] = totals.get(source, 0.0) + joules
+    return totals
 
 
 def time_to_target(

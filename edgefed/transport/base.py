@@ -123,7 +123,7 @@ def checked_update(
     declared_examples: int | None = None,
 ) -> ClientUpdate:
     """An update from its checked tensors (PayloadReader.finish) and what it reports on its first chunk
-    (n_k, loss, steps, time, held-out score), checked too; raises WireError."""
+    (n_k, loss, steps, time, held-out score, measured energy), checked too; raises WireError."""
     encoded, decoded = tensors
     if first.num_examples <= 0 or first.steps <= 0:
         raise WireError("an update must report its examples and local steps (first chunk)")
@@ -137,6 +137,9 @@ def checked_update(
     score = first.score if first.HasField("score") else None
     if score is not None and not 0.0 <= score <= 1.0:
         raise WireError(f"an update's held-out score is an accuracy in [0, 1], got {score}")
+    energy_j = first.energy_j if first.HasField("energy_j") else None
+    if energy_j is not None and not 0.0 <= energy_j < math.inf:
+        raise WireError(f"an update's energy must be finite joules, not below 0, got {energy_j}")
     return ClientUpdate(
         client_index,
         EncodedDelta(encoded, codec, device, decoded),
@@ -145,4 +148,5 @@ def checked_update(
         first.steps,
         first.train_s,
         score,
+        energy_j,
     )

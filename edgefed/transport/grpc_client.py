@@ -21,6 +21,7 @@ from edgefed.client import build_worker
 from edgefed.config import config_from_text
 from edgefed.devices.fleet import scope_of_plan
 from edgefed.devices.planner import plan_from_text
+from edgefed.devices.power import open_meter
 from edgefed.errors import EdgefedError
 from edgefed.methods import trainable_state
 from edgefed.models import default_device, load_tokenizer, model_fingerprint, resolve_model_path
@@ -75,6 +76,7 @@ class GrpcClient:
         if token and tls is None and not is_loopback(server):
             echo(f"edgefed: warning: the bearer token travels to {server} in plaintext; pass --tls-ca")
         self.stub = pb_grpc.FederationStub(open_channel(server, tls, CHANNEL_MESSAGE_BYTES))
+        self.meter = open_meter(echo)  # the device's power sensors: energy per local round
         self.run_id = ""
         self.finished = threading.Event()  # a heartbeat said DONE
         self.jitter = random.Random()
@@ -184,7 +186,11 @@ class GrpcClient:
             chunks = self._call(lambda r, **kw: list(self.stub.FetchGlobal(r, **kw)), request)
             expected = Expected(self.run_id, round_number, self.shapes, self.client_id)
             state = parse_state(reassemble(chunks, expected)[0], LOSSLESS, expected)
+            if self.meter is not None:
+                self.meter.start()
             update = self.client.fit(round_number, {k: v.to(self.device) for k, v in state.items()})
+            if self.meter is not None:
+                update.energy_j = self.meter.stop()
             self.pushing = round_number
             try:
                 self.stub.PushUpdate(
@@ -201,6 +207,7 @@ class GrpcClient:
         self.echo(
             f"edgefed: {self.client_id}: round {round_number}: {update.steps} steps, loss "
             f"{update.train_loss:.4f}, {update.train_s:.1f} s, sent {len(update.payload) / 1e6:.2f} MB"
+            + ("" if update.energy_j is None else f", {update.energy_j:.1f} J ({self.meter.source})")
         )
         return 1
 
