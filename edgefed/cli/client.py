@@ -195,9 +195,9 @@ def client_command(args: dict[str, Any]) -> int:
     if settings["threads"] is not None:
         torch.set_num_threads(settings["threads"])
     if (settings["tls_cert"] is None) != (settings["tls_key"] is None):
-        raise EdgefedError("tls-cert and tls-key go together")
+        raise EdgefedError("--tls-cert and --tls-key go together")
     if settings["tls_cert"] is not None and settings["tls_ca"] is None:
-        raise EdgefedError("tls-cert needs tls-ca, the certificate(s) of the server to trust")
+        raise EdgefedError("--tls-cert needs --tls-ca, the certificate(s) of the server to trust")
     tls = None
     if settings["tls_ca"] is not None:
         identity = (

@@ -21,7 +21,7 @@ from edgefed.client import build_worker
 from edgefed.config import config_from_text
 from edgefed.devices.fleet import scope_of_plan
 from edgefed.devices.planner import plan_from_text
-from edgefed.devices.power import open_meter
+from edgefed.devices.power import EnergyMeter, open_meter
 from edgefed.errors import EdgefedError
 from edgefed.methods import trainable_state
 from edgefed.models import default_device, load_tokenizer, model_fingerprint, resolve_model_path
@@ -76,7 +76,7 @@ class GrpcClient:
         if token and tls is None and not is_loopback(server):
             echo(f"edgefed: warning: the bearer token travels to {server} in plaintext; pass --tls-ca")
         self.stub = pb_grpc.FederationStub(open_channel(server, tls, CHANNEL_MESSAGE_BYTES))
-        self.meter = open_meter(echo)  # the device's power sensors: energy per local round
+        self.meter: EnergyMeter | None = None  # the device's power sensors, found when it starts
         self.run_id = ""
         self.finished = threading.Event()  # a heartbeat said DONE
         self.jitter = random.Random()
@@ -94,6 +94,7 @@ class GrpcClient:
     def run(self) -> int:
         """Train every round the server asks for until it says DONE or the client is stopped; returns the
         rounds trained."""
+        self.meter = open_meter(self.echo)  # energy per local round, or one warning why not
         try:
             self._serve()
         except Stopped:
