@@ -54,7 +54,7 @@ $(STAMP): pyproject.toml
 	  echo "edgefed: installing $$spec"; \
 	  $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$$spec"; \
 	fi; \
-	echo "torch==$$($(PY) -W ignore -c 'import torch; print(torch.__version__)' 2>/dev/null)" > $(VENV)/torch-constraint.txt; \
+	echo "torch==$$($(PY) -c 'import importlib.metadata as m; print(m.version("torch"))')" > $(VENV)/torch-constraint.txt; \
 	echo "edgefed: installing edgefed$(if $(EXTRAS),[$(EXTRAS)]) (torch pinned to $$(cat $(VENV)/torch-constraint.txt))"; \
 	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e "$(if $(EXTRAS),.[$(EXTRAS)],.)"; \
 	touch $(STAMP)
