@@ -13,7 +13,7 @@ TORCH_CPU   ?= torch==2.13.0+cpu
 TORCH_CUDA  ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 # What `make` installs beside edgefed itself (`make install EXTRAS=` for the package alone).
-EXTRAS ?= dev,demo,flower
+EXTRAS ?= dev,demo,flower,ort
 
 .PHONY: demo test lint install clean
 

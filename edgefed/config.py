@@ -117,6 +117,12 @@ class RunConfig:
         "127.0.0.1) or flower (Flower's Simulation Engine on Ray, one SuperNode per client); the same "
         "metrics for the same seed",
     )
+    client_runtime: tuple[str, ...] = option(
+        ("torch",),
+        "what in-process clients train with: torch, or ort (ONNX Runtime training artifacts the server "
+        "makes once per run: lora and federa classifiers, pip install 'edgefed[ort]'); a list is taken in "
+        "turn (torch,ort: every other client)",
+    )
     min_clients: int | None = option(
         None, "connected clients a round needs, and updates it counts (default: all)"
     )
@@ -199,6 +205,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 TRANSPORTS = ("inproc", "grpc", "flower")
+RUNTIMES = ("torch", "ort")
+ORT_METHODS = ("lora", "federa")
 # Fields that hold comma-separated names, with an example for errors.
 LIST_EXAMPLES = {
     "target_modules": "query,value",
@@ -206,6 +214,7 @@ LIST_EXAMPLES = {
     "freeze": "embeddings,layers:0-1",
     "tasks": "data/mr,data/trec",
     "eval_tasks": "data/cr",
+    "client_runtime": "torch,ort",
 }
 FIELDS = {field.name: field for field in fields(RunConfig)}
 TYPES = typing.get_type_hints(RunConfig)
@@ -372,6 +381,7 @@ def validate(config: RunConfig) -> None:
     validate_multitask(config, method)
     if config.transport not in TRANSPORTS:
         raise EdgefedError(f"unknown transport '{config.transport}'; choose one of: {', '.join(TRANSPORTS)}")
+    validate_runtimes(config, method)
     if config.transport == "flower" and method.splits_model:
         raise EdgefedError(
             f"{config.method} trains its body over edgefed's Split service, which Flower does not carry"
@@ -392,6 +402,26 @@ def validate(config: RunConfig) -> None:
         raise EdgefedError(
             f"target-accuracy is a fraction in (0, 1] (0.85 for 85%), got {config.target_accuracy}"
         )
+
+
+def validate_runtimes(config: RunConfig, method) -> None:
+    unknown = sorted(set(config.client_runtime) - set(RUNTIMES))
+    if not config.client_runtime or unknown:
+        raise EdgefedError(f"unknown client-runtime {unknown[:1]}; choose from: {', '.join(RUNTIMES)}")
+    if "ort" not in config.client_runtime:
+        return
+    if config.method not in ORT_METHODS or method.task != "classification" or config.tasks:
+        raise EdgefedError(
+            f"client-runtime ort trains {' and '.join(ORT_METHODS)} classifiers, not {config.method} "
+            f"({method.task}{', multi-task' if config.tasks else ''})"
+        )
+    if config.transport != "inproc":
+        raise EdgefedError("client-runtime ort runs in-process clients: transport inproc")
+    if config.profiles:
+        raise EdgefedError("client-runtime ort trains the run's whole adapters: no device profiles")
+    from edgefed.ort import require_onnxruntime_training
+
+    require_onnxruntime_training()
 
 
 def validate_multitask(config: RunConfig, method) -> None:

@@ -45,11 +45,13 @@ class Worker:
         scope: Scope | None = None,
         remote_body: RemoteBody | None = None,
         on_step: StepHook = lambda round_number, client, loss: None,
+        trainer=None,
     ) -> FederatedClient:
         """Client `index` on this worker: its data, its plan (None: the run's settings) and, for split
         learning, its stream to the server's body. A few-shot client (FewShotExamples) trains on its
         labelled examples, pseudo-labels its pool as `pseudo-labels` says, and is scored on its held-out
-        slice."""
+        slice. `trainer`: what trains it, when not the worker's torch LocalTrainer (an ONNX Runtime one,
+        edgefed/ort/local.py)."""
         config = self.config
         pseudo = holdout = None
         if isinstance(examples, FewShotExamples):
@@ -63,7 +65,7 @@ class Worker:
         steps = local_steps(len(examples), batch_size, config.local_steps, config.local_epochs)
         return FederatedClient(
             index,
-            self.trainer,
+            trainer or self.trainer,
             examples,
             steps,
             config.seed,

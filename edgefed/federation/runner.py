@@ -30,7 +30,7 @@ from edgefed.federation.progress import StepProgress
 from edgefed.federation.recorder import Recorder
 from edgefed.federation.report import finish_run
 from edgefed.federation.setup import ServerSide, describe_fleet, prepare
-from edgefed.methods import count_trainable, load_trainable_state
+from edgefed.methods import count_trainable, load_trainable_state, trainable_state
 from edgefed.models import resolve_model_path
 from edgefed.split import InProcessSplitStub, RemoteBody, SplitSide
 from edgefed.transport.auth import TokenBook
@@ -54,7 +54,7 @@ def run(config: RunConfig, echo: Echo = print, resume: bool = False) -> dict:
 
     def transport(side, run_id, run_dir, roster, progress, log, split) -> Transport:
         if side.config.transport == "inproc":
-            return in_process_transport(side, run_id, progress.step, split)
+            return in_process_transport(side, run_id, progress.step, split, run_dir)
         return LoopbackFleet.start(
             run_description(side, run_id),
             side.task,
@@ -251,14 +251,30 @@ def run_description(side: ServerSide, run_id: str) -> RunDescription:
 
 
 def in_process_transport(
-    side: ServerSide, run_id: str, on_step: Callable[[int, int, float], None], split: SplitSide | None
+    side: ServerSide,
+    run_id: str,
+    on_step: Callable[[int, int, float], None],
+    split: SplitSide | None,
+    run_dir: Path,
 ) -> InProcessTransport:
     """The clients of a simulation, taking turns on one worker built only from the pre-trained files and
     the server's setup state, as a remote client builds it; each with its own shard and plan. With
-    `split`, each client reaches the server's body through its own stream to the Split servicer."""
+    `split`, each client reaches the server's body through its own stream to the Split servicer. With
+    client-runtime ort, the server makes ONNX Runtime training artifacts of the worker's model once
+    (<run>/ort/) and the clients it names train through them."""
     config = side.config
     base, _ = side.task.load_model(resolve_model_path(config.model), side.num_labels)
     worker = build_worker(config, base, side.spec.head_modules, side.device, side.setup)
+    runtimes = {"torch": None}
+    if "ort" in config.client_runtime:
+        from edgefed.ort.artifacts import write_artifacts
+        from edgefed.ort.local import OrtLocalTrainer
+
+        trainable = list(trainable_state(worker.model))
+        write_artifacts(worker.model, trainable, run_dir / "ort")
+        runtimes["ort"] = OrtLocalTrainer(
+            run_dir / "ort", trainable, worker.trainer.lr, config.batch_size, config.max_grad_norm
+        )
     settings = config.data_settings()
     clients = []
     for index, shard in enumerate(side.shards):
@@ -270,7 +286,8 @@ def in_process_transport(
             stub = InProcessSplitStub(split.servicer)
             remote_body = RemoteBody(stub, split.servicer.run_id, config.split_codec, client_name(index))
         scope = side.fleet.scope(plan) if plan else None
-        clients.append(worker.client(index, examples, plan, scope, remote_body, on_step))
+        runtime = runtimes[config.client_runtime[index % len(config.client_runtime)]]
+        clients.append(worker.client(index, examples, plan, scope, remote_body, on_step, runtime))
     return InProcessTransport(
         clients,
         side.setup,

@@ -1,0 +1,211 @@
+"""ONNX Runtime as a client's training runtime: artifacts made from the run's model, a local round that
+takes the torch round's steps, a device trainer without torch, and federations mixing both runtimes.
+
+The tiny BERT here has no dropout: the exported graph has none (edgefed/ort/artifacts.py), and with it
+a torch round and an ORT round see the same function."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime.training", reason="needs onnxruntime-training (edgefed[ort])")
+
+from edgefed.client import build_worker
+from edgefed.config import resolve_config
+from edgefed.data import shuffled_batches
+from edgefed.errors import EdgefedError
+from edgefed.methods import trainable_state
+from edgefed.models import load_tokenizer
+from edgefed.ort.artifacts import write_artifacts
+from edgefed.ort.local import OrtLocalTrainer, graph_inputs
+from edgefed.ort.trainer import OrtTrainer, UpdateRule
+from tests.tiny import tiny_bert_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def still_model_dir(tmp_path_factory, minilm_path) -> Path:
+    """The tests' tiny random BERT without dropout."""
+    from transformers import BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert-no-dropout")
+    torch.manual_seed(1234)
+    BertModel(tiny_bert_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).save_pretrained(
+        folder
+    )
+    load_tokenizer(minilm_path).save_pretrained(folder)
+    return folder
+
+
+def worker_and_examples(model_dir: Path, data_dir: Path, method: str):
+    config = resolve_config(
+        None, {"model": str(model_dir), "data": str(data_dir), "method": method, "lr": 0.01, "batch_size": 8}
+    )
+    task = config.task()
+    base, heads = task.load_model(str(model_dir), 2)
+    worker = build_worker(config, base, tuple(heads), torch.device("cpu"), None)
+    train, _ = task.load_data(config.data_settings())
+    examples = task.encode_client(train, load_tokenizer(str(model_dir)), 32, config.data_settings())
+    return config, worker, examples
+
+
+def perturbed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A global state away from the initial one (LoRA's B starts at zero, where A has no gradient)."""
+    generator = torch.Generator().manual_seed(5)
+    return {name: t + 0.01 * torch.randn(t.shape, generator=generator) for name, t in state.items()}
+
+
+@pytest.mark.parametrize("method", ["lora", "federa"])
+def test_an_ort_round_takes_the_steps_of_a_torch_round(still_model_dir, small_data_dir, tmp_path, method):
+    """Same global state, same batches: the ORT client's delta is the torch client's (AdamW with
+    clipping, as edgefed's LocalTrainer runs it), to float error."""
+    config, worker, examples = worker_and_examples(still_model_dir, small_data_dir, method)
+    trainable = list(trainable_state(worker.model))
+    files = write_artifacts(worker.model, trainable, tmp_path / "ort")
+    assert set(files) == {"training_model.onnx", "eval_model.onnx", "checkpoint"}
+    global_state = perturbed(trainable_state(worker.model))
+    ort = OrtLocalTrainer(tmp_path / "ort", trainable, worker.trainer.lr, 8, config.max_grad_norm)
+    ort_losses, torch_losses = [], []
+    ours = ort.fit(0, global_state, examples, 6, seed=3, on_step=ort_losses.append)
+    theirs = worker.trainer.fit(0, global_state, examples, 6, seed=3, on_step=torch_losses.append)
+    assert ort_losses == pytest.approx(torch_losses, abs=1e-5)
+    scale = max(float(t.abs().max()) for t in theirs.delta.values())
+    assert scale > 0.01  # the round moved the adapters
+    for name in trainable:
+        torch.testing.assert_close(ours.delta[name], theirs.delta[name], atol=2e-5, rtol=0)
+    assert (ours.num_examples, ours.steps) == (theirs.num_examples, theirs.steps)
+
+
+def test_sgd_through_ort_is_torch_sgd_to_float_error(still_model_dir, small_data_dir, tmp_path):
+    _, worker, examples = worker_and_examples(still_model_dir, small_data_dir, "lora")
+    trainable = list(trainable_state(worker.model))
+    write_artifacts(worker.model, trainable, tmp_path / "ort")
+    global_state = perturbed(trainable_state(worker.model))
+    generator = torch.Generator().manual_seed(11)
+    batches = [
+        examples.batch(indices, generator) for indices in shuffled_batches(len(examples), 8, 4, generator)
+    ]
+    trained = OrtTrainer(tmp_path / "ort", trainable, UpdateRule(0.05, "sgd", None)).fit(
+        {name: t.numpy() for name, t in global_state.items()}, [graph_inputs(b) for b in batches]
+    )
+    model = worker.model
+    model.load_state_dict(global_state, strict=False)
+    params = dict(model.named_parameters())
+    sgd = torch.optim.SGD([params[name] for name in trainable], lr=0.05)
+    model.train()
+    for batch in batches:
+        model(**batch).loss.backward()
+        sgd.step()
+        sgd.zero_grad()
+    for name in trainable:
+        expected = (params[name].detach() - global_state[name]).numpy()
+        np.testing.assert_allclose(trained.delta[name], expected, atol=1e-7, rtol=0)
+
+
+BLOCKER = """
+import sys
+for absent in ("torch", "transformers"):
+    sys.modules[absent] = None  # as if not installed: importing it fails, find_spec finds nothing
+"""
+
+
+def test_the_device_trainer_runs_without_torch_or_transformers(still_model_dir, small_data_dir, tmp_path):
+    """A process where torch and transformers cannot be imported trains a round from the artifacts
+    and numpy batches, and gets the delta the test process's torch round gets."""
+    _, worker, examples = worker_and_examples(still_model_dir, small_data_dir, "federa")
+    trainable = list(trainable_state(worker.model))
+    write_artifacts(worker.model, trainable, tmp_path / "ort")
+    global_state = perturbed(trainable_state(worker.model))
+    generator = torch.Generator().manual_seed(2)
+    batches = [
+        graph_inputs(examples.batch(i, generator)) for i in shuffled_batches(len(examples), 8, 3, generator)
+    ]
+    np.savez(tmp_path / "state.npz", **{name: t.numpy() for name, t in global_state.items()})
+    np.savez(tmp_path / "batches.npz", **{f"{k}:{n}": b[n] for k, b in enumerate(batches) for n in b})
+    script = (
+        BLOCKER
+        + f"""
+import json, numpy as np
+from pathlib import Path
+from edgefed.ort.trainer import OrtTrainer, UpdateRule
+folder = Path({str(tmp_path)!r})
+state = dict(np.load(folder / "state.npz"))
+packed = np.load(folder / "batches.npz")
+batches = [{{n.split(":")[1]: packed[n] for n in packed.files if n.startswith(f"{{k}}:")}} for k in range(3)]
+trainer = OrtTrainer(folder / "ort", {trainable!r}, UpdateRule({worker.trainer.lr}, "adamw", 1.0))
+trained = trainer.fit(state, batches)
+np.savez(folder / "delta.npz", **trained.delta)
+loaded = [m for m, module in sys.modules.items() if module is not None]
+print(json.dumps(sorted(m for m in loaded if m.split(".")[0] in ("torch", "transformers"))))
+"""
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+    delta = dict(np.load(tmp_path / "delta.npz"))
+    # The same trainer in this process, where torch is loaded (the round test ties it to torch's round).
+    here = OrtTrainer(tmp_path / "ort", trainable, UpdateRule(worker.trainer.lr, "adamw", 1.0)).fit(
+        {name: t.numpy() for name, t in global_state.items()}, batches
+    )
+    for name in trainable:
+        np.testing.assert_array_equal(delta[name], here.delta[name])
+
+
+def run_metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_federation_of_torch_and_ort_clients_computes_the_torch_one(
+    still_model_dir, small_data_dir, tmp_path
+):
+    from edgefed.federation.runner import run
+
+    common = {
+        "model": str(still_model_dir), "data": str(small_data_dir), "clients": 2, "rounds": 3,
+        "local_steps": 4, "batch_size": 8, "max_seq_len": 32, "method": "federa", "lr": 0.01,
+    }  # fmt: skip
+    for name, runtimes in (("torch", "torch"), ("mixed", "torch,ort"), ("ort", "ort")):
+        config = resolve_config(None, {**common, "client_runtime": runtimes, "out": str(tmp_path / name)})
+        run(config, echo=lambda line: None)
+    assert (tmp_path / "mixed" / "ort" / "training_model.onnx").is_file()
+    torch_rows = run_metrics(tmp_path / "torch")
+    for name in ("mixed", "ort"):
+        for ours, theirs in zip(run_metrics(tmp_path / name), torch_rows, strict=True):
+            assert ours["accuracy"] == pytest.approx(theirs["accuracy"], abs=0.011)  # one example of 100
+            assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-4)
+            assert ours["bytes_up"] == theirs["bytes_up"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"method": "fft"}, "client-runtime ort trains lora and federa classifiers, not fft"),
+        ({"transport": "grpc"}, "client-runtime ort runs in-process clients"),
+        ({"client_runtime": "torch,tensorflow"}, "unknown client-runtime ['tensorflow']"),
+    ],
+)
+def test_what_the_ort_runtime_does_not_do_is_one_clear_error(small_data_dir, overrides, expected):
+    with pytest.raises(EdgefedError) as error:
+        resolve_config(None, {"data": str(small_data_dir), "client_runtime": "ort", **overrides})
+    assert expected in str(error.value)
+
+
+def test_without_onnxruntime_training_the_ort_runtime_is_one_line_that_says_why(small_data_dir):
+    script = BLOCKER.replace('("torch", "transformers")', '("onnxruntime",)') + (
+        "from edgefed.cli import main\n"
+        f"sys.exit(main(['run', '--data', {str(small_data_dir)!r}, '--client-runtime', 'ort']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'edgefed[ort]'" in lines[0] and "x86-64 Linux" in lines[0]
