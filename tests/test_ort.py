@@ -209,3 +209,46 @@ def test_without_onnxruntime_training_the_ort_runtime_is_one_line_that_says_why(
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'edgefed[ort]'" in lines[0] and "x86-64 Linux" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("method", "outputs"), [("federa", ["logits"]), ("ee-adapter", ["exit_1", "exit_2"])]
+)
+def test_an_exported_run_answers_in_onnx_runtime_as_in_torch(
+    tiny_model_dir, small_data_dir, tmp_path, method, outputs
+):
+    """`edgefed export --onnx RUN`: ONNX Runtime's inference session gives torch's answers on texts
+    the export never saw, at other batch sizes and lengths; an early-exit run has every exit."""
+    import onnxruntime
+
+    from edgefed.cli import main
+    from edgefed.federation.setup import load_trained
+    from tests.test_run import tiny_run
+
+    run_dir = tiny_run(tmp_path, tiny_model_dir, small_data_dir, method=method, rounds=1)
+    assert main(["export", "--onnx", str(run_dir)]) == 0
+    session = onnxruntime.InferenceSession(str(run_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [output.name for output in session.get_outputs()] == outputs
+    model = load_trained(run_dir).eval()
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    texts = [
+        "a gripping , funny film",
+        "dull",
+        "it never quite finds its footing , but the cast is a joy to watch",
+    ]
+    batch = tokenizer(texts, padding=True, return_tensors="pt", return_token_type_ids=True)
+    answers = session.run(
+        outputs, {name: batch[name].numpy() for name in ("input_ids", "attention_mask", "token_type_ids")}
+    )
+    with torch.no_grad():
+        result = model(**batch)
+    expected = result.exit_logits if method == "ee-adapter" else (result.logits,)
+    for ours, theirs in zip(answers, expected, strict=True):
+        np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-4, rtol=0)
+
+
+def test_export_of_an_unfinished_run_is_one_clear_error(tmp_path, capsys):
+    from edgefed.cli import main
+
+    assert main(["export", "--onnx", str(tmp_path)]) == 2
+    assert "no summary.json; the run did not finish" in capsys.readouterr().err

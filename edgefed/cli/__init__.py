@@ -114,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--latency-ms", type=float, help="the latency budget per text, on --profile")
     predict.add_argument("--confidence", type=float, help="stop at the first exit this sure (0-1)")
     predict.add_argument("--input", metavar="FILE", help="texts, one per line (default: stdin)")
+    export = commands.add_parser(
+        "export",
+        help="write a finished run's model as an ONNX file that ONNX Runtime serves",
+        description="Export a finished run's model for inference with ONNX Runtime (which, unlike "
+        "training, has wheels for Linux on ARM). The file is kept only if ONNX Runtime's logits on the "
+        "run's own texts match torch's; an early-exit run has one output per exit.",
+    )
+    export.add_argument("--onnx", required=True, metavar="RUN", help="a finished run's folder")
+    export.add_argument("--out", metavar="FILE", help="where to write it (default RUN/model.onnx)")
     return parser
 
 
@@ -255,6 +264,34 @@ def predict_command(args: dict[str, Any]) -> int:
     return 0
 
 
+def export_command(args: dict[str, Any]) -> int:
+    from edgefed.config import resolve_config
+    from edgefed.federation.setup import load_trained
+    from edgefed.models import load_tokenizer, resolve_model_path
+
+    try:
+        import onnxruntime  # noqa: F401
+
+        from edgefed.ort.export import export_onnx
+    except ImportError as error:
+        raise EdgefedError(
+            f"export --onnx needs onnx and onnxruntime ({error}): pip install 'edgefed[ort]'"
+        ) from None
+    run_dir = Path(args["onnx"])
+    model = load_trained(run_dir)
+    config = resolve_config(str(run_dir / "config.toml"), {})
+    evaluation = config.task().load_data(config.data_settings())[1]
+    tokenizer = load_tokenizer(resolve_model_path(config.model))
+    sample = dict(
+        tokenizer(
+            list(evaluation.texts[:8]), truncation=True, max_length=config.max_seq_len, padding=True,
+            return_tensors="pt", return_token_type_ids=True,
+        )
+    )  # fmt: skip
+    export_onnx(model, sample, Path(args["out"]) if args["out"] else run_dir / "model.onnx")
+    return 0
+
+
 def read_lines(path: str | None):
     """Non-empty lines of a file or stdin, without their line ends."""
     try:
@@ -280,4 +317,5 @@ COMMANDS = {
     "profile": profile_command,
     "plan": plan_command,
     "predict": predict_command,
+    "export": export_command,
 }
