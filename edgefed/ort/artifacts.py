@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import copy
 import io
+import os
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,6 +34,24 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OPSET = 15
 ORT_IR_VERSION = 10
 ARTIFACT_FILES = (TRAINING_MODEL, EVAL_MODEL, CHECKPOINT)
+GENERATE_LOG = "generate.log"
+
+
+@contextmanager
+def stderr_to(path: Path) -> Iterator[None]:
+    """The process's stderr (file descriptor 2) into `path` for the block. ORT's gradient-graph builder
+    logs every graph rewrite there at info level, whatever its logger severity says; the log is kept
+    beside the artifacts. (Another thread's stderr in those seconds lands there too.)"""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with path.open("wb") as log:
+            os.dup2(log.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class Logits(nn.Module):
@@ -87,13 +108,14 @@ def write_artifacts(model: nn.Module, trainable: Sequence[str], folder: Path) ->
     if missing:
         raise ValueError(f"the exported graph lost trainable tensors: {missing[:3]}")
     folder.mkdir(parents=True, exist_ok=True)
-    artifacts.generate_artifacts(
-        exported_model,
-        requires_grad=[name for name in names if name in wanted],
-        frozen_params=[name for name in names if name not in wanted],
-        loss=artifacts.LossType.CrossEntropyLoss,
-        artifact_directory=str(folder),
-    )
+    with stderr_to(folder / GENERATE_LOG):
+        artifacts.generate_artifacts(
+            exported_model,
+            requires_grad=[name for name in names if name in wanted],
+            frozen_params=[name for name in names if name not in wanted],
+            loss=artifacts.LossType.CrossEntropyLoss,
+            artifact_directory=str(folder),
+        )
     for name in (TRAINING_MODEL, EVAL_MODEL):
         stamped = onnx.load(str(folder / name))
         stamped.ir_version = ORT_IR_VERSION
