@@ -212,6 +212,12 @@ BAD_UPDATES = {
     ),
     "no examples": (replace_tensor({}, num_examples=0), Code.INVALID_ARGUMENT, "must report its examples"),
     "NaN loss": (replace_tensor({}, train_loss=float("nan")), Code.INVALID_ARGUMENT, "must be finite"),
+    "negative energy": (replace_tensor({}, energy_j=-1.0), Code.INVALID_ARGUMENT, "energy must be finite"),
+    "infinite energy": (
+        replace_tensor({}, energy_j=float("inf")),
+        Code.INVALID_ARGUMENT,
+        "energy must be finite",
+    ),
     "truncated stream": (lambda: update_chunks(good_delta())[:-1], Code.INVALID_ARGUMENT, "truncated"),
     "chunks out of order": (
         lambda: update_chunks(good_delta())[::-1],

@@ -84,15 +84,22 @@ def test_an_ort_round_takes_the_steps_of_a_torch_round(still_model_dir, small_da
     assert (ours.num_examples, ours.steps) == (theirs.num_examples, theirs.steps)
 
 
-def test_sgd_through_ort_is_torch_sgd_to_float_error(still_model_dir, small_data_dir, tmp_path):
-    _, worker, examples = worker_and_examples(still_model_dir, small_data_dir, "lora")
+def exported_round(model_dir: Path, data_dir: Path, method: str, folder: Path, steps: int):
+    """A worker, the artifacts of its model in folder/ort, a perturbed global state and `steps` batches."""
+    _, worker, examples = worker_and_examples(model_dir, data_dir, method)
     trainable = list(trainable_state(worker.model))
-    write_artifacts(worker.model, trainable, tmp_path / "ort")
-    global_state = perturbed(trainable_state(worker.model))
+    write_artifacts(worker.model, trainable, folder / "ort")
     generator = torch.Generator().manual_seed(11)
     batches = [
-        examples.batch(indices, generator) for indices in shuffled_batches(len(examples), 8, 4, generator)
+        examples.batch(indices, generator) for indices in shuffled_batches(len(examples), 8, steps, generator)
     ]
+    return worker, trainable, perturbed(trainable_state(worker.model)), batches
+
+
+def test_sgd_through_ort_is_torch_sgd_to_float_error(still_model_dir, small_data_dir, tmp_path):
+    worker, trainable, global_state, batches = exported_round(
+        still_model_dir, small_data_dir, "lora", tmp_path, 4
+    )
     trained = OrtTrainer(tmp_path / "ort", trainable, UpdateRule(0.05, "sgd", None)).fit(
         {name: t.numpy() for name, t in global_state.items()}, [graph_inputs(b) for b in batches]
     )
@@ -120,14 +127,10 @@ for absent in ("torch", "transformers"):
 def test_the_device_trainer_runs_without_torch_or_transformers(still_model_dir, small_data_dir, tmp_path):
     """A process where torch and transformers cannot be imported trains a round from the artifacts
     and numpy batches, and gets the delta the test process's torch round gets."""
-    _, worker, examples = worker_and_examples(still_model_dir, small_data_dir, "federa")
-    trainable = list(trainable_state(worker.model))
-    write_artifacts(worker.model, trainable, tmp_path / "ort")
-    global_state = perturbed(trainable_state(worker.model))
-    generator = torch.Generator().manual_seed(2)
-    batches = [
-        graph_inputs(examples.batch(i, generator)) for i in shuffled_batches(len(examples), 8, 3, generator)
-    ]
+    worker, trainable, global_state, batches = exported_round(
+        still_model_dir, small_data_dir, "federa", tmp_path, 3
+    )
+    batches = [graph_inputs(batch) for batch in batches]
     np.savez(tmp_path / "state.npz", **{name: t.numpy() for name, t in global_state.items()})
     np.savez(tmp_path / "batches.npz", **{f"{k}:{n}": b[n] for k, b in enumerate(batches) for n in b})
     script = (

@@ -35,13 +35,12 @@ class OrtLocalTrainer:
         steps: int,
         seed: int,
         on_step: Callable[[float], None] = lambda loss: None,
-        scope=None,
-        exit_layer: int | None = None,
         batch_size: int | None = None,
-        pseudo=None,
-        holdout=None,
+        **narrowing,
     ) -> ClientUpdate:
-        if scope is not None or exit_layer is not None or pseudo is not None or holdout is not None:
+        """LocalTrainer.fit's round; `narrowing` (a plan's scope, an exit, pseudo labels, a held-out
+        slice) must all be None: the ORT runtime trains the run's whole adapters."""
+        if any(value is not None for value in narrowing.values()):
             raise EdgefedError("the ort runtime trains whole adapters: no plans, exits or pseudo labels")
         generator = torch.Generator().manual_seed(seed)
         batches = (
