@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         "profile",
         help="measure this machine and write its device profile",
         description="Measure this machine (cores and memory through psutil; timed forward and backward "
-        "of reference layers; memory bandwidth; operator overhead) and write a calibrated device profile.",
+        "of reference layers; memory bandwidth; operator overhead; on a Jetson, the power mode from "
+        "nvpmodel -q) and write a calibrated device profile.",
     )
     profile.add_argument("--out", metavar="FILE", help="write the profile here (default: print it)")
     profile.add_argument("--name", help="the profile's name (default measured-<host name>)")
