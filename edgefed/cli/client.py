@@ -134,8 +134,8 @@ def client_settings(flags: dict[str, Any], environ: dict[str, str]) -> dict[str,
         else:
             value = setting.default
         settings[setting.key] = value
-    settings["token"] = read_token(settings["token_file"]) if settings["token_file"] else None
-    settings["token"] = settings["token"] or environ.get(TOKEN_ENV) or None
+    token_file = settings["token_file"]
+    settings["token"] = read_token(token_file) if token_file else environ.get(TOKEN_ENV) or None
     return settings
 
 
