@@ -63,12 +63,19 @@ def agx_orin_sysfs(root: Path, readings: dict[str, tuple[int, int]] = BUSY, hwmo
 
 
 def set_readings(root: Path, readings: dict[str, tuple[int, int]]) -> None:
+    """New readings, each file replaced whole: a sysfs read never sees a half-written value, and the
+    meter samples while this runs."""
     for label_file in root.glob("bus/i2c/drivers/ina3221/*/hwmon/hwmon*/in*_label"):
         label = label_file.read_text().strip()
         if label in readings:
             channel = label_file.name.removeprefix("in").removesuffix("_label")
-            label_file.with_name(f"in{channel}_input").write_text(f"{readings[label][0]}\n")
-            label_file.with_name(f"curr{channel}_input").write_text(f"{readings[label][1]}\n")
+            for name, value in (
+                (f"in{channel}_input", readings[label][0]),
+                (f"curr{channel}_input", readings[label][1]),
+            ):
+                staged = label_file.with_name(name + ".new")
+                staged.write_text(f"{value}\n")
+                os.replace(staged, label_file.with_name(name))
 
 
 def test_the_agx_orin_rails_are_found_and_summed(tmp_path):
