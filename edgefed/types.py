@@ -36,6 +36,29 @@ class AdapterSpec:
         return self.alpha / self.rank
 
 
+class Pieces:
+    """Bytes that arrived split over several chunks, kept as views into those chunks: a receiver checks
+    them piece by piece and joins them (one copy) only when the tensor is first read."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: tuple[memoryview, ...]) -> None:
+        self.parts = parts
+        self.size = sum(len(part) for part in parts)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def join(self) -> memoryview:
+        """The bytes in one new writable buffer."""
+        joined = memoryview(bytearray(self.size))
+        position = 0
+        for part in self.parts:
+            joined[position : position + len(part)] = part
+            position += len(part)
+        return joined
+
+
 @dataclass(frozen=True)
 class EncodedTensor:
     """A tensor as a codec wrote it: name, shape and dtype beside the codec's byte fields, so the wire
@@ -46,10 +69,10 @@ class EncodedTensor:
     dtype: str  # the tensor's own dtype, restored by decoding
     codec: str
     # values: raw, fp16, int8, packed int4 or the kept top-k values; a received tensor's fields are views
-    # into its payload (edgefed.wire.framing)
-    data: bytes | memoryview
-    scales: bytes | memoryview = b""  # float32 per block (int8, int4)
-    indices: bytes | memoryview = b""  # int32 flat positions (top-k)
+    # into the chunks it arrived in, `Pieces` where it spans chunks (edgefed.wire.framing)
+    data: bytes | memoryview | Pieces
+    scales: bytes | memoryview | Pieces = b""  # float32 per block (int8, int4)
+    indices: bytes | memoryview | Pieces = b""  # int32 flat positions (top-k)
 
     @property
     def numel(self) -> int:

@@ -7,10 +7,14 @@ import pytest
 import torch
 
 from edgefed.codecs import encode_state, make_codec
+from edgefed.codecs.base import to_bytes
+from edgefed.types import Pieces
 from edgefed.wire.framing import (
+    ChunkView,
     Expected,
     WireError,
     chunk_stream,
+    parse_encoded,
     parse_state,
     reassemble,
     serialize_state,
@@ -64,6 +68,25 @@ def test_a_state_survives_chunking_with_every_codec(spec):
     }
     for name in values:
         assert torch.equal(decoded[name], reference[name])
+
+
+@pytest.mark.parametrize("chunk_bytes", [997, 1001, 1003])
+def test_received_tensors_stay_in_their_chunks_and_are_checked_across_chunk_edges(chunk_bytes):
+    codec, values = make_codec("none"), state()
+    raws = [chunk.SerializeToString() for chunk in stream(values, codec, chunk_bytes)]
+    payload, _ = reassemble(map(ChunkView, raws), expected_for(values))
+    encoded, _ = parse_encoded(payload, codec, expected_for(values))
+    lora = next(tensor for tensor in encoded if tensor.name == "lora_A")
+    assert isinstance(lora.data, Pieces) and len(lora.data.parts) > 1
+    assert all(any(part.obj is raw for raw in raws) for part in lora.data.parts)  # views, not copies
+    assert torch.equal(parse_state(payload, codec, expected_for(values))["lora_A"], values["lora_A"])
+
+    # A NaN in the value that a chunk edge splits in two is found.
+    start = serialize_state(encode_state(codec, values)).find(to_bytes(values["lora_A"]))
+    edge = next(k * chunk_bytes for k in range(1, 20) if (k * chunk_bytes - start) % 4)
+    poisoned = {**values, "lora_A": values["lora_A"].clone()}
+    poisoned["lora_A"].view(-1)[(edge - start) // 4] = float("nan")
+    refused(stream(poisoned, codec, chunk_bytes), expected_for(values), "NaN or Inf")
 
 
 def test_default_chunks_are_at_most_one_mebibyte():

@@ -13,7 +13,7 @@ import torch
 
 from edgefed.errors import EdgefedError
 from edgefed.registry import Registry
-from edgefed.types import EncodedTensor, State
+from edgefed.types import EncodedTensor, Pieces, State
 
 CODECS: Registry[Codec] = Registry("codec")
 DTYPES = {
@@ -69,7 +69,7 @@ def decode_state(codec: Codec, encoded: list[EncodedTensor]) -> State:
     return {item.name: codec.decode(item) for item in encoded}
 
 
-def expect_length(encoded: EncodedTensor, field: str, expected: int) -> bytes:
+def expect_length(encoded: EncodedTensor, field: str, expected: int) -> bytes | memoryview | Pieces:
     value = getattr(encoded, field)
     if len(value) != expected:
         raise ValueError(f"tensor {encoded.name}: {field} holds {len(value)} bytes, {expected} expected")
@@ -90,9 +90,12 @@ def to_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def from_bytes(data: bytes | memoryview, dtype: torch.dtype) -> torch.Tensor:
-    """A tensor over `data`: a view of a writable buffer (a received payload's), a copy of bytes."""
+def from_bytes(data: bytes | memoryview | Pieces, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor over `data`: a view of a writable buffer, else over a copy (received bytes are read-only
+    views into their chunks; the copy is the one a received tensor costs, made when it is first read)."""
     if not len(data):
         return torch.empty(0, dtype=dtype)
+    if isinstance(data, Pieces):
+        data = data.join()
     writable = isinstance(data, memoryview) and not data.readonly
     return torch.frombuffer(data if writable else bytearray(data), dtype=dtype)

@@ -8,26 +8,29 @@ shape and dtype against what is expected, finiteness, and the update's norm. A f
 
 The checksum guards against accidental corruption only (the sender computes it; the bearer token
 and TLS are what authenticate), so it is CRC32C, which hardware computes at memory speed, not a
-cryptographic hash. The receive path copies each byte once: the first chunk announces the payload's
-size, each chunk's data lands in one buffer of that size, and a received chunk's data and a
-payload's tensors are read as views into the bytes gRPC handed over (`ChunkView`, `split_fields`)
-rather than through protobuf, which copies every bytes field it parses.
+cryptographic hash. The receive path copies no tensor bytes: each chunk's data is a view into the
+bytes gRPC handed over (`ChunkView`), the payload is the sequence of those views (`Received`), and a
+tensor's bytes fields are views into it, `Pieces` of several where a field spans chunks
+(`split_fields`), read without protobuf, which copies every bytes field it parses. The checks read
+the pieces in place; a tensor is joined into one buffer (the one copy it costs) when it is first read.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import crc32c
-import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
 from edgefed.codecs import Codec
+from edgefed.codecs.base import dtype_of, expect_length
 from edgefed.kernels import dequantize_blockwise
-from edgefed.types import EncodedTensor
+from edgefed.types import EncodedTensor, Pieces
 from edgefed.wire.v1 import federation_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
@@ -58,8 +61,12 @@ def wire_size(message) -> int:
 
 
 def tensor_checksum(tensor: EncodedTensor) -> int:
-    """CRC32C of a tensor's data, scales and indices, in that order (field by field: no concatenation)."""
-    return crc32c.crc32c(tensor.indices, crc32c.crc32c(tensor.scales, crc32c.crc32c(tensor.data)))
+    """CRC32C of a tensor's data, scales and indices, in that order (piece by piece: no concatenation)."""
+    value = 0
+    for field in (tensor.data, tensor.scales, tensor.indices):
+        for part in field.parts if isinstance(field, Pieces) else (field,):
+            value = crc32c.crc32c(part, value)
+    return value
 
 
 def tensor_message(tensor: EncodedTensor) -> pb.Tensor:
@@ -110,17 +117,63 @@ def _varint(buffer: memoryview, position: int, limit: int) -> tuple[int, int] | 
     return None
 
 
-def field_at(buffer: memoryview, position: int, limit: int) -> tuple[int, int, int, int] | None:
+class Received:
+    """A payload as the views of the chunks it arrived in, in order (nothing copied)."""
+
+    __slots__ = ("parts", "size", "starts")
+
+    def __init__(self, parts: Iterable[memoryview] = ()) -> None:
+        self.parts: list[memoryview] = []
+        self.starts: list[int] = []
+        self.size = 0
+        for part in parts:
+            self.append(part)
+
+    def append(self, part: memoryview) -> None:
+        if len(part):
+            self.starts.append(self.size)
+            self.parts.append(part)
+            self.size += len(part)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def pieces(self, start: int, end: int) -> tuple[memoryview, ...]:
+        """The bytes [start, end) as views, one per chunk they lie in."""
+        out, index = [], bisect.bisect_right(self.starts, start) - 1
+        while start < end:
+            part, base = self.parts[index], self.starts[index]
+            stop = min(end, base + len(part))
+            out.append(part[start - base : stop - base])
+            start, index = stop, index + 1
+        return tuple(out)
+
+    def read(self, start: int, end: int) -> memoryview:
+        """The bytes [start, end): a view where they lie in one chunk, else a copy (for small fields)."""
+        pieces = self.pieces(start, min(end, self.size))
+        return pieces[0] if len(pieces) == 1 else memoryview(b"".join(pieces))
+
+    def field(self, start: int, end: int) -> memoryview | Pieces:
+        pieces = self.pieces(start, end)
+        return EMPTY if not pieces else pieces[0] if len(pieces) == 1 else Pieces(pieces)
+
+
+# The longest field header edgefed reads: a key and a length, 10-byte varints at most.
+HEADER_BYTES = 20
+
+
+def field_at(buffer: Received, position: int, limit: int) -> tuple[int, int, int, int] | None:
     """The field that starts at `position` — (number, wire type, value start, end) — or None when it
     does not end by `limit` (its bytes have not all arrived)."""
-    key = _varint(buffer, position, limit)
+    head = buffer.read(position, min(position + HEADER_BYTES, limit))
+    key = _varint(head, 0, len(head))
     if key is None:
         return None
     (number, wire), value = divmod(key[0], 8), key[1]
     if number == 0:
         raise WireError("a field numbered 0")
     if wire in (VARINT, LENGTH_DELIMITED):
-        parsed = _varint(buffer, value, limit)
+        parsed = _varint(head, value, len(head))
         if parsed is None:
             return None
         end = parsed[1] if wire == VARINT else parsed[1] + parsed[0]
@@ -129,31 +182,27 @@ def field_at(buffer: memoryview, position: int, limit: int) -> tuple[int, int, i
         end = value + (8 if wire == FIXED64 else 4)
     else:
         raise WireError(f"a field of wire type {wire}, which edgefed never sends")
-    return (number, wire, value, end) if end <= limit else None
+    return (number, wire, position + value, position + end) if position + end <= limit else None
 
 
-def fields(buffer: memoryview) -> Iterator[tuple[int, int, int, int, int]]:
-    """The top-level fields of a serialised message: (start, number, wire type, value start, end)."""
-    position = 0
-    while position < len(buffer):
-        field = field_at(buffer, position, len(buffer))
+def split_fields(
+    buffer: Received, start: int, end: int, wanted: frozenset[int]
+) -> tuple[bytes, dict[int, memoryview | Pieces]]:
+    """The `wanted` bytes fields of the message at [start, end) as views into `buffer`, and the rest of
+    its fields serialised (small: parse it with protobuf). A wanted field that appears twice is refused."""
+    rest, found = [], {}
+    while start < end:
+        field = field_at(buffer, start, end)
         if field is None:
             raise WireError("a message cut short")
-        yield position, *field
-        position = field[3]
-
-
-def split_fields(buffer: memoryview, wanted: frozenset[int]) -> tuple[bytes, dict[int, memoryview]]:
-    """A message's `wanted` bytes fields as views into `buffer`, and the rest of its fields serialised
-    (small: parse it with protobuf). A wanted field that appears twice is refused."""
-    rest, found = [], {}
-    for start, number, wire, value, end in fields(buffer):
+        number, wire, value, stop = field
         if number not in wanted:
-            rest.append(buffer[start:end])
+            rest.append(buffer.read(start, stop))
         elif wire != LENGTH_DELIMITED or number in found:
             raise WireError(f"field {number} is malformed or repeated")
         else:
-            found[number] = buffer[value:end]
+            found[number] = buffer.field(value, stop)
+        start = stop
     return b"".join(rest), found
 
 
@@ -171,7 +220,7 @@ class ChunkView:
 
     def __init__(self, raw: bytes) -> None:
         try:
-            rest, found = split_fields(memoryview(raw), frozenset({CHUNK_DATA}))
+            rest, found = split_fields(Received((memoryview(raw),)), 0, len(raw), frozenset({CHUNK_DATA}))
             self.header = pb.Chunk.FromString(rest)
         except (WireError, DecodeError) as error:
             raise WireError(f"a message that is not a Chunk ({error or 'undecodable'})") from None
@@ -232,12 +281,12 @@ def chunk_stream(
 def reassemble(
     chunks: Iterable[pb.Chunk | ChunkView],
     expected: Expected,
-    on_data: Callable[[memoryview, int], None] = lambda buffer, filled: None,
-) -> tuple[memoryview, pb.Chunk | ChunkView]:
-    """The payload (a view of the one buffer its chunks were copied into) and its first chunk (which
-    carries its size, n_k and the training loss). `on_data(buffer, filled)` after each chunk: the first
-    `filled` bytes are in (a PayloadReader checks what it can while the rest is on the wire)."""
-    buffer, first, size, count = None, None, 0, 0
+    on_data: Callable[[Received, int], None] = lambda buffer, filled: None,
+) -> tuple[Received, pb.Chunk | ChunkView]:
+    """The payload (the chunks' data, in order, not copied) and its first chunk (which carries its
+    size, n_k and the training loss). `on_data(payload, filled)` after each chunk: the first `filled`
+    bytes are in (a PayloadReader checks what it can while the rest is on the wire)."""
+    payload, first, total, count = Received(), None, 0, 0
     for chunk in chunks:
         if chunk.index != count:
             raise WireError(f"chunk {chunk.index} arrived where chunk {count} was due")
@@ -251,22 +300,22 @@ def reassemble(
             first, total = chunk, chunk.payload_bytes
             if not 0 <= total <= expected.max_bytes:
                 raise WireError(f"a payload of {total} bytes; the limit is {expected.max_bytes}")
-            buffer = memoryview(np.empty(total, dtype=np.uint8))  # not zero-filled: every byte is written
         data = chunk.data  # a view for a ChunkView; a copy for a parsed Chunk
-        if size + len(data) > len(buffer):
-            raise WireError(f"chunks carry more than the {len(buffer)} bytes the first one announced")
-        buffer[size : size + len(data)] = data
-        size += len(data)
+        if len(payload) + len(data) > total:
+            raise WireError(f"chunks carry more than the {total} bytes the first one announced")
+        payload.append(memoryview(data))
         count += 1
-        on_data(buffer, size)
+        on_data(payload, len(payload))
         if chunk.last:
-            if size != len(buffer):
-                raise WireError(f"stream ended after {size} of the {len(buffer)} bytes it announced")
-            return buffer, first
+            if len(payload) != total:
+                raise WireError(f"stream ended after {len(payload)} of the {total} bytes it announced")
+            return payload, first
     raise WireError(f"stream ended after {count} chunks without its last one (truncated)")
 
 
-def parse_state(payload: bytes | memoryview, codec: Codec, expected: Expected) -> dict[str, torch.Tensor]:
+def parse_state(
+    payload: bytes | memoryview | Received, codec: Codec, expected: Expected
+) -> dict[str, torch.Tensor]:
     """Decode and check every tensor; returns tensors on the CPU in their own dtypes."""
     encoded, decoded = parse_encoded(payload, codec, expected)
     return {item.name: decoded[item.name] if item.name in decoded else codec.decode(item) for item in encoded}
@@ -287,16 +336,19 @@ class PayloadReader:
         self.names: set[str] = set()
         self.squares = 0.0
 
-    def feed(self, buffer: memoryview, filled: int) -> None:
+    def feed(self, buffer: Received, filled: int) -> None:
         """Read every tensor that lies within the first `filled` bytes and has not been read."""
         while (field := self._next(buffer, filled)) is not None:
             _, _, value, end = field
-            self._check(self._tensor(buffer[value:end]))
+            self._check(self._tensor(buffer, value, end))
             self.position = end
 
-    def finish(self, payload: bytes | memoryview) -> tuple[list[EncodedTensor], dict[str, torch.Tensor]]:
+    def finish(
+        self, payload: bytes | memoryview | Received
+    ) -> tuple[list[EncodedTensor], dict[str, torch.Tensor]]:
         """The checked tensors, still encoded, and those the checks decoded; WireError when any is wrong."""
-        payload = memoryview(payload)
+        if not isinstance(payload, Received):
+            payload = Received((memoryview(payload),))
         self.feed(payload, len(payload))
         if self.position != len(payload):
             raise WireError("payload is not a StatePayload message (cut short)")
@@ -310,7 +362,7 @@ class PayloadReader:
             raise WireError(f"update norm {norm:.4g} over the bound {bound:.4g}")
         return self.tensors, self.decoded
 
-    def _next(self, buffer: memoryview, filled: int) -> tuple[int, int, int, int] | None:
+    def _next(self, buffer: Received, filled: int) -> tuple[int, int, int, int] | None:
         try:
             field = field_at(buffer, self.position, filled)
         except WireError as error:
@@ -320,9 +372,9 @@ class PayloadReader:
         return field
 
     @staticmethod
-    def _tensor(message: memoryview) -> EncodedTensor:
+    def _tensor(buffer: Received, start: int, end: int) -> EncodedTensor:
         try:
-            rest, found = split_fields(message, TENSOR_BYTES)
+            rest, found = split_fields(buffer, start, end, TENSOR_BYTES)
             header = pb.Tensor.FromString(rest)
         except (WireError, DecodeError) as error:
             raise WireError(f"payload is not a StatePayload message ({error or 'undecodable'})") from None
@@ -359,7 +411,7 @@ class PayloadReader:
 
 
 def parse_encoded(
-    payload: bytes | memoryview, codec: Codec, expected: Expected
+    payload: bytes | memoryview | Received, codec: Codec, expected: Expected
 ) -> tuple[list[EncodedTensor], dict[str, torch.Tensor]]:
     """Check every tensor (names, shapes, dtypes, codec, CRC32C, finite values, the norm bound) and
     return them still encoded: a server aggregates quantised deltas without decoding them. The second
@@ -377,9 +429,36 @@ def squares_of(codec: Codec, encoded: EncodedTensor) -> tuple[float, torch.Tenso
         q, scales = quantized
         per_block = dequantize_blockwise(q, torch.ones_like(scales)).double().view(scales.numel(), -1)
         return float((per_block.square().sum(dim=1) * scales.double().square()).sum()), None
+    if codec.lossless:  # the values are the bytes: read them in place, decode when first used
+        dtype = dtype_of(encoded)
+        data = expect_length(encoded, "data", encoded.numel * dtype.itemsize)
+        return sum(_squares(values) for values in _values(data, dtype)), None
     value = codec.decode(encoded)
-    flat = value.reshape(-1).float()
+    return _squares(value.reshape(-1)), value
+
+
+def _squares(values: torch.Tensor) -> float:
+    flat = values.float()
     square_sum = float(torch.dot(flat, flat))  # one BLAS pass; NaN and Inf propagate into it
     if math.isinf(square_sum) and bool(torch.isfinite(flat).all()):
         square_sum = float(flat.double().square().sum())  # finite, but squares beyond float32
-    return square_sum, value
+    return square_sum
+
+
+def _values(data: bytes | memoryview | Pieces, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """The values in `data`, as read-only tensors over each piece (never written to); a value split
+    between two pieces is copied whole."""
+    carry = b""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that the received bytes are not writable
+        for part in data.parts if isinstance(data, Pieces) else (data,):
+            if carry:
+                split = dtype.itemsize - len(carry)
+                carry, part = carry + bytes(part[:split]), part[split:]
+                if len(carry) == dtype.itemsize:
+                    yield torch.frombuffer(bytearray(carry), dtype=dtype)
+                    carry = b""
+            whole = len(part) // dtype.itemsize * dtype.itemsize
+            if whole:
+                yield torch.frombuffer(part[:whole], dtype=dtype)
+            carry += bytes(part[whole:])
