@@ -49,6 +49,11 @@ class Pieces:
     def __len__(self) -> int:
         return self.size
 
+    @staticmethod
+    def of(field: bytes | memoryview | Pieces) -> tuple[bytes | memoryview, ...]:
+        """A bytes field's parts, in order: its pieces, or the field itself."""
+        return field.parts if isinstance(field, Pieces) else (field,)
+
     def join(self) -> memoryview:
         """The bytes in one new writable buffer."""
         joined = memoryview(bytearray(self.size))

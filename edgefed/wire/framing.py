@@ -64,7 +64,7 @@ def tensor_checksum(tensor: EncodedTensor) -> int:
     """CRC32C of a tensor's data, scales and indices, in that order (piece by piece: no concatenation)."""
     value = 0
     for field in (tensor.data, tensor.scales, tensor.indices):
-        for part in field.parts if isinstance(field, Pieces) else (field,):
+        for part in Pieces.of(field):
             value = crc32c.crc32c(part, value)
     return value
 
@@ -446,19 +446,23 @@ def _squares(values: torch.Tensor) -> float:
 
 
 def _values(data: bytes | memoryview | Pieces, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    """The values in `data`, as read-only tensors over each piece (never written to); a value split
+    """The values in `data`, as tensors over each piece (read only: never written to); a value split
     between two pieces is copied whole."""
     carry = b""
-    with warnings.catch_warnings():
+    for part in Pieces.of(data):
+        if carry:
+            split = dtype.itemsize - len(carry)
+            carry, part = carry + bytes(part[:split]), part[split:]
+            if len(carry) == dtype.itemsize:
+                yield torch.frombuffer(bytearray(carry), dtype=dtype)
+                carry = b""
+        whole = len(part) // dtype.itemsize * dtype.itemsize
+        if whole:
+            yield _read_only(part[:whole], dtype)
+        carry += bytes(part[whole:])
+
+
+def _read_only(part: bytes | memoryview, dtype: torch.dtype) -> torch.Tensor:
+    with warnings.catch_warnings():  # scoped to the call: the filters are the process's, not a thread's
         warnings.simplefilter("ignore")  # torch warns that the received bytes are not writable
-        for part in data.parts if isinstance(data, Pieces) else (data,):
-            if carry:
-                split = dtype.itemsize - len(carry)
-                carry, part = carry + bytes(part[:split]), part[split:]
-                if len(carry) == dtype.itemsize:
-                    yield torch.frombuffer(bytearray(carry), dtype=dtype)
-                    carry = b""
-            whole = len(part) // dtype.itemsize * dtype.itemsize
-            if whole:
-                yield torch.frombuffer(part[:whole], dtype=dtype)
-            carry += bytes(part[whole:])
+        return torch.frombuffer(part, dtype=dtype)
