@@ -40,7 +40,8 @@ from edgefed.config import RunConfig
 from edgefed.methods import METHODS, AdapterSpec, trainable_state
 from edgefed.models import load_classifier, resolve_model_path
 from edgefed.transport.base import state_payload
-from edgefed.transport.grpc_server import MESSAGE_HEADROOM, FederationServicer, GrpcTransport, RunDescription
+from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, RunDescription
+from edgefed.wire.channels import MESSAGE_HEADROOM
 from edgefed.wire.framing import (
     CHUNK_BYTES,
     ChunkView,

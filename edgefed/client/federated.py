@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 
 from edgefed.client.training import LocalTrainer
 from edgefed.codecs import Codec, ErrorFeedback
@@ -13,8 +12,7 @@ from edgefed.scope import Scope
 from edgefed.split import RemoteBody
 from edgefed.tasks.pseudo import PseudoLabels
 from edgefed.types import State
-from edgefed.wire.framing import CHUNK_BYTES, chunk_stream, serialize_state
-from edgefed.wire.v1 import federation_pb2 as pb
+from edgefed.wire.framing import EncodedUpdate, serialize_state
 
 
 class FederatedClient:
@@ -81,34 +79,6 @@ class FederatedClient:
             update.steps,
             update.train_s,
             update.score,
-        )
-
-
-@dataclass
-class EncodedUpdate:
-    payload: bytes  # a serialised StatePayload of the encoded delta
-    num_examples: int
-    train_loss: float
-    steps: int
-    train_s: float
-    score: float | None = None
-    energy_j: float | None = None  # measured by the device's power sensors over the local round
-
-    def chunks(
-        self, run_id: str, round_number: int, client_id: str, chunk_bytes: int = CHUNK_BYTES
-    ) -> Iterator[pb.Chunk]:
-        return chunk_stream(
-            self.payload,
-            run_id,
-            round_number,
-            client_id,
-            chunk_bytes,
-            num_examples=self.num_examples,
-            train_loss=self.train_loss,
-            steps=self.steps,
-            train_s=self.train_s,
-            **({} if self.score is None else {"score": self.score}),
-            **({} if self.energy_j is None else {"energy_j": self.energy_j}),
         )
 
 

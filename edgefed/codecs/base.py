@@ -6,12 +6,16 @@ format (protobuf, never pickle) maps it field by field; `nbytes` is what it cost
 
 from __future__ import annotations
 
+import math
+import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
 
 from edgefed.errors import EdgefedError
+from edgefed.kernels import dequantize_blockwise
 from edgefed.registry import Registry
 from edgefed.types import EncodedTensor, Pieces, State
 
@@ -45,6 +49,24 @@ class Codec(ABC):
         """(q, scales) in `edgefed.kernels.quantize_blockwise`'s format, which `weighted_sum` dequantises
         on the fly, without decoding; None for codecs without that form. ValueError as `decode`."""
         return None
+
+    def square_sum(self, encoded: EncodedTensor) -> tuple[float, torch.Tensor | None]:
+        """Σ x² over a tensor's values (NaN or Inf when a value is not finite), and the decoded tensor
+        when decoding was needed for it. A quantised tensor's sum comes from its q and scales,
+        Σ_b scale_b²·Σ q², in float64 and without decoding: its q are finite by construction, so its
+        values are when its scales are. A lossless tensor's values are its bytes, read in place (decoded
+        when first used). ValueError when the fields do not fit the shape."""
+        quantized = self.quantized(encoded)
+        if quantized is not None:
+            q, scales = quantized
+            per_block = dequantize_blockwise(q, torch.ones_like(scales)).double().view(scales.numel(), -1)
+            return float((per_block.square().sum(dim=1) * scales.double().square()).sum()), None
+        if self.lossless:
+            dtype = dtype_of(encoded)
+            data = expect_length(encoded, "data", encoded.numel * dtype.itemsize)
+            return sum(_squares(values) for values in _values(data, dtype)), None
+        value = self.decode(encoded)
+        return _squares(value.reshape(-1)), value
 
 
 def make_codec(spec: str) -> Codec:
@@ -99,3 +121,34 @@ def from_bytes(data: bytes | memoryview | Pieces, dtype: torch.dtype) -> torch.T
         data = data.join()
     writable = isinstance(data, memoryview) and not data.readonly
     return torch.frombuffer(data if writable else bytearray(data), dtype=dtype)
+
+
+def _squares(values: torch.Tensor) -> float:
+    flat = values.float()
+    square_sum = float(torch.dot(flat, flat))  # one BLAS pass; NaN and Inf propagate into it
+    if math.isinf(square_sum) and bool(torch.isfinite(flat).all()):
+        square_sum = float(flat.double().square().sum())  # finite, but squares beyond float32
+    return square_sum
+
+
+def _values(data: bytes | memoryview | Pieces, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """The values in `data`, as tensors over each piece (read only: never written to); a value split
+    between two pieces is copied whole."""
+    carry = b""
+    for part in Pieces.of(data):
+        if carry:
+            split = dtype.itemsize - len(carry)
+            carry, part = carry + bytes(part[:split]), part[split:]
+            if len(carry) == dtype.itemsize:
+                yield torch.frombuffer(bytearray(carry), dtype=dtype)
+                carry = b""
+        whole = len(part) // dtype.itemsize * dtype.itemsize
+        if whole:
+            yield _read_only(part[:whole], dtype)
+        carry += bytes(part[whole:])
+
+
+def _read_only(part: bytes | memoryview, dtype: torch.dtype) -> torch.Tensor:
+    with warnings.catch_warnings():  # scoped to the call: the filters are the process's, not a thread's
+        warnings.simplefilter("ignore")  # torch warns that the received bytes are not writable
+        return torch.frombuffer(part, dtype=dtype)

@@ -28,8 +28,7 @@ from edgefed.models import default_device, load_tokenizer, model_fingerprint, re
 from edgefed.split import RemoteBody, split_channel
 from edgefed.transport.auth import bearer_metadata
 from edgefed.transport.base import LOSSLESS, state_shapes
-from edgefed.transport.grpc_server import MESSAGE_HEADROOM
-from edgefed.wire.channels import ClientTls, is_loopback, open_channel
+from edgefed.wire.channels import MESSAGE_HEADROOM, ClientTls, is_loopback, open_channel
 from edgefed.wire.framing import Expected, parse_state, reassemble
 from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc

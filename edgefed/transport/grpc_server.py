@@ -42,7 +42,7 @@ from edgefed.transport.base import (
     receive_update,
 )
 from edgefed.types import ClientUpdate, RoundResult, State
-from edgefed.wire.channels import ServerTls, start_server
+from edgefed.wire.channels import MESSAGE_HEADROOM, ServerTls, start_server
 from edgefed.wire.framing import ChunkView, Expected, WireError, chunk_stream, wire_size
 from edgefed.wire.streams import STREAM_IDLE_S, StreamGuard
 from edgefed.wire.text import printable
@@ -50,8 +50,6 @@ from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
 
 MISSED_HEARTBEATS = 3
-# Room above the chunk size for a chunk's other fields; anything larger is refused by gRPC itself.
-MESSAGE_HEADROOM = 64 << 10
 # A Join or Heartbeat request holds ids and a profile name; anything larger is refused.
 SMALL_MESSAGE_BYTES = 4 << 10
 # Refusal messages (which quote what the client sent) are cut to this length in the log and the status.

@@ -15,6 +15,13 @@ from edgefed.errors import EdgefedError
 KEEPALIVE_S = 20
 KEEPALIVE_TIMEOUT_S = 10
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
+# Room above the chunk size for a chunk's other fields; anything larger is refused by gRPC itself.
+MESSAGE_HEADROOM = 64 << 10
+# What a server lets a stream send before it has read any of it: a fixed HTTP/2 window instead of the one
+# gRPC's bandwidth-delay probing grows (to many MB per stream on a fast link), so that a caller refused
+# for its token leaves the server holding at most this per stream. One chunk's worth: per-stream
+# throughput is at most this per round trip (1 MiB over a 50 ms WAN: 20 MB/s).
+SERVER_STREAM_WINDOW = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,11 @@ def start_server(
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix=thread_prefix),
         interceptors=list(interceptors),
-        options=message_options(max_message_bytes),
+        options=[
+            *message_options(max_message_bytes),
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", SERVER_STREAM_WINDOW),
+        ],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     for add in services:

@@ -19,17 +19,13 @@ from __future__ import annotations
 
 import bisect
 import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import crc32c
-import torch
 from google.protobuf.message import DecodeError
 
-from edgefed.codecs import Codec
-from edgefed.codecs.base import dtype_of, expect_length
-from edgefed.kernels import dequantize_blockwise
 from edgefed.types import EncodedTensor, Pieces
 from edgefed.wire.v1 import federation_pb2 as pb
 
@@ -41,6 +37,20 @@ GRPC_PREFIX_BYTES = 5
 
 class WireError(Exception):
     """A message that breaks the protocol; nothing from it has been applied."""
+
+
+class CheckingCodec(Protocol):
+    """What reading a payload needs of a codec (edgefed.codecs.Codec on torch; the torch-free device
+    runtime's numpy codecs, edgefed/ort/arrays.py): this module imports neither."""
+
+    @property
+    def spec(self) -> str: ...
+
+    def decode(self, encoded: EncodedTensor) -> Any: ...
+
+    def square_sum(self, encoded: EncodedTensor) -> tuple[float, Any]:
+        """Σ x² over the tensor's values (NaN or Inf when one is not finite), and the decoded tensor when
+        the sum needed it (else None); ValueError when its fields do not fit its shape."""
 
 
 @dataclass(frozen=True)
@@ -278,6 +288,34 @@ def chunk_stream(
         )
 
 
+@dataclass
+class EncodedUpdate:
+    payload: bytes  # a serialised StatePayload of the encoded delta
+    num_examples: int
+    train_loss: float
+    steps: int
+    train_s: float
+    score: float | None = None
+    energy_j: float | None = None  # measured by the device's power sensors over the local round
+
+    def chunks(
+        self, run_id: str, round_number: int, client_id: str, chunk_bytes: int = CHUNK_BYTES
+    ) -> Iterator[pb.Chunk]:
+        return chunk_stream(
+            self.payload,
+            run_id,
+            round_number,
+            client_id,
+            chunk_bytes,
+            num_examples=self.num_examples,
+            train_loss=self.train_loss,
+            steps=self.steps,
+            train_s=self.train_s,
+            **({} if self.score is None else {"score": self.score}),
+            **({} if self.energy_j is None else {"energy_j": self.energy_j}),
+        )
+
+
 def reassemble(
     chunks: Iterable[pb.Chunk | ChunkView],
     expected: Expected,
@@ -314,9 +352,10 @@ def reassemble(
 
 
 def parse_state(
-    payload: bytes | memoryview | Received, codec: Codec, expected: Expected
-) -> dict[str, torch.Tensor]:
-    """Decode and check every tensor; returns tensors on the CPU in their own dtypes."""
+    payload: bytes | memoryview | Received, codec: CheckingCodec, expected: Expected
+) -> dict[str, Any]:
+    """Decode and check every tensor; returns them as the codec decodes them (torch tensors on the CPU in
+    their own dtypes, or numpy arrays)."""
     encoded, decoded = parse_encoded(payload, codec, expected)
     return {item.name: decoded[item.name] if item.name in decoded else codec.decode(item) for item in encoded}
 
@@ -327,11 +366,11 @@ class PayloadReader:
     finite values — as soon as its last byte is in, while later chunks are still on the wire; `finish`
     checks the whole (every expected name once, none missing, the norm bound)."""
 
-    def __init__(self, codec: Codec, expected: Expected) -> None:
+    def __init__(self, codec: CheckingCodec, expected: Expected) -> None:
         self.codec, self.expected = codec, expected
         self.position = 0  # where the next unread top-level field starts
         self.tensors: list[EncodedTensor] = []
-        self.decoded: dict[str, torch.Tensor] = {}  # tensors the checks had to decode, by name
+        self.decoded: dict[str, Any] = {}  # tensors the checks had to decode, by name
         self.unknown: list[str] = []
         self.names: set[str] = set()
         self.squares = 0.0
@@ -343,9 +382,7 @@ class PayloadReader:
             self._check(self._tensor(buffer, value, end))
             self.position = end
 
-    def finish(
-        self, payload: bytes | memoryview | Received
-    ) -> tuple[list[EncodedTensor], dict[str, torch.Tensor]]:
+    def finish(self, payload: bytes | memoryview | Received) -> tuple[list[EncodedTensor], dict[str, Any]]:
         """The checked tensors, still encoded, and those the checks decoded; WireError when any is wrong."""
         if not isinstance(payload, Received):
             payload = Received((memoryview(payload),))
@@ -399,7 +436,7 @@ class PayloadReader:
                 f"tensor {encoded.name}: codec '{encoded.codec}', this run uses '{self.codec.spec}'"
             )
         try:
-            square_sum, value = squares_of(self.codec, encoded)
+            square_sum, value = self.codec.square_sum(encoded)
         except ValueError as error:
             raise WireError(str(error)) from None
         if not math.isfinite(square_sum):
@@ -411,58 +448,9 @@ class PayloadReader:
 
 
 def parse_encoded(
-    payload: bytes | memoryview | Received, codec: Codec, expected: Expected
-) -> tuple[list[EncodedTensor], dict[str, torch.Tensor]]:
+    payload: bytes | memoryview | Received, codec: CheckingCodec, expected: Expected
+) -> tuple[list[EncodedTensor], dict[str, Any]]:
     """Check every tensor (names, shapes, dtypes, codec, CRC32C, finite values, the norm bound) and
     return them still encoded: a server aggregates quantised deltas without decoding them. The second
     value holds the tensors the checks had to decode (those without a quantised form), by name."""
     return PayloadReader(codec, expected).finish(payload)
-
-
-def squares_of(codec: Codec, encoded: EncodedTensor) -> tuple[float, torch.Tensor | None]:
-    """Σ x² over a tensor's values (NaN or Inf when a value is not finite), and the decoded tensor when
-    decoding was needed for it. A quantised tensor's sum comes from its q and scales, Σ_b scale_b²·Σ q²,
-    in float64 and without decoding: its q are finite by construction, so its values are when its
-    scales are. ValueError when the fields do not fit the shape."""
-    quantized = codec.quantized(encoded)
-    if quantized is not None:
-        q, scales = quantized
-        per_block = dequantize_blockwise(q, torch.ones_like(scales)).double().view(scales.numel(), -1)
-        return float((per_block.square().sum(dim=1) * scales.double().square()).sum()), None
-    if codec.lossless:  # the values are the bytes: read them in place, decode when first used
-        dtype = dtype_of(encoded)
-        data = expect_length(encoded, "data", encoded.numel * dtype.itemsize)
-        return sum(_squares(values) for values in _values(data, dtype)), None
-    value = codec.decode(encoded)
-    return _squares(value.reshape(-1)), value
-
-
-def _squares(values: torch.Tensor) -> float:
-    flat = values.float()
-    square_sum = float(torch.dot(flat, flat))  # one BLAS pass; NaN and Inf propagate into it
-    if math.isinf(square_sum) and bool(torch.isfinite(flat).all()):
-        square_sum = float(flat.double().square().sum())  # finite, but squares beyond float32
-    return square_sum
-
-
-def _values(data: bytes | memoryview | Pieces, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    """The values in `data`, as tensors over each piece (read only: never written to); a value split
-    between two pieces is copied whole."""
-    carry = b""
-    for part in Pieces.of(data):
-        if carry:
-            split = dtype.itemsize - len(carry)
-            carry, part = carry + bytes(part[:split]), part[split:]
-            if len(carry) == dtype.itemsize:
-                yield torch.frombuffer(bytearray(carry), dtype=dtype)
-                carry = b""
-        whole = len(part) // dtype.itemsize * dtype.itemsize
-        if whole:
-            yield _read_only(part[:whole], dtype)
-        carry += bytes(part[whole:])
-
-
-def _read_only(part: bytes | memoryview, dtype: torch.dtype) -> torch.Tensor:
-    with warnings.catch_warnings():  # scoped to the call: the filters are the process's, not a thread's
-        warnings.simplefilter("ignore")  # torch warns that the received bytes are not writable
-        return torch.frombuffer(part, dtype=dtype)
