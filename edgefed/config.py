@@ -410,18 +410,29 @@ def validate_runtimes(config: RunConfig, method) -> None:
         raise EdgefedError(f"unknown client-runtime {unknown[:1]}; choose from: {', '.join(RUNTIMES)}")
     if "ort" not in config.client_runtime:
         return
-    if config.method not in ORT_METHODS or method.task != "classification" or config.tasks:
-        raise EdgefedError(
-            f"client-runtime ort trains {' and '.join(ORT_METHODS)} classifiers, not {config.method} "
-            f"({method.task}{', multi-task' if config.tasks else ''})"
-        )
+    refusal = ort_refusal(config, method)
+    if refusal:
+        raise EdgefedError(f"client-runtime {refusal}")
     if config.transport != "inproc":
-        raise EdgefedError("client-runtime ort runs in-process clients: transport inproc")
-    if config.profiles:
-        raise EdgefedError("client-runtime ort trains the run's whole adapters: no device profiles")
+        raise EdgefedError(
+            "client-runtime ort runs in-process clients: transport inproc (served runs: edgefed client "
+            "--runtime ort)"
+        )
     from edgefed.ort import require_onnxruntime_training
 
     require_onnxruntime_training()
+
+
+def ort_refusal(config: RunConfig, method) -> str | None:
+    """Why the ort runtime cannot train clients of this run (a phrase after "ort "), or None."""
+    if config.method not in ORT_METHODS or method.task != "classification" or config.tasks:
+        return (
+            f"ort trains {' and '.join(ORT_METHODS)} classifiers, not {config.method} "
+            f"({method.task}{', multi-task' if config.tasks else ''})"
+        )
+    if config.profiles:
+        return "ort trains the run's whole adapters: no device profiles"
+    return None
 
 
 def validate_multitask(config: RunConfig, method) -> None:

@@ -329,7 +329,7 @@ def test_a_client_is_live_from_join_while_it_builds_its_model(federation, monkey
                 alive.append(joined.client_index in federation.servicer.connected())
         federation.servicer.finished = True
 
-    monkeypatch.setattr(client, "_build", slow_build)
+    monkeypatch.setattr(client.runtime, "build", slow_build)
     client.run()
     assert alive and all(alive)
 

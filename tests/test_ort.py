@@ -7,6 +7,7 @@ a torch round and an ORT round see the same function."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -255,3 +256,109 @@ def test_export_of_an_unfinished_run_is_one_clear_error(tmp_path, capsys):
 
     assert main(["export", "--onnx", str(tmp_path)]) == 2
     assert "no summary.json; the run did not finish" in capsys.readouterr().err
+
+
+def test_a_device_tokenises_with_tokenizers_as_the_torch_client_does_with_transformers(
+    still_model_dir, small_data_dir
+):
+    from edgefed.data import encode
+    from edgefed.data.splits import load_train
+    from edgefed.ort.device import encode_texts
+
+    tokenizer = load_tokenizer(str(still_model_dir))
+    ids, labels = encode_texts(
+        str(small_data_dir), tokenizer.backend_tokenizer.to_str().encode(), max_seq_len=12
+    )
+    theirs = encode(load_train(small_data_dir), tokenizer, 12)  # the torch client's data and encoding
+    assert ids == theirs.input_ids and labels == theirs.labels
+    assert max(len(row) for row in ids) == 12 and min(len(row) for row in ids) < 12
+
+
+def serve_with_clients(model_dir: Path, data_dir: Path, folder: Path, method: str, runtimes: list[str]):
+    """`edgefed server` and one `edgefed client` process per runtime; an ort client runs where torch and
+    transformers cannot be imported. Returns the exit statuses (the server's first: None when a client
+    failed, and the server was stopped) and every process's log."""
+    from tests.test_transport import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    flags = {
+        "model": model_dir, "data": data_dir, "clients": len(runtimes), "rounds": 2, "local_steps": 3,
+        "batch_size": 8, "max_seq_len": 32, "method": method, "lr": 0.01, "out": folder / "run",
+    }  # fmt: skip
+    argv = ["server", "--address", address]
+    argv += [item for key, value in flags.items() for item in (f"--{key.replace('_', '-')}", str(value))]
+    logs = {name: (folder / f"{name}.log").open("wb") for name in ["server", *map(str, range(len(runtimes)))]}
+    launch = "import sys\nfrom edgefed.cli import main\nsys.exit(main({argv!r}))\n"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", launch.format(argv=argv)], stdout=logs["server"], stderr=subprocess.STDOUT
+        )
+    ]
+    try:
+        for index, runtime in enumerate(runtimes):
+            client = ["client", "--server", address, "--data", str(data_dir), "--name", f"client-{index}"]
+            client += ["--runtime", runtime, "--threads", "1", "--retry-s", "60"]
+            script = (BLOCKER if runtime == "ort" else "") + launch.format(argv=client)
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", script],
+                    stdout=logs[str(index)],
+                    stderr=subprocess.STDOUT,
+                    cwd=ROOT,
+                )
+            )
+        codes = [process.wait(timeout=300) for process in processes[1:]]
+        # The server finishes when its clients did; after a refused one it would wait for another.
+        codes.insert(0, processes[0].wait(timeout=120) if not any(codes) else None)
+    finally:
+        for process in processes:
+            process.kill()
+        for log in logs.values():
+            log.close()
+    return codes, {name: (folder / f"{name}.log").read_text() for name in logs}
+
+
+@pytest.mark.parametrize("method", ["lora", "federa"])
+def test_an_ort_device_without_torch_trains_over_grpc_beside_a_torch_one(
+    still_model_dir, small_data_dir, tmp_path, method
+):
+    """`edgefed client --runtime ort` in a process where torch and transformers cannot be imported
+    fetches the run's artifacts, tokenizer and manifest at setup, trains every round and pushes deltas
+    the server takes; a torch client trains the same run."""
+    codes, logs = serve_with_clients(still_model_dir, small_data_dir, tmp_path, method, ["ort", "torch"])
+    assert codes == [0, 0, 0], logs
+    assert re.search(r"client-0 joined as client \d, runtime ort", logs["server"]), logs["server"]
+    assert "ONNX Runtime, " in logs["0"] and "round 2: 3 steps" in logs["0"], logs["0"]
+    rows = run_metrics(tmp_path / "run")
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    assert all(row["clients"] == [0, 1] for row in rows[1:]), rows  # both clients' updates were aggregated
+    # The ort device's setup download (its runtime files) is counted: far more than the torch client's.
+    setup, torch_setup = sorted(down for down, _ in rows[1]["client_bytes"])[::-1]
+    assert setup > 100 * torch_setup
+
+
+def test_a_run_ort_devices_cannot_train_refuses_them_at_join_in_one_line(
+    still_model_dir, small_data_dir, tmp_path
+):
+    codes, logs = serve_with_clients(still_model_dir, small_data_dir, tmp_path, "fft", ["ort"])
+    assert codes[1] == 2 and "Traceback" not in logs["0"], logs["0"]
+    assert (
+        logs["0"]
+        .strip()
+        .splitlines()[-1]
+        .endswith("runtime ort: ort trains lora and federa classifiers, not fft (classification)")
+    ), logs["0"]
+
+
+def test_a_device_without_onnxruntime_training_asking_for_ort_gets_one_line(small_data_dir):
+    script = BLOCKER.replace('("torch", "transformers")', '("onnxruntime",)') + (
+        "from edgefed.cli import main\n"
+        f"sys.exit(main(['client', '--server', '127.0.0.1:9', '--data', {str(small_data_dir)!r}, "
+        "'--runtime', 'ort']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert (
+        len(lines) == 1 and "pip install 'edgefed[ort]'" in lines[0] and "use the torch runtime" in lines[0]
+    )

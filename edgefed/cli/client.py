@@ -26,6 +26,7 @@ from typing import Any
 from edgefed.errors import EdgefedError
 from edgefed.toml_io import parse_toml
 from edgefed.transport.auth import TOKEN_ENV
+from edgefed.transport.grpc_client import RUNTIMES
 
 ENV_PREFIX = "EDGEFED_"
 CONFIG_ENV = "EDGEFED_CONFIG"
@@ -42,6 +43,12 @@ def retry_seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"retry-s must be positive, got {text}")
     return value
+
+
+def runtime_name(text: str) -> str:
+    if text not in RUNTIMES:
+        raise argparse.ArgumentTypeError(f"unknown runtime '{text}'; choose from: {', '.join(RUNTIMES)}")
+    return text
 
 
 @dataclass(frozen=True)
@@ -89,7 +96,14 @@ SETTINGS = (
     Setting("tls-ca", "PEM certificate(s) to trust: connect over TLS", metavar="FILE"),
     Setting("tls-cert", "PEM certificate of this client (mutual TLS)", metavar="FILE"),
     Setting("tls-key", "PEM private key of tls-cert", metavar="FILE"),
-    Setting("threads", "CPU threads for training (default: torch's)", kind=int),
+    Setting("threads", "CPU threads for training (default: the runtime's)", kind=int),
+    Setting(
+        "runtime",
+        "what trains on this device: torch, or ort (ONNX Runtime training artifacts the server makes; "
+        "neither torch nor transformers needed: pip install 'edgefed[ort]')",
+        default="torch",
+        kind=runtime_name,
+    ),
     Setting(
         "retry-s",
         "how long to retry an unreachable or busy server, or 'forever' (default 120)",
@@ -186,14 +200,10 @@ def read_bytes(path: str) -> bytes:
 
 
 def client_command(args: dict[str, Any]) -> int:
-    import torch
-
     from edgefed.transport.grpc_client import GrpcClient
     from edgefed.wire.channels import ClientTls
 
     settings = client_settings(args, dict(os.environ))
-    if settings["threads"] is not None:
-        torch.set_num_threads(settings["threads"])
     if (settings["tls_cert"] is None) != (settings["tls_key"] is None):
         raise EdgefedError("--tls-cert and --tls-key go together")
     if settings["tls_cert"] is not None and settings["tls_ca"] is None:
@@ -215,6 +225,8 @@ def client_command(args: dict[str, Any]) -> int:
         model=settings["model"],
         tls=tls,
         retry_s=settings["retry_s"],
+        runtime=settings["runtime"],
+        threads=settings["threads"],
     )
     signal.signal(signal.SIGTERM, lambda signum, frame: client.stop("SIGTERM"))
     client.run()

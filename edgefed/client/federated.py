@@ -7,6 +7,7 @@ from collections.abc import Callable
 from edgefed.client.training import LocalTrainer
 from edgefed.codecs import Codec, ErrorFeedback
 from edgefed.data import EncodedExamples
+from edgefed.data.rounds import client_round_seed
 from edgefed.devices.planner import Plan
 from edgefed.scope import Scope
 from edgefed.split import RemoteBody
@@ -80,8 +81,3 @@ class FederatedClient:
             update.train_s,
             update.score,
         )
-
-
-def client_round_seed(seed: int, round_number: int, client_id: int) -> int:
-    """Distinct, reproducible randomness (batch order, dropout) per run, round and client."""
-    return (seed * 1_000_003 + round_number * 10_007 + client_id) % (2**63)

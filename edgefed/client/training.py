@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 
@@ -142,11 +141,3 @@ class LocalTrainer:
             if param is None or param.shape != tensor.shape:
                 raise ValueError(f"{name}: not a trainable tensor of this shape in the client's model")
             param.copy_(tensor)
-
-
-def local_steps(num_examples: int, batch_size: int, steps: int | None, epochs: float | None) -> int:
-    """A round's local steps: fixed, or enough batches for `epochs` passes over the client's data."""
-    if steps is not None:
-        return steps
-    assert epochs is not None
-    return max(1, math.ceil(epochs * num_examples / batch_size))

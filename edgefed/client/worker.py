@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from edgefed.client.federated import FederatedClient
-from edgefed.client.training import LocalTrainer, local_steps
+from edgefed.client.training import LocalTrainer
 from edgefed.codecs import make_codec
 from edgefed.config import RunConfig
 from edgefed.data import EncodedExamples
 from edgefed.data.fewshot import FewShotExamples
+from edgefed.data.rounds import local_steps
 from edgefed.devices.planner import Plan
 from edgefed.methods import METHODS, Method, SetupState
 from edgefed.methods.lora import use_fused_kernels

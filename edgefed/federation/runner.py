@@ -20,7 +20,7 @@ import torch
 from edgefed.aggregators import AGGREGATORS
 from edgefed.client import build_worker
 from edgefed.codecs import make_codec
-from edgefed.config import RunConfig, config_from_text, write_config
+from edgefed.config import RunConfig, config_from_text, ort_refusal, write_config
 from edgefed.devices.clock import SimulatedClock
 from edgefed.errors import EdgefedError
 from edgefed.federation.checkpoint import Checkpoint, load_checkpoint, restore_rng
@@ -92,8 +92,16 @@ def serve(
         echo(f"edgefed: warning: serving {address} without TLS: the clients' tokens travel in plaintext")
 
     def transport(side, run_id, run_dir, roster, progress, log, split) -> Transport:
-        servicer = FederationServicer(
+        refusal = ort_refusal(side.config, side.method)
+        if refusal is None and side.config.codec != "none":
+            refusal = f"ort devices send their deltas uncompressed: codec none, not {side.config.codec}"
+        description = dataclasses.replace(
             run_description(side, run_id),
+            ort_files=None if refusal else lambda: ort_device_files(side, run_dir),
+            ort_refusal=refusal or "",
+        )
+        servicer = FederationServicer(
+            description,
             tokens,
             roster,
             heartbeat_s,
@@ -250,6 +258,49 @@ def run_description(side: ServerSide, run_id: str) -> RunDescription:
     )
 
 
+def client_worker(side: ServerSide, device: torch.device):
+    """A worker built as a client builds it: the pre-trained files and the server's setup state."""
+    base, _ = side.task.load_model(resolve_model_path(side.config.model), side.num_labels)
+    return build_worker(side.config, base, side.spec.head_modules, device, side.setup)
+
+
+def ort_artifacts(worker, run_dir: Path) -> tuple[list[str], dict[str, bytes]]:
+    """ONNX Runtime training artifacts of `worker`'s model in <run>/ort/: the names of the tensors they
+    train, and the files by name."""
+    from edgefed.ort.artifacts import write_artifacts
+
+    trainable = list(trainable_state(worker.model))
+    return trainable, write_artifacts(worker.model, trainable, run_dir / "ort")
+
+
+def ort_device_files(side: ServerSide, run_dir: Path) -> bytes:
+    """What `edgefed client --runtime ort` fetches at setup (edgefed/ort/device.py), as a payload: the
+    artifacts, the model's tokenizer.json and the manifest of the run's training settings."""
+    from edgefed.ort.arrays import files_payload
+    from edgefed.ort.device import MANIFEST, TOKENIZER, Manifest
+
+    config = side.config
+    backend = getattr(side.tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise EdgefedError(f"{config.model} has no fast tokenizer (tokenizer.json), which ort devices use")
+    worker = client_worker(side, torch.device("cpu"))
+    trainable, files = ort_artifacts(worker, run_dir)
+    state = trainable_state(worker.model)
+    manifest = Manifest(
+        trainable={name: list(state[name].shape) for name in trainable},
+        lr=worker.trainer.lr,
+        max_grad_norm=config.max_grad_norm,
+        batch_size=config.batch_size,
+        local_steps=config.local_steps,
+        local_epochs=config.local_epochs,
+        max_seq_len=config.max_seq_len,
+        seed=config.seed,
+        chunk_bytes=config.chunk_bytes,
+        pad_id=side.tokenizer.pad_token_id or 0,
+    )
+    return files_payload(files | {TOKENIZER: backend.to_str().encode(), MANIFEST: manifest.to_json()})
+
+
 def in_process_transport(
     side: ServerSide,
     run_id: str,
@@ -263,15 +314,12 @@ def in_process_transport(
     client-runtime ort, the server makes ONNX Runtime training artifacts of the worker's model once
     (<run>/ort/) and the clients it names train through them."""
     config = side.config
-    base, _ = side.task.load_model(resolve_model_path(config.model), side.num_labels)
-    worker = build_worker(config, base, side.spec.head_modules, side.device, side.setup)
+    worker = client_worker(side, side.device)
     runtimes = {"torch": None}
     if "ort" in config.client_runtime:
-        from edgefed.ort.artifacts import write_artifacts
         from edgefed.ort.local import OrtLocalTrainer
 
-        trainable = list(trainable_state(worker.model))
-        write_artifacts(worker.model, trainable, run_dir / "ort")
+        trainable, _ = ort_artifacts(worker, run_dir)
         runtimes["ort"] = OrtLocalTrainer(
             run_dir / "ort", trainable, worker.trainer.lr, config.batch_size, config.max_grad_norm
         )

@@ -28,12 +28,11 @@ import torch
 from torch import nn
 
 from edgefed.ort import require_onnxruntime_training
-from edgefed.ort.trainer import CHECKPOINT, EVAL_MODEL, PARAMETER_PREFIX, TRAINING_MODEL
+from edgefed.ort.trainer import ARTIFACT_FILES, EVAL_MODEL, PARAMETER_PREFIX, TRAINING_MODEL
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OPSET = 15
 ORT_IR_VERSION = 10
-ARTIFACT_FILES = (TRAINING_MODEL, EVAL_MODEL, CHECKPOINT)
 GENERATE_LOG = "generate.log"
 
 

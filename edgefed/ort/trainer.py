@@ -24,6 +24,7 @@ from edgefed.ort import training_api
 # The exported graph names each parameter as the wrapper module sees it: PARAMETER_PREFIX + its name.
 PARAMETER_PREFIX = "model."
 TRAINING_MODEL, EVAL_MODEL, CHECKPOINT = "training_model.onnx", "eval_model.onnx", "checkpoint"
+ARTIFACT_FILES = (TRAINING_MODEL, EVAL_MODEL, CHECKPOINT)
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -47,15 +48,23 @@ class LocalRound:
 class OrtTrainer:
     """Trains the adapter tensors named in `trainable` from the artifacts in `folder`."""
 
-    def __init__(self, folder: Path, trainable: list[str], rule: UpdateRule) -> None:
+    def __init__(
+        self, folder: Path, trainable: list[str], rule: UpdateRule, threads: int | None = None
+    ) -> None:
+        """`threads`: ONNX Runtime's intra-op threads (None: its default, one per core)."""
         api = training_api()
         if rule.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {rule.optimizer!r}")
         self.rule = rule
         self.trainable = list(trainable)
         self.state = api.CheckpointState.load_checkpoint(str(folder / CHECKPOINT))
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
         self.module = api.Module(
-            str(folder / TRAINING_MODEL), self.state, str(folder / EVAL_MODEL), device="cpu"
+            str(folder / TRAINING_MODEL), self.state, str(folder / EVAL_MODEL), "cpu", options
         )
         self.inputs = list(self.module.input_names())
         self.parameters = {name: self.state.parameters[PARAMETER_PREFIX + name] for name in self.trainable}

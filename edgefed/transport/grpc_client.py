@@ -8,28 +8,21 @@ run id and the client's slot, so the client carries on from the round the server
 
 from __future__ import annotations
 
+import importlib
 import math
 import random
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import grpc
 
-from edgefed.client import build_worker
-from edgefed.config import config_from_text
-from edgefed.devices.fleet import scope_of_plan
-from edgefed.devices.planner import plan_from_text
 from edgefed.devices.power import EnergyMeter, open_meter
 from edgefed.errors import EdgefedError
-from edgefed.methods import trainable_state
-from edgefed.models import default_device, load_tokenizer, model_fingerprint, resolve_model_path
-from edgefed.split import RemoteBody, split_channel
 from edgefed.transport.auth import bearer_metadata
-from edgefed.transport.base import LOSSLESS, state_shapes
 from edgefed.wire.channels import MESSAGE_HEADROOM, ClientTls, is_loopback, open_channel
-from edgefed.wire.framing import Expected, parse_state, reassemble
+from edgefed.wire.device import DeviceRuntime
+from edgefed.wire.framing import Expected, Received, reassemble
 from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
 
@@ -47,6 +40,9 @@ ROUND_REFUSALS = (
 TRANSIENT = (Code.UNAVAILABLE, Code.RESOURCE_EXHAUSTED, Code.DEADLINE_EXCEEDED)
 UNARY_TIMEOUT_S = 10.0  # a Join or Heartbeat unanswered this long is tried again
 BACKOFF_S = (0.2, 5.0)  # first and longest wait between tries (doubling, with jitter)
+# What trains on the device, by `--runtime` name: module and class, imported only when chosen (the ort
+# runtime's device has neither torch nor transformers, and this module imports neither).
+RUNTIMES = {"torch": "edgefed.transport.torch_device:TorchDevice", "ort": "edgefed.ort.device:OrtDevice"}
 
 
 class GrpcClient:
@@ -61,8 +57,11 @@ class GrpcClient:
         tls: ClientTls | None = None,
         retry_s: float = 120.0,
         echo: Callable[[str], None] = print,
+        runtime: str = "torch",
+        threads: int | None = None,
     ) -> None:
-        """`retry_s`: how long to keep trying a server that is unreachable or refuses for being busy."""
+        """`retry_s`: how long to keep trying a server that is unreachable or refuses for being busy.
+        `runtime`: what trains on the device (RUNTIMES); `threads`: its CPU threads (None: its default)."""
         self.server = server
         self.data = data
         self.client_id = client_id
@@ -72,6 +71,8 @@ class GrpcClient:
         self.retry_s = retry_s
         self.echo = echo
         self.tls = tls
+        self.runtime_name = runtime
+        self.runtime = load_runtime(runtime)(self, threads)
         if token and tls is None and not is_loopback(server):
             echo(f"edgefed: warning: the bearer token travels to {server} in plaintext; pass --tls-ca")
         self.stub = pb_grpc.FederationStub(open_channel(server, tls, CHANNEL_MESSAGE_BYTES))
@@ -101,11 +102,11 @@ class GrpcClient:
         return self.trained
 
     def _serve(self) -> None:
-        joined = self._call(self.stub.Join, pb.JoinRequest(client_id=self.client_id, profile=self.profile))
+        joined = self._call(self.stub.Join, self._join_request())
         self.run_id = joined.run_id
         # Live from Join: the server hears from it while it reads its data and builds its model.
         threading.Thread(target=self._keep_alive, args=(joined.heartbeat_s,), daemon=True).start()
-        self._build(joined)
+        self.runtime.build(joined)
         poll_s = min(0.2, joined.heartbeat_s / 2)
         request = pb.HeartbeatRequest(run_id=self.run_id, client_id=self.client_id)
         while not self.finished.is_set():
@@ -124,77 +125,37 @@ class GrpcClient:
                 time.sleep(poll_s)
         self.echo(f"edgefed: {self.client_id}: the run is finished ({self.trained} rounds trained)")
 
-    def _build(self, joined: pb.JoinReply) -> None:
-        config = config_from_text(joined.config_toml, f"{self.server} (the run's configuration)")
-        task = config.task()
-        model_path = resolve_model_path(self.model or config.model)
-        base, new_modules = task.load_model(model_path, joined.num_labels)
-        mine = model_fingerprint(base, new_modules)
-        if mine != joined.model_fingerprint:
-            raise EdgefedError(
-                f"the model at {model_path} differs from the server's (fingerprint {mine[:12]} vs "
-                f"{joined.model_fingerprint[:12]}); load the same pre-trained model (--model PATH)"
-            )
-        plan = plan_from_text(joined.plan_toml) if joined.plan_toml else None
-        examples = task.encode_client(
-            task.client_data(self.data),
-            load_tokenizer(model_path),
-            plan.seq_len if plan else config.max_seq_len,
-            config.data_settings(),
+    def _join_request(self, num_examples: int = 0) -> pb.JoinRequest:
+        return pb.JoinRequest(
+            client_id=self.client_id,
+            profile=self.profile,
+            num_examples=num_examples,
+            runtime=self.runtime_name,
         )
-        declaration = pb.JoinRequest(
-            client_id=self.client_id, profile=self.profile, num_examples=len(examples)
-        )
-        self._call(self.stub.Join, declaration)  # its weight, declared once for the run
+
+    def declare(self, num_examples: int) -> None:
+        self._call(self.stub.Join, self._join_request(num_examples))  # its weight, declared once for the run
+
+    def fetch(self, method: str) -> Received:
         request = pb.FetchRequest(run_id=self.run_id, round=0, client_id=self.client_id)
-        chunks = self._call(lambda r, **kw: list(self.stub.FetchSetup(r, **kw)), request)
-        expected = Expected(self.run_id, 0, None, self.client_id)
-        setup = parse_state(reassemble(chunks, expected)[0], LOSSLESS, expected)
-        self.device = default_device()
-        worker = build_worker(config, base, tuple(joined.head_modules), self.device, setup)
-        remote_body = None
-        if worker.method.splits_model:  # FedBERT: the body runs on the server, over the Split stream
-            host = self.server.rsplit(":", 1)[0]
-            remote_body = RemoteBody(
-                split_channel(f"{host}:{joined.split_port}", self.tls),
-                self.run_id,
-                config.split_codec,
-                self.client_id,
-                metadata=self.metadata,
-            )
-        state = trainable_state(worker.model)
-        shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
-        scope = scope_of_plan(plan, shapes, worker.method.low_rank_pairs(worker.model)) if plan else None
-        self.shapes = state_shapes({name: state[name] for name in (scope.received if scope else state)})
-        self.chunk_bytes = config.chunk_bytes
-        self.client = worker.client(joined.client_index, examples, plan, scope, remote_body)
-        if plan is not None:
-            self.echo(
-                f"edgefed: {self.client_id}: plan for {plan.profile}: layers {plan.frozen_layers}-"
-                f"{plan.exit_layer - 1} train, rank {plan.rank}, batch {plan.batch_size}, "
-                f"length {plan.seq_len}"
-            )
-        self.echo(
-            f"edgefed: {self.client_id} is client {joined.client_index} of run {self.run_id}: "
-            f"{config.method} on {len(examples):,} examples from {Path(self.data).name}, "
-            f"{self.client.steps} local steps, {self.device.type}"
-        )
+        stream = getattr(self.stub, method)
+        chunks = self._call(lambda r, **kw: list(stream(r, **kw)), request)
+        return reassemble(chunks, Expected(self.run_id, 0, None, self.client_id))[0]
 
     def _train(self, round_number: int) -> int:
         request = pb.FetchRequest(run_id=self.run_id, round=round_number, client_id=self.client_id)
         try:
             chunks = self._call(lambda r, **kw: list(self.stub.FetchGlobal(r, **kw)), request)
-            expected = Expected(self.run_id, round_number, self.shapes, self.client_id)
-            state = parse_state(reassemble(chunks, expected)[0], LOSSLESS, expected)
+            payload = reassemble(chunks, Expected(self.run_id, round_number, None, self.client_id))[0]
             if self.meter is not None:
                 self.meter.start()
-            update = self.client.fit(round_number, {k: v.to(self.device) for k, v in state.items()})
+            update = self.runtime.fit(round_number, payload)
             if self.meter is not None:
                 update.energy_j = self.meter.stop()
             self.pushing = round_number
             try:
                 self.stub.PushUpdate(
-                    update.chunks(self.run_id, round_number, self.client_id, self.chunk_bytes),
+                    update.chunks(self.run_id, round_number, self.client_id, self.runtime.chunk_bytes),
                     metadata=self.metadata,
                 )
             finally:
@@ -268,6 +229,14 @@ class GrpcClient:
             if beat.action == pb.HeartbeatReply.DONE:
                 self.finished.set()
                 return
+
+
+def load_runtime(name: str) -> Callable[..., DeviceRuntime]:
+    """The runtime class named `name` (RUNTIMES), imported now."""
+    if name not in RUNTIMES:
+        raise EdgefedError(f"unknown runtime '{name}'; choose from: {', '.join(RUNTIMES)}")
+    module, _, attribute = RUNTIMES[name].partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 class RunFinished(Exception):

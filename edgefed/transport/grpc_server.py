@@ -50,6 +50,7 @@ from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
 
 MISSED_HEARTBEATS = 3
+RUNTIMES = ("", "torch", "ort")  # what a Join may name ("": a client from before runtimes, torch)
 # A Join or Heartbeat request holds ids and a profile name; anything larger is refused.
 SMALL_MESSAGE_BYTES = 4 << 10
 # Refusal messages (which quote what the client sent) are cut to this length in the log and the status.
@@ -67,6 +68,10 @@ class RunDescription:
     head_modules: tuple[str, ...]
     model_fingerprint: str
     setup_payload: bytes
+    # The ort runtime's files (edgefed/ort/device.py) as a payload, made when a device first asks; None:
+    # this run cannot train through ONNX Runtime, and `ort_refusal` says why.
+    ort_files: Callable[[], bytes] | None = None
+    ort_refusal: str = "this server makes no ONNX Runtime artifacts"
 
 
 @dataclass
@@ -122,6 +127,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.examples = {self.slots[c]: n for c, n in roster.examples.items() if c in self.slots}
         self.streams = StreamGuard(idle_s=stream_idle_s, log=self.log)
         self.split_port = 0  # the Split service's port (FedBERT), set by the transport serving it
+        self._ort_lock, self._ort_payload = threading.Lock(), None
         self.last_seen: dict[int, float] = {}
         self.told_done: set[int] = set()
         self.round: OpenRound | None = None
@@ -141,6 +147,10 @@ class FederationServicer(pb_grpc.FederationServicer):
         self._check_token(request.client_id, context)
         if not request.client_id:
             context.abort(Code.INVALID_ARGUMENT, "a client id is required")
+        if request.runtime not in RUNTIMES:
+            self._refuse(context, Code.INVALID_ARGUMENT, f"unknown runtime '{request.runtime}'")
+        if request.runtime == "ort" and self.run.ort_files is None:
+            self._refuse(context, Code.FAILED_PRECONDITION, f"runtime ort: {self.run.ort_refusal}")
         with self.condition:
             slot = self.slots.get(request.client_id)
             if slot is None:
@@ -167,7 +177,10 @@ class FederationServicer(pb_grpc.FederationServicer):
             planned = (
                 f"; plan: {plan.profile}, layers {plan.frozen_layers}-{plan.exit_layer - 1}" if plan else ""
             )
-            self.log(f"edgefed: {printable(request.client_id)} joined as client {slot}{profile}{planned}")
+            runtime = f", runtime {request.runtime}" if request.runtime not in ("", "torch") else ""
+            self.log(
+                f"edgefed: {printable(request.client_id)} joined as client {slot}{profile}{runtime}{planned}"
+            )
         return pb.JoinReply(
             run_id=self.run.run_id,
             config_toml=config_text(client_config(self.run.config)),
@@ -184,6 +197,20 @@ class FederationServicer(pb_grpc.FederationServicer):
         slot = self._slot(request.client_id, request.run_id, context)
         with self.streams.admit(self.caller(context), "FetchSetup", context) as stream:
             yield from stream.follow(self._stream_down(self.run.setup_payload, 0, slot, request.client_id))
+
+    def FetchRuntime(self, request: pb.FetchRequest, context) -> Iterator[pb.Chunk]:
+        slot = self._slot(request.client_id, request.run_id, context)
+        if self.run.ort_files is None:
+            self._refuse(context, Code.FAILED_PRECONDITION, f"runtime ort: {self.run.ort_refusal}")
+        with self._ort_lock:  # made once, by the first device that asks; the others wait for it
+            if self._ort_payload is None:
+                self.log("edgefed: making the ONNX Runtime training artifacts for the run's ort devices")
+                try:
+                    self._ort_payload = self.run.ort_files()
+                except EdgefedError as error:
+                    self._refuse(context, Code.FAILED_PRECONDITION, f"runtime ort: {error}")
+        with self.streams.admit(self.caller(context), "FetchRuntime", context) as stream:
+            yield from stream.follow(self._stream_down(self._ort_payload, 0, slot, request.client_id))
 
     def FetchGlobal(self, request: pb.FetchRequest, context) -> Iterator[pb.Chunk]:
         slot = self._slot(request.client_id, request.run_id, context)
@@ -490,6 +517,9 @@ def serve_federation(servicer: FederationServicer, server: grpc.Server) -> None:
         ),
         "FetchSetup": grpc.unary_stream_rpc_method_handler(
             servicer.FetchSetup, pb.FetchRequest.FromString, pb.Chunk.SerializeToString
+        ),
+        "FetchRuntime": grpc.unary_stream_rpc_method_handler(
+            servicer.FetchRuntime, pb.FetchRequest.FromString, pb.Chunk.SerializeToString
         ),
         "FetchGlobal": grpc.unary_stream_rpc_method_handler(
             servicer.FetchGlobal, pb.FetchRequest.FromString, pb.Chunk.SerializeToString

@@ -44,6 +44,11 @@ class FederationStub(object):
                 request_serializer=edgefed_dot_wire_dot_v1_dot_federation__pb2.FetchRequest.SerializeToString,
                 response_deserializer=edgefed_dot_wire_dot_v1_dot_federation__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.FetchRuntime = channel.unary_stream(
+                '/edgefed.v1.Federation/FetchRuntime',
+                request_serializer=edgefed_dot_wire_dot_v1_dot_federation__pb2.FetchRequest.SerializeToString,
+                response_deserializer=edgefed_dot_wire_dot_v1_dot_federation__pb2.Chunk.FromString,
+                _registered_method=True)
         self.FetchGlobal = channel.unary_stream(
                 '/edgefed.v1.Federation/FetchGlobal',
                 request_serializer=edgefed_dot_wire_dot_v1_dot_federation__pb2.FetchRequest.SerializeToString,
@@ -77,6 +82,14 @@ class FederationServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchRuntime(self, request, context):
+        """The ort runtime's files (ONNX Runtime training artifacts, tokenizer.json, manifest.json), made by
+        the server once per run, as uint8 tensors named by file; round is 0.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FetchGlobal(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -105,6 +118,11 @@ def add_FederationServicer_to_server(servicer, server):
             ),
             'FetchSetup': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchSetup,
+                    request_deserializer=edgefed_dot_wire_dot_v1_dot_federation__pb2.FetchRequest.FromString,
+                    response_serializer=edgefed_dot_wire_dot_v1_dot_federation__pb2.Chunk.SerializeToString,
+            ),
+            'FetchRuntime': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchRuntime,
                     request_deserializer=edgefed_dot_wire_dot_v1_dot_federation__pb2.FetchRequest.FromString,
                     response_serializer=edgefed_dot_wire_dot_v1_dot_federation__pb2.Chunk.SerializeToString,
             ),
@@ -176,6 +194,33 @@ class Federation(object):
             request,
             target,
             '/edgefed.v1.Federation/FetchSetup',
+            edgefed_dot_wire_dot_v1_dot_federation__pb2.FetchRequest.SerializeToString,
+            edgefed_dot_wire_dot_v1_dot_federation__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchRuntime(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgefed.v1.Federation/FetchRuntime',
             edgefed_dot_wire_dot_v1_dot_federation__pb2.FetchRequest.SerializeToString,
             edgefed_dot_wire_dot_v1_dot_federation__pb2.Chunk.FromString,
             options,
