@@ -12,8 +12,8 @@ STAMP  := $(VENV)/.edgefed-installed
 TORCH_CPU   ?= torch==2.13.0+cpu
 TORCH_CUDA  ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-# What `make` installs beside edgefed itself (`make install EXTRAS=` for the package alone).
-EXTRAS ?= dev,demo,flower,ort
+# What `make` installs beside edgefed itself (`make install EXTRAS=torch` for the toolkit alone).
+EXTRAS ?= torch,dev,demo,flower,ort,onnx
 
 .PHONY: demo test lint install clean
 

@@ -119,9 +119,9 @@ class RunConfig:
     )
     client_runtime: tuple[str, ...] = option(
         ("torch",),
-        "what in-process clients train with: torch, or ort (ONNX Runtime training artifacts the server "
-        "makes once per run: lora and federa classifiers, pip install 'edgefed[ort]'); a list is taken in "
-        "turn (torch,ort: every other client)",
+        "what simulated clients train with: torch, or ort (ONNX Runtime training artifacts the server "
+        "makes once per run: lora and federa classifiers, pip install 'edgefed[ort,onnx]'); a list is "
+        "taken in turn (torch,ort: every other client)",
     )
     min_clients: int | None = option(
         None, "connected clients a round needs, and updates it counts (default: all)"
@@ -413,11 +413,12 @@ def validate_runtimes(config: RunConfig, method) -> None:
     refusal = ort_refusal(config, method)
     if refusal:
         raise EdgefedError(f"client-runtime {refusal}")
-    if config.transport != "inproc":
+    if config.transport == "flower":
         raise EdgefedError(
-            "client-runtime ort runs in-process clients: transport inproc (served runs: edgefed client "
-            "--runtime ort)"
+            "client-runtime ort runs in-process clients or client processes: transport inproc or grpc"
         )
+    if config.transport == "grpc" and config.codec != "none":
+        raise EdgefedError(f"ort client processes send uncompressed deltas: codec none, not {config.codec}")
     from edgefed.ort import require_onnxruntime_training
 
     require_onnxruntime_training()

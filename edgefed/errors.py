@@ -10,12 +10,26 @@ class EdgefedError(Exception):
     """Bad input from the user (a file, a flag, a model path): the message says what and where."""
 
 
+# What the `torch` extra installs: a command that needs one of them, where it is missing, says so.
+TORCH_STACK = ("torch", "transformers", "peft", "accelerate", "safetensors", "tqdm", "psutil")
+
+
 def report_errors(command: Callable[[], int]) -> int:
     """Run a command; an EdgefedError is one line on stderr and exit status 2, not a traceback."""
     try:
         return command()
     except EdgefedError as error:
         print(f"edgefed: error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in TORCH_STACK:
+            raise
+        print(
+            f"edgefed: error: this command needs {error.name}, which is not installed: pip install "
+            "'edgefed[torch]' (without it, a device trains through ONNX Runtime: edgefed client "
+            "--runtime ort)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("edgefed: interrupted", file=sys.stderr)

@@ -190,11 +190,31 @@ def test_a_federation_of_torch_and_ort_clients_computes_the_torch_one(
             assert ours["bytes_up"] == theirs["bytes_up"]
 
 
+def test_a_loopback_fleet_runs_ort_client_processes_beside_torch_ones(
+    still_model_dir, small_data_dir, tmp_path
+):
+    """`edgefed run --transport grpc --client-runtime torch,ort`: every other client process trains
+    through ONNX Runtime, fetching the runtime files the server makes once."""
+    from edgefed.federation.runner import run
+
+    settings = {
+        "model": str(still_model_dir), "data": str(small_data_dir), "clients": 2, "rounds": 2,
+        "local_steps": 3, "batch_size": 8, "max_seq_len": 32, "method": "lora", "lr": 0.01,
+        "transport": "grpc", "client_runtime": "torch,ort", "out": str(tmp_path / "run"),
+    }  # fmt: skip
+    run(resolve_config(None, settings), echo=lambda line: None)
+    rows = run_metrics(tmp_path / "run")
+    assert [row["clients"] for row in rows] == [[], [0, 1], [0, 1]]
+    logs = [(tmp_path / "run" / "clients" / f"client-{index}.log").read_text() for index in (0, 1)]
+    assert "ONNX Runtime" not in logs[0] and "ONNX Runtime, " in logs[1], logs
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
         ({"method": "fft"}, "client-runtime ort trains lora and federa classifiers, not fft"),
-        ({"transport": "grpc"}, "client-runtime ort runs in-process clients"),
+        ({"transport": "flower"}, "client-runtime ort runs in-process clients or client processes"),
+        ({"transport": "grpc", "codec": "int8"}, "ort client processes send uncompressed deltas"),
         ({"client_runtime": "torch,tensorflow"}, "unknown client-runtime ['tensorflow']"),
     ],
 )
@@ -362,3 +382,14 @@ def test_a_device_without_onnxruntime_training_asking_for_ort_gets_one_line(smal
     assert (
         len(lines) == 1 and "pip install 'edgefed[ort]'" in lines[0] and "use the torch runtime" in lines[0]
     )
+
+
+def test_without_the_torch_extra_a_command_that_needs_it_says_so_in_one_line(small_data_dir):
+    script = BLOCKER + (
+        "from edgefed.cli import main\n"
+        f"sys.exit(main(['run', '--data', {str(small_data_dir)!r}, '--rounds', '1']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'edgefed[torch]'" in lines[0], lines

@@ -276,7 +276,8 @@ def export_command(args: dict[str, Any]) -> int:
         from edgefed.ort.export import export_onnx
     except ImportError as error:
         raise EdgefedError(
-            f"export --onnx needs onnx and onnxruntime ({error}): pip install 'edgefed[ort]'"
+            f"export --onnx needs onnx and onnxruntime ({error}): pip install 'edgefed[onnx,ort]' (where "
+            "onnxruntime-training has no wheel: 'edgefed[onnx]' onnxruntime)"
         ) from None
     run_dir = Path(args["onnx"])
     model = load_trained(run_dir)

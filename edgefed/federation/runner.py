@@ -56,7 +56,7 @@ def run(config: RunConfig, echo: Echo = print, resume: bool = False) -> dict:
         if side.config.transport == "inproc":
             return in_process_transport(side, run_id, progress.step, split, run_dir)
         return LoopbackFleet.start(
-            run_description(side, run_id),
+            served_description(side, run_id, run_dir),
             side.task,
             side.shards,
             side.fleet,
@@ -92,16 +92,8 @@ def serve(
         echo(f"edgefed: warning: serving {address} without TLS: the clients' tokens travel in plaintext")
 
     def transport(side, run_id, run_dir, roster, progress, log, split) -> Transport:
-        refusal = ort_refusal(side.config, side.method)
-        if refusal is None and side.config.codec != "none":
-            refusal = f"ort devices send their deltas uncompressed: codec none, not {side.config.codec}"
-        description = dataclasses.replace(
-            run_description(side, run_id),
-            ort_files=None if refusal else lambda: ort_device_files(side, run_dir),
-            ort_refusal=refusal or "",
-        )
         servicer = FederationServicer(
-            description,
+            served_description(side, run_id, run_dir),
             tokens,
             roster,
             heartbeat_s,
@@ -255,6 +247,19 @@ def run_description(side: ServerSide, run_id: str) -> RunDescription:
         side.spec.head_modules,
         side.fingerprint,
         state_payload(side.setup),
+    )
+
+
+def served_description(side: ServerSide, run_id: str, run_dir: Path) -> RunDescription:
+    """What clients over gRPC learn of the run, with the ort devices' runtime files when the run allows
+    them (made when the first one asks), else why not."""
+    refusal = ort_refusal(side.config, side.method)
+    if refusal is None and side.config.codec != "none":
+        refusal = f"ort devices send their deltas uncompressed: codec none, not {side.config.codec}"
+    return dataclasses.replace(
+        run_description(side, run_id),
+        ort_files=None if refusal else lambda: ort_device_files(side, run_dir),
+        ort_refusal=refusal or "",
     )
 
 

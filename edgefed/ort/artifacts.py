@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgefed.errors import EdgefedError
 from edgefed.ort import require_onnxruntime_training
 from edgefed.ort.trainer import ARTIFACT_FILES, EVAL_MODEL, PARAMETER_PREFIX, TRAINING_MODEL
 
@@ -70,7 +71,12 @@ def write_artifacts(model: nn.Module, trainable: Sequence[str], folder: Path) ->
     """Export `model` and generate its training artifacts in `folder`; returns them by file name.
     `trainable`: the names (as in model.named_parameters()) of the tensors a client trains."""
     require_onnxruntime_training()  # and quiets ONNX Runtime's log
-    import onnx
+    try:
+        import onnx
+    except ImportError:
+        raise EdgefedError(
+            "making ONNX Runtime training artifacts needs onnx: pip install 'edgefed[onnx]'"
+        ) from None
     from onnxruntime.training import artifacts
 
     exported = copy.deepcopy(model).cpu()

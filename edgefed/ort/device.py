@@ -33,6 +33,8 @@ from edgefed.wire.v1 import federation_pb2 as pb
 
 MANIFEST, TOKENIZER = "manifest.json", "tokenizer.json"
 MANIFEST_FORMAT = 1
+# The runtime files hold every weight of the model (all-MiniLM-L6-v2: 93 MB; BERT-base: about 440 MB).
+MAX_RUNTIME_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,8 @@ class OrtDevice:
 
     def build(self, joined: pb.JoinReply) -> None:
         link = self.link
-        files = files_of(link.fetch("FetchRuntime"), Expected(link.run_id, 0, None, link.client_id))
+        expected = Expected(link.run_id, 0, None, link.client_id, MAX_RUNTIME_BYTES)
+        files = files_of(link.fetch("FetchRuntime", MAX_RUNTIME_BYTES), expected)
         missing = sorted({MANIFEST, TOKENIZER, *ARTIFACT_FILES} - set(files))
         if missing:
             raise EdgefedError(f"the server's runtime files lack {', '.join(missing)}")

@@ -1,5 +1,9 @@
 """`edgefed client`: join a Federation server, build the model it names, train the rounds it asks for.
 
+The client keeps the connection (joins, heartbeats, retries, fetches and pushes); what builds and
+trains the model is its runtime (`RUNTIMES`, edgefed/wire/device.py): torch, or ONNX Runtime on a
+device without torch. This module imports neither.
+
 The client's data never leaves it. It survives a server restart: while the server is unreachable it
 retries (up to `retry_s`, which may be infinite), and a server resumed from its checkpoint keeps the
 run id and the client's slot, so the client carries on from the round the server asks for. `stop`
@@ -22,7 +26,7 @@ from edgefed.errors import EdgefedError
 from edgefed.transport.auth import bearer_metadata
 from edgefed.wire.channels import MESSAGE_HEADROOM, ClientTls, is_loopback, open_channel
 from edgefed.wire.device import DeviceRuntime
-from edgefed.wire.framing import Expected, Received, reassemble
+from edgefed.wire.framing import MAX_PAYLOAD_BYTES, Expected, Received, reassemble
 from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
 
@@ -136,11 +140,11 @@ class GrpcClient:
     def declare(self, num_examples: int) -> None:
         self._call(self.stub.Join, self._join_request(num_examples))  # its weight, declared once for the run
 
-    def fetch(self, method: str) -> Received:
+    def fetch(self, method: str, max_bytes: int = MAX_PAYLOAD_BYTES) -> Received:
         request = pb.FetchRequest(run_id=self.run_id, round=0, client_id=self.client_id)
         stream = getattr(self.stub, method)
         chunks = self._call(lambda r, **kw: list(stream(r, **kw)), request)
-        return reassemble(chunks, Expected(self.run_id, 0, None, self.client_id))[0]
+        return reassemble(chunks, Expected(self.run_id, 0, None, self.client_id, max_bytes))[0]
 
     def _train(self, round_number: int) -> int:
         request = pb.FetchRequest(run_id=self.run_id, round=round_number, client_id=self.client_id)

@@ -33,8 +33,9 @@ from edgefed.transport.base import Roster
 from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, RunDescription
 from edgefed.types import client_name
 
-# What a client process imports before it forks: all it needs to train.
-CLIENT_MODULE = "edgefed.transport.grpc_client"
+# What a client process imports before it forks: all it needs to train (torch's runtime; an ort client
+# process has torch loaded too, and does not use it).
+CLIENT_MODULE = "edgefed.transport.torch_device"
 
 
 class LoopbackFleet(GrpcTransport):
@@ -90,9 +91,10 @@ class LoopbackFleet(GrpcTransport):
             # Each client announces its device, as `edgefed client --profile` on the device does.
             profile = device_entry(fleet.entry_for(index))[0] if fleet is not None and fleet.profiles else ""
             token = tokens.token_for(name)
+            runtime = config.client_runtime[index % len(config.client_runtime)]
             process = context.Process(
                 target=client_process,
-                args=(self.address, str(data), name, token, threads, str(log_path), profile),
+                args=(self.address, str(data), name, token, threads, str(log_path), profile, runtime),
                 name=name,
             )
             process.start()
@@ -118,11 +120,17 @@ class LoopbackFleet(GrpcTransport):
 
 
 def client_process(
-    server: str, data: str, name: str, token: str, threads: int, log_path: str, profile: str = ""
+    server: str,
+    data: str,
+    name: str,
+    token: str,
+    threads: int,
+    log_path: str,
+    profile: str = "",
+    runtime: str = "torch",
 ) -> None:
-    """A client process: `edgefed client --profile PROFILE` for one shard, writing to its log."""
-    import torch
-
+    """A client process: `edgefed client --profile PROFILE --runtime RUNTIME` for one shard, writing to
+    its log."""
     from edgefed.transport.grpc_client import GrpcClient
 
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -131,10 +139,9 @@ def client_process(
     os.close(log)
     sys.stdout.reconfigure(line_buffering=True)
     sys.stderr.reconfigure(line_buffering=True)
-    torch.set_num_threads(threads)
 
     def train() -> int:
-        GrpcClient(server, data, name, token=token, profile=profile).run()
+        GrpcClient(server, data, name, token=token, profile=profile, runtime=runtime, threads=threads).run()
         return 0
 
     sys.exit(report_errors(train))

@@ -25,8 +25,9 @@ class DeviceLink(Protocol):
     run_id: str
     echo: Callable[[str], None]
 
-    def fetch(self, method: str) -> Received:
-        """The payload of a one-off stream of the run (`FetchSetup`, `FetchRuntime`), reassembled."""
+    def fetch(self, method: str, max_bytes: int = ...) -> Received:
+        """The payload of a one-off stream of the run (`FetchSetup`, `FetchRuntime`), reassembled; one
+        larger than `max_bytes` (default: the wire's limit for a state) is refused."""
         ...
 
     def declare(self, num_examples: int) -> None:
