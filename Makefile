@@ -13,7 +13,7 @@ TORCH_CPU   ?= torch==2.13.0+cpu
 TORCH_CUDA  ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 # What `make` installs beside edgefed itself (`make install EXTRAS=torch` for the toolkit alone).
-EXTRAS ?= torch,dev,demo,flower,ort,onnx
+EXTRAS ?= torch,dev,demo,flower,ort,onnx,executorch
 
 .PHONY: demo test lint install clean
 

@@ -119,9 +119,10 @@ class RunConfig:
     )
     client_runtime: tuple[str, ...] = option(
         ("torch",),
-        "what simulated clients train with: torch, or ort (ONNX Runtime training artifacts the server "
-        "makes once per run: lora and federa classifiers, pip install 'edgefed[ort,onnx]'); a list is "
-        "taken in turn (torch,ort: every other client)",
+        "what simulated clients train with: torch, ort (ONNX Runtime training artifacts the server makes "
+        "once per run: lora and federa classifiers, pip install 'edgefed[ort,onnx]') or executorch (an "
+        "ExecuTorch training program, in-process clients, 'edgefed[executorch]'); a list is taken in "
+        "turn (torch,ort: every other client)",
     )
     min_clients: int | None = option(
         None, "connected clients a round needs, and updates it counts (default: all)"
@@ -205,8 +206,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 TRANSPORTS = ("inproc", "grpc", "flower")
-RUNTIMES = ("torch", "ort")
-ORT_METHODS = ("lora", "federa")
+RUNTIMES = ("torch", "ort", "executorch")
+ADAPTER_RUNTIME_METHODS = ("lora", "federa")
 # Fields that hold comma-separated names, with an example for errors.
 LIST_EXAMPLES = {
     "target_modules": "query,value",
@@ -408,31 +409,40 @@ def validate_runtimes(config: RunConfig, method) -> None:
     unknown = sorted(set(config.client_runtime) - set(RUNTIMES))
     if not config.client_runtime or unknown:
         raise EdgefedError(f"unknown client-runtime {unknown[:1]}; choose from: {', '.join(RUNTIMES)}")
-    if "ort" not in config.client_runtime:
-        return
-    refusal = ort_refusal(config, method)
-    if refusal:
-        raise EdgefedError(f"client-runtime {refusal}")
-    if config.transport == "flower":
-        raise EdgefedError(
-            "client-runtime ort runs in-process clients or client processes: transport inproc or grpc"
-        )
-    if config.transport == "grpc" and config.codec != "none":
-        raise EdgefedError(f"ort client processes send uncompressed deltas: codec none, not {config.codec}")
-    from edgefed.ort import require_onnxruntime_training
+    for runtime in sorted(set(config.client_runtime) - {"torch"}):
+        refusal = adapter_runtime_refusal(config, method, runtime)
+        if refusal:
+            raise EdgefedError(f"client-runtime {refusal}")
+    if "ort" in config.client_runtime:
+        if config.transport == "flower":
+            raise EdgefedError(
+                "client-runtime ort runs in-process clients or client processes: transport inproc or grpc"
+            )
+        if config.transport == "grpc" and config.codec != "none":
+            raise EdgefedError(
+                f"ort client processes send uncompressed deltas: codec none, not {config.codec}"
+            )
+        from edgefed.ort import require_onnxruntime_training
 
-    require_onnxruntime_training()
+        require_onnxruntime_training()
+    if "executorch" in config.client_runtime:
+        if config.transport != "inproc":
+            raise EdgefedError("client-runtime executorch runs in-process clients: transport inproc")
+        from edgefed.et import require_executorch
+
+        require_executorch()
 
 
-def ort_refusal(config: RunConfig, method) -> str | None:
-    """Why the ort runtime cannot train clients of this run (a phrase after "ort "), or None."""
-    if config.method not in ORT_METHODS or method.task != "classification" or config.tasks:
+def adapter_runtime_refusal(config: RunConfig, method, runtime: str = "ort") -> str | None:
+    """Why `runtime` (ort, executorch: runtimes that train exported adapters) cannot train clients of
+    this run (a phrase that starts with its name), or None."""
+    if config.method not in ADAPTER_RUNTIME_METHODS or method.task != "classification" or config.tasks:
         return (
-            f"ort trains {' and '.join(ORT_METHODS)} classifiers, not {config.method} "
+            f"{runtime} trains {' and '.join(ADAPTER_RUNTIME_METHODS)} classifiers, not {config.method} "
             f"({method.task}{', multi-task' if config.tasks else ''})"
         )
     if config.profiles:
-        return "ort trains the run's whole adapters: no device profiles"
+        return f"{runtime} trains the run's whole adapters: no device profiles"
     return None
 
 

@@ -127,3 +127,18 @@ def fleet_profiles(tmp_path_factory) -> str:
         path.write_text(profile_toml(profile), encoding="utf-8")
         paths.append(str(path))
     return ",".join(paths)
+
+
+@pytest.fixture(scope="session")
+def still_model_dir(tmp_path_factory, minilm_path) -> Path:
+    """The tests' tiny random BERT without dropout: the runtimes that train exported adapters export it
+    without, so a torch round and theirs see the same function."""
+    from transformers import BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert-no-dropout")
+    torch.manual_seed(1234)
+    BertModel(tiny_bert_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).save_pretrained(
+        folder
+    )
+    load_tokenizer(minilm_path).save_pretrained(folder)
+    return folder

@@ -18,7 +18,6 @@ import torch
 
 pytest.importorskip("onnxruntime.training", reason="needs onnxruntime-training (edgefed[ort])")
 
-from edgefed.client import build_worker
 from edgefed.config import resolve_config
 from edgefed.data import shuffled_batches
 from edgefed.errors import EdgefedError
@@ -27,41 +26,9 @@ from edgefed.models import load_tokenizer
 from edgefed.ort.artifacts import write_artifacts
 from edgefed.ort.local import OrtLocalTrainer, graph_inputs
 from edgefed.ort.trainer import OrtTrainer, UpdateRule
-from tests.tiny import tiny_bert_config
+from tests.adapter_runtimes import perturbed, run_metrics, worker_and_examples
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def still_model_dir(tmp_path_factory, minilm_path) -> Path:
-    """The tests' tiny random BERT without dropout."""
-    from transformers import BertModel
-
-    folder = tmp_path_factory.mktemp("tiny-bert-no-dropout")
-    torch.manual_seed(1234)
-    BertModel(tiny_bert_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).save_pretrained(
-        folder
-    )
-    load_tokenizer(minilm_path).save_pretrained(folder)
-    return folder
-
-
-def worker_and_examples(model_dir: Path, data_dir: Path, method: str):
-    config = resolve_config(
-        None, {"model": str(model_dir), "data": str(data_dir), "method": method, "lr": 0.01, "batch_size": 8}
-    )
-    task = config.task()
-    base, heads = task.load_model(str(model_dir), 2)
-    worker = build_worker(config, base, tuple(heads), torch.device("cpu"), None)
-    train, _ = task.load_data(config.data_settings())
-    examples = task.encode_client(train, load_tokenizer(str(model_dir)), 32, config.data_settings())
-    return config, worker, examples
-
-
-def perturbed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A global state away from the initial one (LoRA's B starts at zero, where A has no gradient)."""
-    generator = torch.Generator().manual_seed(5)
-    return {name: t + 0.01 * torch.randn(t.shape, generator=generator) for name, t in state.items()}
 
 
 @pytest.mark.parametrize("method", ["lora", "federa"])
@@ -163,10 +130,6 @@ print(json.dumps(sorted(m for m in loaded if m.split(".")[0] in ("torch", "trans
     )
     for name in trainable:
         np.testing.assert_array_equal(delta[name], here.delta[name])
-
-
-def run_metrics(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_a_federation_of_torch_and_ort_clients_computes_the_torch_one(

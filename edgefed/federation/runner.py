@@ -20,7 +20,7 @@ import torch
 from edgefed.aggregators import AGGREGATORS
 from edgefed.client import build_worker
 from edgefed.codecs import make_codec
-from edgefed.config import RunConfig, config_from_text, ort_refusal, write_config
+from edgefed.config import RunConfig, adapter_runtime_refusal, config_from_text, write_config
 from edgefed.devices.clock import SimulatedClock
 from edgefed.errors import EdgefedError
 from edgefed.federation.checkpoint import Checkpoint, load_checkpoint, restore_rng
@@ -253,7 +253,7 @@ def run_description(side: ServerSide, run_id: str) -> RunDescription:
 def served_description(side: ServerSide, run_id: str, run_dir: Path) -> RunDescription:
     """What clients over gRPC learn of the run, with the ort devices' runtime files when the run allows
     them (made when the first one asks), else why not."""
-    refusal = ort_refusal(side.config, side.method)
+    refusal = adapter_runtime_refusal(side.config, side.method)
     if refusal is None and side.config.codec != "none":
         refusal = f"ort devices send their deltas uncompressed: codec none, not {side.config.codec}"
     return dataclasses.replace(
@@ -306,6 +306,29 @@ def ort_device_files(side: ServerSide, run_dir: Path) -> bytes:
     return files_payload(files | {TOKENIZER: backend.to_str().encode(), MANIFEST: manifest.to_json()})
 
 
+def executorch_trainer(side: ServerSide, worker, run_dir: Path):
+    """The ExecuTorch training program of `worker`'s model, made once (<run>/executorch/train.pte), and
+    the in-process trainer that runs it."""
+    from edgefed.et.local import EtLocalTrainer
+    from edgefed.et.program import training_program
+
+    config = side.config
+    trainable = list(trainable_state(worker.model))
+    program = training_program(worker.model, trainable, config.batch_size, config.max_seq_len)
+    (run_dir / "executorch").mkdir(parents=True, exist_ok=True)
+    (run_dir / "executorch" / "train.pte").write_bytes(program)
+    pad_id = side.tokenizer.pad_token_id or 0
+    return EtLocalTrainer(
+        program,
+        trainable,
+        worker.trainer.lr,
+        config.batch_size,
+        config.max_seq_len,
+        pad_id,
+        config.max_grad_norm,
+    )
+
+
 def in_process_transport(
     side: ServerSide,
     run_id: str,
@@ -328,6 +351,8 @@ def in_process_transport(
         runtimes["ort"] = OrtLocalTrainer(
             run_dir / "ort", trainable, worker.trainer.lr, config.batch_size, config.max_grad_norm
         )
+    if "executorch" in config.client_runtime:
+        runtimes["executorch"] = executorch_trainer(side, worker, run_dir)
     settings = config.data_settings()
     clients = []
     for index, shard in enumerate(side.shards):

@@ -1,0 +1,36 @@
+"""What the tests of the runtimes that train exported adapters (ONNX Runtime, ExecuTorch) share: a worker
+and its examples on the tiny BERT without dropout (conftest's `still_model_dir`), a perturbed state,
+and a run's metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from edgefed.client import build_worker
+from edgefed.config import resolve_config
+from edgefed.models import load_tokenizer
+
+
+def worker_and_examples(model_dir: Path, data_dir: Path, method: str):
+    config = resolve_config(
+        None, {"model": str(model_dir), "data": str(data_dir), "method": method, "lr": 0.01, "batch_size": 8}
+    )
+    task = config.task()
+    base, heads = task.load_model(str(model_dir), 2)
+    worker = build_worker(config, base, tuple(heads), torch.device("cpu"), None)
+    train, _ = task.load_data(config.data_settings())
+    examples = task.encode_client(train, load_tokenizer(str(model_dir)), 32, config.data_settings())
+    return config, worker, examples
+
+
+def perturbed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A global state away from the initial one (LoRA's B starts at zero, where A has no gradient)."""
+    generator = torch.Generator().manual_seed(5)
+    return {name: t + 0.01 * torch.randn(t.shape, generator=generator) for name, t in state.items()}
+
+
+def run_metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
