@@ -356,3 +356,14 @@ def test_without_the_torch_extra_a_command_that_needs_it_says_so_in_one_line(sma
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'edgefed[torch]'" in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [(b"{", "unreadable"), (b'{"format": 2}', "format 2"), (b'{"format": 1, "lr": 1}', "unreadable")],
+)
+def test_a_bad_runtime_manifest_is_one_clear_error(text, expected):
+    from edgefed.ort.device import Manifest
+
+    with pytest.raises(EdgefedError, match=expected):
+        Manifest.from_json(text)

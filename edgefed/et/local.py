@@ -69,10 +69,8 @@ class EtLocalTrainer:
     ) -> ClientUpdate:
         """LocalTrainer.fit's round; `narrowing` (a plan's scope, an exit, pseudo labels, a held-out
         slice) must all be None, and `batch_size` the program's."""
-        if any(value is not None for value in narrowing.values()) or batch_size not in (
-            None,
-            self.batch_size,
-        ):
+        narrowed = any(value is not None for value in narrowing.values())
+        if narrowed or batch_size not in (None, self.batch_size):
             raise EdgefedError(
                 "the executorch runtime trains whole adapters: no plans, exits or pseudo labels"
             )
@@ -87,9 +85,8 @@ class EtLocalTrainer:
         losses: list[float] = []
         start = time.perf_counter()
         for indices in shuffled_batches(len(examples), self.batch_size, steps, generator):
-            loss = self.module.forward_backward("forward", self._padded(examples.batch(indices, generator)))[
-                0
-            ]
+            inputs = self._padded(examples.batch(indices, generator))
+            loss = self.module.forward_backward("forward", inputs)[0]
             if not torch.isfinite(loss):
                 raise EdgefedError(
                     f"client {client_id}: training diverged (loss {loss.item()}) at local step "

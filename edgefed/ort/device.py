@@ -58,18 +58,21 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
-        values = json.loads(data)
-        if values.get("format") != MANIFEST_FORMAT:
-            raise EdgefedError(
-                f"the server's runtime manifest is format {values.get('format')}; this edgefed reads "
-                f"{MANIFEST_FORMAT} (install the server's edgefed version)"
-            )
-        return cls(**values)
+        try:
+            values = json.loads(data)
+            if values.get("format") != MANIFEST_FORMAT:
+                raise EdgefedError(
+                    f"the server's runtime manifest is format {values.get('format')}; this edgefed reads "
+                    f"{MANIFEST_FORMAT} (install the server's edgefed version)"
+                )
+            return cls(**values)
+        except (ValueError, TypeError, AttributeError) as error:
+            raise EdgefedError(f"the server's runtime manifest is unreadable ({error})") from None
 
 
 class OrtDevice:
     def __init__(self, link: DeviceLink, threads: int | None = None) -> None:
-        require_onnxruntime_training()  # one clear line, before the client connects, where it cannot
+        require_onnxruntime_training()  # where it cannot load: one clear line, before connecting
         self.link = link
         self.threads = threads
         self.folder = tempfile.TemporaryDirectory(prefix="edgefed-ort-")  # removed with the client
