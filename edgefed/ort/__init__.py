@@ -2,8 +2,10 @@
 
 The server, which has torch, exports the model with its adapters once per run and generates ONNX
 Runtime training artifacts from it (`artifacts.py`); a client trains the adapter tensors through
-them (`trainer.py`, which imports numpy and onnxruntime only). `local.py` puts that trainer behind
-edgefed's `LocalTrainer` interface for in-process clients (`--client-runtime ort`).
+them (`trainer.py`, which imports numpy and onnxruntime only). `device.py` is `edgefed client
+--runtime ort`, a device without torch or transformers that fetches the artifacts over gRPC;
+`local.py` puts the trainer behind edgefed's `LocalTrainer` interface for in-process clients
+(`--client-runtime ort`).
 
 onnxruntime-training 1.19.2 is the last release with training (upstream removed it afterwards). edgefed
 takes its CPU build, onnxruntime-training-cpu (9 MB against the CUDA build's 300 MB), whose wheels
