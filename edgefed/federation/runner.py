@@ -269,13 +269,13 @@ def client_worker(side: ServerSide, device: torch.device):
     return build_worker(side.config, base, side.spec.head_modules, device, side.setup)
 
 
-def ort_artifacts(worker, run_dir: Path) -> tuple[list[str], dict[str, bytes]]:
-    """ONNX Runtime training artifacts of `worker`'s model in <run>/ort/: the names of the tensors they
-    train, and the files by name."""
+def ort_artifacts(worker, run_dir: Path) -> tuple[dict[str, list[int]], dict[str, bytes]]:
+    """ONNX Runtime training artifacts of `worker`'s model in <run>/ort/: the tensors they train (name
+    -> shape), and the files by name."""
     from edgefed.ort.artifacts import write_artifacts
 
-    trainable = list(trainable_state(worker.model))
-    return trainable, write_artifacts(worker.model, trainable, run_dir / "ort")
+    shapes = {name: list(tensor.shape) for name, tensor in trainable_state(worker.model).items()}
+    return shapes, write_artifacts(worker.model, list(shapes), run_dir / "ort")
 
 
 def ort_device_files(side: ServerSide, run_dir: Path) -> bytes:
@@ -290,9 +290,8 @@ def ort_device_files(side: ServerSide, run_dir: Path) -> bytes:
         raise EdgefedError(f"{config.model} has no fast tokenizer (tokenizer.json), which ort devices use")
     worker = client_worker(side, torch.device("cpu"))
     trainable, files = ort_artifacts(worker, run_dir)
-    state = trainable_state(worker.model)
     manifest = Manifest(
-        trainable={name: list(state[name].shape) for name in trainable},
+        trainable=trainable,
         lr=worker.trainer.lr,
         max_grad_norm=config.max_grad_norm,
         batch_size=config.batch_size,
@@ -349,7 +348,7 @@ def in_process_transport(
 
         trainable, _ = ort_artifacts(worker, run_dir)
         runtimes["ort"] = OrtLocalTrainer(
-            run_dir / "ort", trainable, worker.trainer.lr, config.batch_size, config.max_grad_norm
+            run_dir / "ort", list(trainable), worker.trainer.lr, config.batch_size, config.max_grad_norm
         )
     if "executorch" in config.client_runtime:
         runtimes["executorch"] = executorch_trainer(side, worker, run_dir)

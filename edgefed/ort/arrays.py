@@ -72,5 +72,7 @@ def files_payload(files: Mapping[str, bytes]) -> bytes:
     return arrays_payload({name: np.frombuffer(data, dtype=np.uint8) for name, data in files.items()})
 
 
-def files_of(payload: Received | bytes, expected: Expected) -> dict[str, bytes]:
-    return {name: array.tobytes() for name, array in parse_arrays(payload, expected).items()}
+def files_of(payload: Received | bytes, expected: Expected) -> dict[str, memoryview]:
+    """The files a payload carries, as views of the arrays decoding made (no second copy: the runtime
+    files hold every weight of the model)."""
+    return {name: memoryview(array) for name, array in parse_arrays(payload, expected).items()}

@@ -84,11 +84,11 @@ class OrtDevice:
         missing = sorted({MANIFEST, TOKENIZER, *ARTIFACT_FILES} - set(files))
         if missing:
             raise EdgefedError(f"the server's runtime files lack {', '.join(missing)}")
-        manifest = Manifest.from_json(files[MANIFEST])
+        manifest = Manifest.from_json(bytes(files[MANIFEST]))
         folder = Path(self.folder.name)
         for name in ARTIFACT_FILES:
             (folder / name).write_bytes(files[name])
-        self.input_ids, self.labels = encode_texts(link.data, files[TOKENIZER], manifest.max_seq_len)
+        self.input_ids, self.labels = encode_texts(link.data, bytes(files[TOKENIZER]), manifest.max_seq_len)
         link.declare(len(self.labels))
         self.manifest = manifest
         self.shapes = {name: (tuple(shape), "float32") for name, shape in manifest.trainable.items()}
