@@ -7,8 +7,9 @@ Everything is measured in this one run, side by side:
   a client pushes it (gRPC messages of the edgefed.v1 wire format, chunked at 1 MiB); down is the
   global state, lossless; setup is FeDeRA's one-off state.
 - throughput: a pre-encoded fp32 delta pushed to a live FederationServicer (chunking, per-chunk
-  checks, reassembly, per-tensor CRC32C, shape/dtype/finiteness/norm checks, decoding), against a
-  bare gRPC client-streaming method that receives the same chunks' bytes and only counts them.
+  checks, reassembly, per-tensor CRC32C, shape/dtype/finiteness/norm checks), against a bare gRPC
+  client-streaming method that receives the same chunks' bytes and only counts them; and the CPU time
+  the receiving side spends on each.
 - `--accuracy`: the demo (FeDeRA, 4 clients, 16 rounds, in-process) with codec none and int8.
 
     python benchmarks/comm.py [--accuracy] [--out benchmarks/results/comm.md]
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import multiprocessing
+import os
 import platform
 import statistics
 import sys
@@ -152,10 +154,11 @@ def sender(total_mb: float, requests, replies) -> None:
         replies.put((time.perf_counter() - start, chunking_s))
 
 
-def throughput(total_mb: float, repeats: int) -> tuple[dict[str, float], int]:
-    """MB/s of each path (medians over interleaved repeats) and the payload's bytes. Every path gets the
-    same chunk bytes from a sender process, serialised before the clock starts: what differs is the
-    receiver. `sender` is the sender's own chunking and serialisation, apart."""
+def throughput(total_mb: float, repeats: int) -> tuple[dict[str, float], dict[str, float], int]:
+    """MB/s of each path and MB per CPU-second the receiving side spent on it (medians over interleaved
+    repeats), and the payload's bytes. Every path gets the same chunk bytes from a sender process,
+    serialised before the clock starts: what differs is the receiver. `sender` is the sender's own
+    chunking and serialisation, apart."""
     delta, update = delta_update(total_mb)
     global_state = {name: torch.zeros_like(tensor) for name, tensor in delta.items()}
     config = RunConfig(clients=1, codec="none")
@@ -176,9 +179,16 @@ def throughput(total_mb: float, repeats: int) -> tuple[dict[str, float], int]:
     process = context.Process(target=sender, args=(total_mb, requests, replies))
     process.start()
 
-    def timed(address: str, method: str, round_number: int) -> tuple[float, float]:
+    cpu: dict[str, list[float]] = {"raw": [], "framing": [], "checks": [], "edgefed": []}
+
+    def timed(path: str, address: str, method: str, round_number: int) -> tuple[float, float]:
+        # CPU time (user + system) of this whole process: while a call is timed its main thread waits,
+        # so what it uses is the receiving servers' threads (gRPC's own and the handlers').
+        start = time.process_time()
         requests.put((address, method, round_number))
-        return replies.get(timeout=600)
+        seconds, chunking_s = replies.get(timeout=600)
+        cpu[path].append(time.process_time() - start)
+        return seconds, chunking_s
 
     times: dict[str, list[float]] = {"raw": [], "framing": [], "checks": [], "edgefed": [], "sender": []}
     try:
@@ -188,20 +198,25 @@ def throughput(total_mb: float, repeats: int) -> tuple[dict[str, float], int]:
             collector.start()
             while servicer.round is None:
                 time.sleep(0.001)
-            seconds, chunking_s = timed(transport.address, "/edgefed.v1.Federation/PushUpdate", round_number)
+            seconds, chunking_s = timed(
+                "edgefed", transport.address, "/edgefed.v1.Federation/PushUpdate", round_number
+            )
             times["edgefed"].append(seconds)
             times["sender"].append(chunking_s)
             collector.join()
-            times["raw"].append(timed(sink_address, "/bench.Sink/Push", 1)[0])
-            times["framing"].append(timed(sink_address, "/bench.Sink/Frames", 1)[0])
-            times["checks"].append(timed(sink_address, "/bench.Sink/Checks", 1)[0])
+            for path, method in (("raw", "Push"), ("framing", "Frames"), ("checks", "Checks")):
+                times[path].append(timed(path, sink_address, f"/bench.Sink/{method}", 1)[0])
     finally:
         requests.put(None)
         process.join()
         transport.close()
         sink.stop(0)
     size = len(update.payload)
-    return {path: size / statistics.median(values) / MB for path, values in times.items()}, size
+
+    def per_second(samples: dict[str, list[float]]) -> dict[str, float]:
+        return {path: size / statistics.median(values) / MB for path, values in samples.items()}
+
+    return per_second(times), per_second(cpu), size
 
 
 def demo_accuracy() -> list[str]:
@@ -262,15 +277,33 @@ def main() -> None:
         "| delta | raw | framing | checks | end to end | framing / raw | checks / raw | end to end / raw |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    cpu_lines = [
+        "",
+        "## What the receiving side spends (MB received per CPU-second of the receiving process)",
+        "",
+        "User plus system time of every thread of the receiving process during the call (gRPC's own "
+        "and the handler's), median of the same repeats. Sender and receiver share this machine's "
+        f"{os.cpu_count()} cores, so a receiver that spends more CPU per byte also takes cores from the "
+        "sender: on loopback the stream's speed follows these figures.",
+        "",
+        "| delta | raw | framing | checks | end to end | end to end / raw |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for stream_mb in args.stream_mb:
-        rates, size = throughput(stream_mb, args.repeats)
+        rates, cpu, size = throughput(stream_mb, args.repeats)
         lines.append(
             f"| {size / MB:.2f} MB | {rates['raw']:.0f} | {rates['framing']:.0f} | {rates['checks']:.0f} | "
             f"{rates['edgefed']:.0f} | {rates['framing'] / rates['raw']:.2f} | "
             f"{rates['checks'] / rates['raw']:.2f} | **{rates['edgefed'] / rates['raw']:.2f}** |"
         )
+        cpu_lines.append(
+            f"| {size / MB:.2f} MB | {cpu['raw']:.0f} | {cpu['framing']:.0f} | {cpu['checks']:.0f} | "
+            f"{cpu['edgefed']:.0f} | {cpu['edgefed'] / cpu['raw']:.2f} |"
+        )
         print(f"measured streaming of {size / MB:.2f} MB", file=sys.stderr)
-    data = bytes(size)
+    lines += cpu_lines
+    # Random bytes: a buffer of zeros is the kernel's one zero page mapped over and over, read from cache.
+    data = np.random.default_rng(0).bytes(size)
     rates = {}
     for name, checksum in (("CRC32C", crc32c.crc32c), ("sha256", lambda d: hashlib.sha256(d).digest())):
         checksum(data)

@@ -44,6 +44,7 @@ from edgefed.transport.base import (
 from edgefed.types import ClientUpdate, RoundResult, State
 from edgefed.wire.channels import MESSAGE_HEADROOM, ServerTls, start_server
 from edgefed.wire.framing import ChunkView, Expected, WireError, chunk_stream, wire_size
+from edgefed.wire.memory import keep_freed_messages
 from edgefed.wire.streams import STREAM_IDLE_S, StreamGuard
 from edgefed.wire.text import printable
 from edgefed.wire.v1 import federation_pb2 as pb
@@ -559,10 +560,12 @@ class GrpcTransport(Transport):
         self.watchdog = watchdog
         workers = 2 * servicer.num_clients + 8
         interceptors = [BearerTokenInterceptor(servicer.tokens)] if servicer.tokens else []
+        message_bytes = servicer.run.config.chunk_bytes + MESSAGE_HEADROOM
+        keep_freed_messages(message_bytes)  # updates are read in place, in their chunk messages
         self.server, port = start_server(
             [lambda server: serve_federation(servicer, server)],
             address,
-            max_message_bytes=servicer.run.config.chunk_bytes + MESSAGE_HEADROOM,
+            max_message_bytes=message_bytes,
             workers=workers,
             max_concurrent_rpcs=4 * workers,
             tls=tls,
