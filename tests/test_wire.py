@@ -156,6 +156,20 @@ def test_tampered_tensor_checksum_nan_and_norm_bound_are_refused():
     assert parse_state(payload, codec, expected_for(values, max_norm=norm * 1.01)).keys() == values.keys()
 
 
+def test_finite_values_whose_squares_pass_float32s_range_keep_their_norm():
+    values, codec = state(), make_codec("none")
+    large = {**values, "head": values["head"].clone()}
+    large["head"][0, :4] = 3e19  # finite, each square (9e38) beyond float32's range
+    norm = float(torch.sqrt(sum((t.double() ** 2).sum() for t in large.values())))
+    refused(stream(large, codec), expected_for(values, max_norm=norm * 0.99), "over the bound")
+    payload, _ = reassemble(iter(stream(large, codec)), expected_for(values, max_norm=norm * 1.01))
+    accepted = parse_state(payload, codec, expected_for(values, max_norm=norm * 1.01))
+    assert torch.equal(accepted["head"], large["head"])
+    infinite = {**values, "head": values["head"].clone()}
+    infinite["head"][1, 5] = float("-inf")
+    refused(stream(infinite, codec), expected_for(values), "tensor head: NaN or Inf")
+
+
 def test_corrupt_codec_fields_are_a_wire_error():
     values, codec = state(), make_codec("int8")
     encoded = [dataclasses.replace(item, scales=item.scales[:-4]) for item in encode_state(codec, values)]
