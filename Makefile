@@ -14,6 +14,8 @@ TORCH_CUDA  ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 # What `make` installs beside edgefed itself (`make install EXTRAS=torch` for the toolkit alone).
 EXTRAS ?= torch,dev,demo,flower,ort,onnx,executorch
+# Extra pytest flags for `make test`, e.g. PYTEST_ARGS="--randomly-seed=3 -x".
+PYTEST_ARGS ?=
 
 .PHONY: demo test lint install clean
 
@@ -21,9 +23,10 @@ demo: $(STAMP)
 	$(VENV)/bin/edgefed run
 
 test: $(STAMP)
-	@# One pytest-xdist worker per core, each computing on one thread (tests/conftest.py).
+	@# One pytest-xdist worker per core, each computing on one thread (tests/conftest.py), the tests in
+	@# a random order whose seed pytest prints (repeat one: make test PYTEST_ARGS=--randomly-seed=N).
 	@# pytest exits 5 when it collects no tests; that is a fact to report, not a failure.
-	@$(PY) -m pytest -q -n auto --dist worksteal; rc=$$?; \
+	@$(PY) -m pytest -q -n auto --dist worksteal $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 lint: $(STAMP)

@@ -32,5 +32,17 @@ def perturbed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t + 0.01 * torch.randn(t.shape, generator=generator) for name, t in state.items()}
 
 
+def float64_round(worker, global_state, examples, steps: int, seed: int):
+    """The torch round of `worker` run in float64 (the reference a float32 round's rounding is measured
+    against), with its per-step losses; the worker's model is float32 again afterwards."""
+    losses: list[float] = []
+    worker.model.double()
+    try:
+        update = worker.trainer.fit(0, global_state, examples, steps, seed=seed, on_step=losses.append)
+    finally:
+        worker.model.float()
+    return update, losses
+
+
 def run_metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]

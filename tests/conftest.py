@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random BERT (fast), small SST-2 files, and the full SST-2 in ../shared."""
+"""Shared fixtures: a tiny random BERT (fast) and the small data sets committed in tests/data."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Under pytest-xdist (`make test` runs a worker per core) each worker computes on one thread: two
-# threads a worker would oversubscribe the cores and slow every test down.
-if os.environ.get("PYTEST_XDIST_WORKER"):
+# threads a worker would oversubscribe the cores and slow every test down. OMP_NUM_THREADS, where set,
+# wins (torch reads it itself): the suite must pass with any thread count.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
 import pytest
@@ -21,9 +22,8 @@ from edgefed.models import load_tokenizer, resolve_model_path
 from tests.federation_harness import serve_federation
 from tests.tiny import tiny_bert_config
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_SST2 = Path(os.environ.get("EDGEFED_SST2", ROOT.parent / "shared" / "data" / "sst2"))
-SHARED_DATA = SHARED_SST2.parent
+# What the tests read ships with the repository (tests/data/README.md says where each row comes from).
+TEST_DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture
@@ -53,15 +53,6 @@ def crash_after_round(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def sst2_dir() -> Path:
-    if not (SHARED_SST2 / "train.tsv").is_file():
-        pytest.fail(
-            f"SST-2 not found at {SHARED_SST2}; set EDGEFED_SST2 to the folder with train.tsv and dev.tsv"
-        )
-    return SHARED_SST2
-
-
-@pytest.fixture(scope="session")
 def minilm_path() -> str:
     return resolve_model_path("all-MiniLM-L6-v2")
 
@@ -80,36 +71,16 @@ def tiny_model_dir(tmp_path_factory, minilm_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_data_dir(tmp_path_factory, sst2_dir) -> Path:
-    """400 training and 100 dev rows of SST-2, in the shared data's own format."""
-    folder = tmp_path_factory.mktemp("sst2-small")
-    for name, rows in (("train.tsv", 400), ("dev.tsv", 100)):
-        lines = (sst2_dir / name).read_text(encoding="utf-8").splitlines()[: rows + 1]
-        (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (folder / "labels.txt").write_text(
-        (sst2_dir / "labels.txt").read_text(encoding="utf-8"), encoding="utf-8"
-    )
-    return folder
+def small_data_dir() -> Path:
+    """400 training and 100 dev rows of SST-2 with its labels.txt (tests/data/sst2)."""
+    return TEST_DATA / "sst2"
 
 
 @pytest.fixture(scope="session")
-def fewshot_dir(tmp_path_factory) -> Path:
-    """Three small task folders from ../shared/data/fewshot (mr, subj, trec): 30 training rows per class
-    and 40 test rows each, with their labels.txt."""
-    folder = tmp_path_factory.mktemp("fewshot")
-    for task in ("mr", "subj", "trec"):
-        source = SHARED_DATA / "fewshot" / task
-        (folder / task).mkdir()
-        header, *rows = (source / "train.tsv").read_text(encoding="utf-8").splitlines()
-        by_label: dict[str, list[str]] = {}
-        for row in rows:
-            by_label.setdefault(row.rsplit("\t", 1)[1], []).append(row)
-        kept = [row for members in by_label.values() for row in members[:30]]
-        (folder / task / "train.tsv").write_text("\n".join([header, *kept]) + "\n", encoding="utf-8")
-        test = (source / "test.tsv").read_text(encoding="utf-8").splitlines()[:41]
-        (folder / task / "test.tsv").write_text("\n".join(test) + "\n", encoding="utf-8")
-        (folder / task / "labels.txt").write_text((source / "labels.txt").read_text(encoding="utf-8"))
-    return folder
+def fewshot_dir() -> Path:
+    """Three small few-shot task folders (mr, subj, trec): 30 training rows per class and 40 test rows
+    each, with their labels.txt (tests/data/fewshot)."""
+    return TEST_DATA / "fewshot"
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import json
+import math
 
 import pytest
 
@@ -65,6 +66,7 @@ def test_replaying_a_run_gives_the_simulated_clock_it_ran_on(tiny_model_dir, sma
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     clock = grid_clocks(grid)[("federa", "", "")][PROFILES[1]]
     for row in rows[1:]:
+        # float64 sums of a few hundred terms: rounding below 1e-13 relative (n·u with u = 1.1e-16).
         assert clock.replay(row, 0).seconds == pytest.approx(row.sim_round_s, rel=1e-12)
         assert clock.replay(row, 0).slowest == row.sim_slowest_client
         # Rounds recorded before metrics carried each client's steps count the run's local steps.
@@ -182,7 +184,10 @@ def test_a_target_margin_runs_centralised_full_fine_tuning_first(tiny_model_dir,
     summary = json.loads((reference / "summary.json").read_text())
     assert (summary["method"], summary["clients"], summary["rounds"]) == ("fft", 1, 3)
     target = float((tmp_path / "out" / "table.md").read_text().split("**Target**: ")[1].split(" %")[0]) / 100
-    assert target == pytest.approx(summary["best_accuracy"] - 0.05, abs=1e-3)
+    # The target is floored to 0.1 % (never above best − margin); table.md prints it to one decimal of
+    # a percent: within 0.05 % of the floored value.
+    floored = math.floor((summary["best_accuracy"] - 0.05) * 1000) / 1000
+    assert target == pytest.approx(floored, abs=5e-4)
 
 
 def test_a_results_folder_of_another_grid_is_refused(grid_run):

@@ -1,5 +1,7 @@
 """FeDeRA: SVD initialisation on the server, exact round-0 function, PiSSA equivalence, exact saving."""
 
+import copy
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
@@ -9,6 +11,20 @@ from edgefed.methods import METHODS, AdapterSpec, trainable_state
 from edgefed.methods.federa import residual_from, svd_init
 from edgefed.methods.lora import lora_layers
 from edgefed.models import load_classifier, load_tokenizer
+from tests.tolerance import (
+    UNIT,
+    assert_as_accurate,
+    assert_within,
+    balance_bound,
+    float64_svd_error,
+    gamma,
+    product_bound,
+    svd_error,
+    truncation_error,
+    vector_turn,
+)
+
+U32, U64 = UNIT[torch.float32], UNIT[torch.float64]
 
 
 def test_svd_init_factors_reconstruct_the_weight():
@@ -17,11 +33,25 @@ def test_svd_init_factors_reconstruct_the_weight():
     a, b = svd_init(weight, rank=6, scale=0.5)
     residual = residual_from(weight, a, b, scale=0.5)
     assert a.shape == (6, 40) and b.shape == (48, 6)
-    torch.testing.assert_close(residual + 0.5 * b @ a, weight, atol=1e-5, rtol=0)
+    a64, b64 = a.double(), b.double()
+    # The residual is W − s·B·A of the float32 factors, exact in float64, then rounded once: adding the
+    # product back in float64 gives W up to that rounding (u·|R|) and float64's own.
+    assert_within(
+        residual.double() + 0.5 * b64 @ a64,
+        weight,
+        U32 * residual.abs() + 0.5 * product_bound(b64, a64, torch.float64),
+    )
+    # s·B·A is the rank-6 truncated SVD up to rounding each factor to float32 ((2u + u²)·|B|·|A|) and
+    # the float64 SVD's own error (the test's SVD and svd_init's are separate LAPACK calls).
     u, s, vh = torch.linalg.svd(weight.double())
-    torch.testing.assert_close((0.5 * b @ a).double(), (u[:, :6] * s[:6]) @ vh[:6], atol=1e-5, rtol=0)
-    # Balanced: both factors carry sqrt(S/scale), so A·Aᵀ = B ᵀ·B = diag(S/scale).
-    torch.testing.assert_close(a @ a.T, b.T @ b, atol=1e-4, rtol=1e-4)
+    truncation = truncation_error(s, 6, float64_svd_error(weight))
+    assert_within(
+        0.5 * b64 @ a64,
+        (u[:, :6] * s[:6]) @ vh[:6],
+        (2 * U32 + U32**2) * 0.5 * (b64.abs() @ a64.abs()) + truncation,
+    )
+    # Balanced: both factors carry sqrt(S/scale), so A·Aᵀ = Bᵀ·B = diag(S/scale).
+    assert_within(a64 @ a64.T, b64.T @ b64, balance_bound(a, b, svd_rows=48))
     with pytest.raises(EdgefedError, match="exceeds"):
         svd_init(weight, rank=41, scale=1.0)
 
@@ -36,7 +66,9 @@ def test_residual_is_bit_identical_whatever_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(residual_from(weight, a, b, 0.25), single)
-    torch.testing.assert_close(single, weight - 0.25 * b @ a, atol=1e-5, rtol=0)
+    # W − s·B·A computed exactly in float64 and rounded once to float32.
+    exact = weight.double() - 0.25 * b.double() @ a.double()
+    assert_within(single, exact, U32 * exact.abs() + 0.25 * product_bound(b, a, torch.float64))
 
 
 def minilm(minilm_path, seed=0):
@@ -61,8 +93,10 @@ def test_round_zero_minilm_computes_what_the_pretrained_model_computes(minilm_pa
     adapted.eval()
     with torch.no_grad():
         expected = pretrained(**minilm_inputs).logits
+        exact = pretrained.double()(**minilm_inputs).logits
         got = adapted(**minilm_inputs).logits
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # W_res + s·B·A differs from W by one rounding per weight: as accurate as the plain model's float32.
+    assert_as_accurate(got, expected, exact, "round-0 logits", terms=pretrained.config.hidden_size)
     # The factors really are the principal components: the residual is not the weight.
     assert all(setup[key].abs().max() > 0.1 for key in setup if key.endswith("lora_B"))
 
@@ -83,15 +117,33 @@ def test_factors_match_peft_pissa_up_to_sign(minilm_path):
     )
     pissa_layers = dict(lora_layers(pissa))
     assert pissa_layers.keys() == dict(lora_layers(ours)).keys()
+    original = minilm(minilm_path)
     for name, layer in pissa_layers.items():
-        a_ref, b_ref = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        a, b = setup[f"{name}.lora_A"], setup[f"{name}.lora_B"]
+        a_ref, b_ref = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+        a, b = setup[f"{name}.lora_A"].double(), setup[f"{name}.lora_B"].double()
         signs = torch.sign((a * a_ref).sum(dim=1))
         assert torch.all(signs == torch.sign((b * b_ref).sum(dim=0))), "A and B flip together"
-        torch.testing.assert_close(a * signs[:, None], a_ref, atol=2e-4, rtol=1e-3)
-        torch.testing.assert_close(b * signs, b_ref, atol=2e-4, rtol=1e-3)
-        ours_base = dict(lora_layers(ours))[name].get_base_layer().weight
-        torch.testing.assert_close(ours_base, layer.get_base_layer().weight, atol=2e-5, rtol=0)
+        # peft runs its SVD in float32, we in float64: the difference is peft's SVD error E (measured:
+        # this is the very call peft makes) turning each singular pair and the top-8 subspace.
+        weight = original.get_submodule(name.removeprefix("base_model.model.")).weight.detach()
+        sigma = torch.linalg.svdvals(weight.double())
+        error = svd_error(weight, torch.linalg.svd(weight, full_matrices=False)) + float64_svd_error(weight)
+        for i in range(8):
+            # A's row i is √(σᵢ/s)·vᵢ: the vector turns (Wedin) and σᵢ moves by ≤ ‖E‖ (Weyl), plus
+            # float32 rounding of both factors and peft's sqrt and product (a few u of the row).
+            root = (sigma[i] / 2).sqrt().item()
+            for ours_row, theirs_row in ((a[i] * signs[i], a_ref[i]), (b[:, i] * signs[i], b_ref[:, i])):
+                bound = root * vector_turn(sigma, i, error) + error / (4 * root) + 8 * U32 * root
+                assert (ours_row - theirs_row).norm() <= bound, (name, i)
+        # The residuals differ by the change of the rank-8 truncation (in the spectral norm, where the
+        # theory bounds it) and the float32 rounding of each residual and of peft's B·A product.
+        ours_base = dict(lora_layers(ours))[name].get_base_layer().weight.double()
+        theirs_base = layer.get_base_layer().weight.double()
+        rounding = U32 * (ours_base.abs() + theirs_base.abs()) + 2 * (U32 + gamma(8)) * (
+            b_ref.abs() @ a_ref.abs()
+        )
+        spectral = torch.linalg.matrix_norm(ours_base - theirs_base, ord=2).item()
+        assert spectral <= truncation_error(sigma, 8, error) + rounding.norm().item(), name
 
 
 def test_clients_never_run_an_svd(tiny_model_dir, monkeypatch):
@@ -142,6 +194,7 @@ def test_saved_adapter_loads_on_the_original_model_with_peft(tiny_model_dir, tmp
     assert loaded.peft_config["default"].r == 2 * spec.rank
     inputs = {"input_ids": torch.randint(1000, 3000, (3, 9))}
     with torch.no_grad():
-        torch.testing.assert_close(
-            loaded(**inputs).logits, model.eval()(**inputs).logits, atol=1e-5, rtol=1e-5
-        )
+        got, expected = loaded(**inputs).logits, model.eval()(**inputs).logits
+        exact = copy.deepcopy(model).double()(**inputs).logits
+    # Rank 2r on W₀ and rank r on W_res are one function computed in two orders.
+    assert_as_accurate(got, expected, exact, "reloaded logits", terms=model.config.hidden_size)

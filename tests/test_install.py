@@ -50,9 +50,19 @@ def torch_wheel(folder: Path) -> Path:
     return path
 
 
-def run(*command: str | Path, **kwargs) -> subprocess.CompletedProcess:
+def clean_environment() -> dict[str, str]:
+    """This process's environment without what would point another Python at this one's packages."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+
+
+def run(*command: str | Path, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [str(part) for part in command], capture_output=True, text=True, timeout=900, **kwargs
+        [str(part) for part in command],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env or clean_environment(),
+        **kwargs,
     )
     assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
@@ -84,7 +94,7 @@ def test_pip_install_keeps_a_preinstalled_torch(tmp_path):
 def test_make_install_reuses_the_torch_of_the_python_it_is_given(tmp_path):
     python = environment_with_torch(tmp_path / "device")
     venv = tmp_path / "edgefed-venv"
-    env = {**os.environ, "MAKEFLAGS": ""}
+    env = {**clean_environment(), "MAKEFLAGS": ""}
     result = run("make", "-C", ROOT, "install", f"PYTHON={python}", f"VENV={venv}", "EXTRAS=torch", env=env)
     assert "reusing the torch already installed" in result.stdout
     assert (venv / "torch-constraint.txt").read_text().strip() == f"torch=={JETPACK_TORCH}"

@@ -31,6 +31,7 @@ from edgefed.wire.framing import tensor_message
 from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
 from tests.tiny import tiny_bert_config
+from tests.tolerance import assert_as_accurate_in_norm
 
 VOCAB, HIDDEN, BATCH, SEQ, STEPS = 120, 32, 6, 12, 4
 MASK_ID = 4
@@ -167,9 +168,16 @@ def uncut(initial) -> Run:
 def test_split_with_the_lossless_codec_trains_as_the_uncut_model(initial, uncut):
     run, _ = run_split(initial, "none")
     assert run.params.keys() == uncut.params.keys()
-    torch.testing.assert_close(run.losses, uncut.losses, atol=1e-5, rtol=0)
-    for name, value in uncut.params.items():
-        torch.testing.assert_close(run.params[name], value, atol=1e-5, rtol=0, msg=name)
+    # Cut in two, the model computes in another order: as accurate as the uncut float32 run against
+    # the uncut float64 run (softmax-invariant key biases aside: AdamW steps rounding noise by ±lr).
+    exact = run_uncut(copy.deepcopy(initial).double())
+    assert_as_accurate_in_norm(run.losses, uncut.losses, exact.losses, "losses", terms=HIDDEN)
+    compared = [name for name in uncut.params if not name.endswith("attention.self.key.bias")]
+    assert_as_accurate_in_norm(
+        *({name: params[name] for name in compared} for params in (run.params, uncut.params, exact.params)),
+        "parameters",
+        terms=HIDDEN,
+    )
 
 
 # Bounds on (update error, loss error). fp16 rounds each value to 11 significant bits (≈ 5e-4

@@ -76,12 +76,21 @@ def simulate(config: RunConfig, echo: Echo = print, resume: bool = False) -> dic
 
     outcome: dict = {}
     cpus = max(1, (os.cpu_count() or 1) // min(config.clients, os.cpu_count() or 1))
-    run_simulation(
-        server_app(config, echo, outcome, resume),
-        client_app(),
-        num_supernodes=config.clients,
-        backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0}},
-    )
+    # Flower's Ray backend sets PYTHONPATH to this process's sys.path for Ray's workers and leaves it
+    # set: every subprocess started afterwards (pip, another venv's python) would see our packages.
+    pythonpath = os.environ.get("PYTHONPATH")
+    try:
+        run_simulation(
+            server_app(config, echo, outcome, resume),
+            client_app(),
+            num_supernodes=config.clients,
+            backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0}},
+        )
+    finally:
+        if pythonpath is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = pythonpath
     if "summary" not in outcome:
         raise EdgefedError("the Flower simulation ended without finishing the run (its log says why)")
     return outcome["summary"]

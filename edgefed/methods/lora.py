@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
@@ -66,40 +67,40 @@ def use_fused_kernels(model: nn.Module, backend: str = "auto") -> int:
     routed = 0
     for _, layer in lora_layers(model):
         if isinstance(layer, LoraLinear):
-            layer.forward = _fused_forward(layer, layer.forward, backend)
+            # A method bound to the layer, not a closure over it: copy.deepcopy rebinds a bound method
+            # to the copy, so a copied model computes with its own weights.
+            layer.fused_backend = backend
+            layer.forward = types.MethodType(_fused_forward, layer)
             routed += 1
     return routed
 
 
-def _fused_forward(layer, peft_forward, backend: str):
+def _fused_forward(layer, x, *args, **kwargs):
     from edgefed.kernels import lora_linear
 
-    def forward(x, *args, **kwargs):
-        name = ADAPTER_NAME
-        applies = (
-            (x.is_cuda or backend == "triton")
-            and not args
-            and not kwargs
-            and not layer.disable_adapters
-            and not layer.merged
-            and list(layer.active_adapters) == [name]
-            and isinstance(layer.lora_dropout[name], nn.Identity)
-            and not layer.use_dora.get(name, False)
-        )
-        if not applies:
-            return peft_forward(x, *args, **kwargs)
-        base = layer.get_base_layer()
-        return lora_linear(
-            x,
-            base.weight,
-            layer.lora_A[name].weight,
-            layer.lora_B[name].weight,
-            layer.scaling[name],
-            base.bias,
-            backend=backend,
-        )
-
-    return forward
+    name, backend = ADAPTER_NAME, layer.fused_backend
+    applies = (
+        (x.is_cuda or backend == "triton")
+        and not args
+        and not kwargs
+        and not layer.disable_adapters
+        and not layer.merged
+        and list(layer.active_adapters) == [name]
+        and isinstance(layer.lora_dropout[name], nn.Identity)
+        and not layer.use_dora.get(name, False)
+    )
+    if not applies:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    base = layer.get_base_layer()
+    return lora_linear(
+        x,
+        base.weight,
+        layer.lora_A[name].weight,
+        layer.lora_B[name].weight,
+        layer.scaling[name],
+        base.bias,
+        backend=backend,
+    )
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
