@@ -24,9 +24,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	@# One pytest-xdist worker per core, each computing on one thread (tests/conftest.py), the tests in
-	@# a random order whose seed pytest prints (repeat one: make test PYTEST_ARGS=--randomly-seed=N).
-	@# pytest exits 5 when it collects no tests; that is a fact to report, not a failure.
-	@$(PY) -m pytest -q -n auto --dist worksteal $(PYTEST_ARGS); rc=$$?; \
+	@# a random order (pytest-randomly) whose seed is printed first: PYTEST_ARGS=--randomly-seed=N
+	@# repeats an order. pytest exits 5 when it collects no tests; a fact to report, not a failure.
+	@seed=$$(od -An -N2 -tu2 /dev/urandom | tr -d ' '); \
+	echo "edgefed: tests in a random order; repeat it with make test PYTEST_ARGS=--randomly-seed=$$seed"; \
+	$(PY) -m pytest -q -n auto --dist worksteal -p randomly --randomly-seed=$$seed $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 lint: $(STAMP)
