@@ -18,7 +18,7 @@ def __getattr__(name: str):
 
         return run
     if name == "load_trained":
-        from edgefed.federation.setup import load_trained
+        from edgefed.setup import load_trained
 
         return load_trained
     if name == "AnytimePredictor":

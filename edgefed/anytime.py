@@ -21,10 +21,10 @@ from edgefed.config import resolve_config
 from edgefed.devices.costmodel import ModelShape, inference_seconds
 from edgefed.devices.profiles import load_profile
 from edgefed.errors import EdgefedError
-from edgefed.federation.setup import load_trained
 from edgefed.methods import METHODS
 from edgefed.methods.ee_adapter import EarlyExitModel
 from edgefed.models import default_device, load_tokenizer, resolve_model_path
+from edgefed.setup import load_trained
 
 BATCH_SIZE = 32
 

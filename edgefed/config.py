@@ -206,8 +206,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 TRANSPORTS = ("inproc", "grpc", "flower")
-RUNTIMES = ("torch", "ort", "executorch")
-ADAPTER_RUNTIME_METHODS = ("lora", "federa")
 # Fields that hold comma-separated names, with an example for errors.
 LIST_EXAMPLES = {
     "target_modules": "query,value",
@@ -406,44 +404,23 @@ def validate(config: RunConfig) -> None:
 
 
 def validate_runtimes(config: RunConfig, method) -> None:
-    unknown = sorted(set(config.client_runtime) - set(RUNTIMES))
+    """Each client runtime the run names exists, carries the run's clients and can train them."""
+    from edgefed.runtimes import RUNTIMES
+
+    known = RUNTIMES.names()
+    unknown = sorted(set(config.client_runtime) - set(known))
     if not config.client_runtime or unknown:
-        raise EdgefedError(f"unknown client-runtime {unknown[:1]}; choose from: {', '.join(RUNTIMES)}")
-    for runtime in sorted(set(config.client_runtime) - {"torch"}):
-        refusal = adapter_runtime_refusal(config, method, runtime)
+        raise EdgefedError(f"unknown client-runtime {unknown[:1]}; choose from: {', '.join(known)}")
+    for name in sorted(set(config.client_runtime)):
+        runtime = RUNTIMES.create(name)
+        if config.transport not in runtime.transports:
+            raise EdgefedError(
+                f"client-runtime {name} runs {runtime.where}: transport {' or '.join(runtime.transports)}"
+            )
+        refusal = runtime.refusal(config, method.task)
         if refusal:
             raise EdgefedError(f"client-runtime {refusal}")
-    if "ort" in config.client_runtime:
-        if config.transport == "flower":
-            raise EdgefedError(
-                "client-runtime ort runs in-process clients or client processes: transport inproc or grpc"
-            )
-        if config.transport == "grpc" and config.codec != "none":
-            raise EdgefedError(
-                f"ort client processes send uncompressed deltas: codec none, not {config.codec}"
-            )
-        from edgefed.ort import require_onnxruntime_training
-
-        require_onnxruntime_training()
-    if "executorch" in config.client_runtime:
-        if config.transport != "inproc":
-            raise EdgefedError("client-runtime executorch runs in-process clients: transport inproc")
-        from edgefed.et import require_executorch
-
-        require_executorch()
-
-
-def adapter_runtime_refusal(config: RunConfig, method, runtime: str = "ort") -> str | None:
-    """Why `runtime` (ort, executorch: runtimes that train exported adapters) cannot train clients of
-    this run (a phrase that starts with its name), or None."""
-    if config.method not in ADAPTER_RUNTIME_METHODS or method.task != "classification" or config.tasks:
-        return (
-            f"{runtime} trains {' and '.join(ADAPTER_RUNTIME_METHODS)} classifiers, not {config.method} "
-            f"({method.task}{', multi-task' if config.tasks else ''})"
-        )
-    if config.profiles:
-        return f"{runtime} trains the run's whole adapters: no device profiles"
-    return None
+        runtime.require()
 
 
 def validate_multitask(config: RunConfig, method) -> None:

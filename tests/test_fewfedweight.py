@@ -17,8 +17,8 @@ from edgefed.config import resolve_config
 from edgefed.data.fewshot import draw_shards, held_out_rows, load_task, read_shard
 from edgefed.errors import EdgefedError
 from edgefed.federation.checkpoint import load_checkpoint
-from edgefed.federation.setup import load_trained, prepare
 from edgefed.models import load_tokenizer
+from edgefed.setup import load_trained, prepare
 from edgefed.tasks import TASKS, LabelScorer
 from edgefed.tasks.multitask import SCALE
 from edgefed.tasks.pseudo import PseudoLabels, energy, energy_weights

@@ -220,7 +220,7 @@ def test_an_exported_run_answers_in_onnx_runtime_as_in_torch(
     import onnxruntime
 
     from edgefed.cli import main
-    from edgefed.federation.setup import load_trained
+    from edgefed.setup import load_trained
     from tests.test_run import tiny_run
 
     run_dir = tiny_run(tmp_path, tiny_model_dir, small_data_dir, method=method, rounds=1)

@@ -9,9 +9,9 @@ from peft import PeftModel
 
 from edgefed.cli import main
 from edgefed.data import encode, load_splits
-from edgefed.federation.setup import load_trained
 from edgefed.methods import METHODS
 from edgefed.models import load_classifier, load_tokenizer
+from edgefed.setup import load_trained
 from edgefed.tasks import evaluate_classifier as evaluate
 from edgefed.types import TIMING_FIELDS as TIMING_KEYS
 from tests.tiny import tiny_bert_config

@@ -18,7 +18,7 @@ from edgefed.bench.grid import Cell, Grid, cell_config
 from edgefed.devices.clock import SimulatedClock
 from edgefed.devices.planner import plan_from_record
 from edgefed.errors import EdgefedError
-from edgefed.federation.setup import check_fleet, plan_request, prepare
+from edgefed.setup import check_fleet, plan_request, prepare
 from edgefed.types import RoundMetrics
 
 MB = 1e6

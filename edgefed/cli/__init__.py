@@ -267,8 +267,8 @@ def predict_command(args: dict[str, Any]) -> int:
 
 def export_command(args: dict[str, Any]) -> int:
     from edgefed.config import resolve_config
-    from edgefed.federation.setup import load_trained
     from edgefed.models import load_tokenizer, resolve_model_path
+    from edgefed.setup import load_trained
 
     try:
         import onnxruntime  # noqa: F401

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from edgefed.errors import EdgefedError
+from edgefed.runtimes import RUNTIMES
 from edgefed.toml_io import parse_toml
 from edgefed.transport.auth import TOKEN_ENV
-from edgefed.transport.grpc_client import RUNTIMES
 
 ENV_PREFIX = "EDGEFED_"
 CONFIG_ENV = "EDGEFED_CONFIG"
@@ -46,8 +46,9 @@ def retry_seconds(text: str) -> float:
 
 
 def runtime_name(text: str) -> str:
-    if text not in RUNTIMES:
-        raise argparse.ArgumentTypeError(f"unknown runtime '{text}'; choose from: {', '.join(RUNTIMES)}")
+    names = RUNTIMES.device_names()
+    if text not in names:
+        raise argparse.ArgumentTypeError(f"unknown runtime '{text}'; choose from: {', '.join(names)}")
     return text
 
 

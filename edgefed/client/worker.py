@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,9 +26,14 @@ from edgefed.data.rounds import local_steps
 from edgefed.devices.planner import Plan
 from edgefed.methods import METHODS, Method, SetupState
 from edgefed.methods.lora import use_fused_kernels
+from edgefed.models import resolve_model_path
+from edgefed.runtimes import RuntimeBuild, Trainer
 from edgefed.scope import Scope
 from edgefed.split import RemoteBody
 from edgefed.tasks.pseudo import PseudoLabels
+
+if TYPE_CHECKING:
+    from edgefed.setup import RunSetup
 
 StepHook = Callable[[int, int, float], None]  # (round, client, loss) after each local step
 
@@ -46,13 +53,13 @@ class Worker:
         scope: Scope | None = None,
         remote_body: RemoteBody | None = None,
         on_step: StepHook = lambda round_number, client, loss: None,
-        trainer=None,
+        trainer: Trainer | None = None,
     ) -> FederatedClient:
         """Client `index` on this worker: its data, its plan (None: the run's settings) and, for split
         learning, its stream to the server's body. A few-shot client (FewShotExamples) trains on its
         labelled examples, pseudo-labels its pool as `pseudo-labels` says, and is scored on its held-out
-        slice. `trainer`: what trains it, when not the worker's torch LocalTrainer (an ONNX Runtime one,
-        edgefed/ort/local.py)."""
+        slice. `trainer`: what trains it, when not the worker's torch LocalTrainer (another runtime's,
+        edgefed/runtimes.py)."""
         config = self.config
         pseudo = holdout = None
         if isinstance(examples, FewShotExamples):
@@ -78,6 +85,25 @@ class Worker:
             pseudo,
             holdout,
         )
+
+    def runtime_build(self, tokenizer, folder: Path) -> RuntimeBuild:
+        """What a client runtime (edgefed/runtimes.py) builds its trainer or its devices' files from."""
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        return RuntimeBuild(
+            self.config,
+            self.model,
+            self.trainer,
+            self.trainer.lr,
+            tokenizer.pad_token_id or 0,
+            backend.to_str().encode() if backend is not None else None,
+            folder,
+        )
+
+
+def worker_for(setup: RunSetup, device: torch.device) -> Worker:
+    """A worker built as a client builds it: from the pre-trained files and the server's setup state."""
+    base, _ = setup.task.load_model(resolve_model_path(setup.config.model), setup.num_labels)
+    return build_worker(setup.config, base, setup.spec.head_modules, device, setup.setup)
 
 
 def build_worker(

@@ -7,14 +7,14 @@ from pathlib import Path
 
 from edgefed.devices.planner import plan_record
 from edgefed.federation.atomic import replace_dir, staging_dir, write_text_atomic
-from edgefed.federation.setup import ServerSide
 from edgefed.methods import count_trainable
 from edgefed.plotting import pyplot
+from edgefed.setup import RunSetup
 from edgefed.transport.base import state_payload
 from edgefed.types import RoundMetrics
 
 
-def finish_run(side: ServerSide, run_dir: Path, rounds: list[RoundMetrics], total_s: float, echo) -> dict:
+def finish_run(side: RunSetup, run_dir: Path, rounds: list[RoundMetrics], total_s: float, echo) -> dict:
     """The trained adapter, summary.json, curves.png and the closing lines."""
     config, global_model = side.config, side.global_model
     result_dir = run_dir / side.method.result_dir

@@ -19,7 +19,7 @@ from edgefed.config import RunConfig, named_values, resolve_config
 from edgefed.errors import EdgefedError
 from edgefed.federation.runner import federate
 from edgefed.flower import client
-from edgefed.flower.transport import JOIN_ACTION, FlowerTransport
+from edgefed.flower.transport import JOIN_ACTION, OnFlower
 
 Echo = Callable[[str], None]
 
@@ -45,10 +45,7 @@ def server_app(config: RunConfig, echo: Echo, outcome: dict, resume: bool = Fals
 def federate_on(grid: Grid, config: RunConfig, echo: Echo = print, resume: bool = False) -> dict:
     """The edgefed federation `config` describes, its rounds carried over Flower's `grid`."""
 
-    def transport(side, run_id, run_dir, roster, progress, log, split) -> FlowerTransport:
-        return FlowerTransport(grid, side, run_id, log)
-
-    return federate(dataclasses.replace(config, transport="flower"), transport, echo, resume)
+    return federate(dataclasses.replace(config, transport="flower"), OnFlower(grid), echo, resume)
 
 
 def flower_run_config(run_config: dict) -> RunConfig:

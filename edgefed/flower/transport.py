@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -14,9 +15,16 @@ from edgefed.codecs import make_codec
 from edgefed.config import config_text
 from edgefed.devices.planner import Plan, plan_text
 from edgefed.errors import EdgefedError
-from edgefed.federation.setup import ServerSide
 from edgefed.flower.records import checked_reply, config_value, record_bytes, state_record
-from edgefed.transport.base import Roster, ScopedStates, Transport, checked_update, max_update_bytes
+from edgefed.setup import RunSetup
+from edgefed.transport.base import (
+    Roster,
+    RunContext,
+    ScopedStates,
+    Transport,
+    checked_update,
+    max_update_bytes,
+)
 from edgefed.types import RoundResult, State
 from edgefed.wire.framing import Expected, WireError
 from edgefed.wire.text import printable
@@ -25,11 +33,21 @@ JOIN_ACTION = "join"  # the ClientApp's `query` handler for it
 JOIN, TRAIN = f"query.{JOIN_ACTION}", "train"
 
 
+@dataclass(frozen=True)
+class OnFlower:
+    """The run's rounds carried over Flower's `grid` to its SuperNodes (simulated or deployed)."""
+
+    grid: Grid
+
+    def open(self, setup: RunSetup, run: RunContext) -> FlowerTransport:
+        return FlowerTransport(self.grid, setup, run.run_id, run.log)
+
+
 class FlowerTransport(Transport):
     """The clients are Flower nodes. At first contact each says which slot it is (its partition id)
     and declares its training examples, as a Join does over edgefed's own gRPC."""
 
-    def __init__(self, grid: Grid, side: ServerSide, run_id: str, log: Callable[[str], None]) -> None:
+    def __init__(self, grid: Grid, side: RunSetup, run_id: str, log: Callable[[str], None]) -> None:
         self.grid, self.side, self.run_id, self.log = grid, side, run_id, log
         self.codec = make_codec(side.config.codec)
         self.nodes: dict[int, int] = {}  # slot -> node id

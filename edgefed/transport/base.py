@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -20,6 +22,10 @@ from edgefed.scope import Scope
 from edgefed.types import ClientUpdate, EncodedTensor, RoundResult, State
 from edgefed.wire.framing import Expected, PayloadReader, WireError, reassemble, serialize_state
 from edgefed.wire.v1 import federation_pb2 as pb
+
+if TYPE_CHECKING:
+    from edgefed.setup import RunSetup
+    from edgefed.split import SplitSide
 
 # The global state and the setup go down losslessly; only client deltas use the run's codec.
 LOSSLESS = make_codec("none")
@@ -32,6 +38,26 @@ class Roster:
 
     slots: dict[str, int] = field(default_factory=dict)  # client id -> slot
     examples: dict[str, int] = field(default_factory=dict)  # client id -> declared examples
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a run hands the transport it opens, beside its setup: its id and directory, the clients of
+    a resumed run, the hook each local step reports to, the log, and FedBERT's split side (or None)."""
+
+    run_id: str
+    run_dir: Path
+    roster: Roster
+    on_step: Callable[[int, int, float], None]  # (round, client, loss) after each local step
+    log: Callable[[str], None]
+    split: SplitSide | None = None
+
+
+class TransportMaker(Protocol):
+    """How a run reaches its clients: in this process, client processes on loopback, devices over gRPC,
+    Flower's nodes. `edgefed.federation.runner.federate` opens one and runs its rounds over it."""
+
+    def open(self, setup: RunSetup, run: RunContext) -> Transport: ...
 
 
 class Transport(ABC):

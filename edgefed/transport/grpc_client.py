@@ -1,8 +1,8 @@
 """`edgefed client`: join a Federation server, build the model it names, train the rounds it asks for.
 
 The client keeps the connection (joins, heartbeats, retries, fetches and pushes); what builds and
-trains the model is its runtime (`RUNTIMES`, edgefed/wire/device.py): torch, or ONNX Runtime on a
-device without torch. This module imports neither.
+trains the model is its runtime's device side (edgefed/runtimes.py, edgefed/wire/device.py): torch,
+or ONNX Runtime on a device without torch. This module imports neither.
 
 The client's data never leaves it. It survives a server restart: while the server is unreachable it
 retries (up to `retry_s`, which may be infinite), and a server resumed from its checkpoint keeps the
@@ -12,7 +12,6 @@ run id and the client's slot, so the client carries on from the round the server
 
 from __future__ import annotations
 
-import importlib
 import math
 import random
 import threading
@@ -23,6 +22,7 @@ import grpc
 
 from edgefed.devices.power import EnergyMeter, open_meter
 from edgefed.errors import EdgefedError
+from edgefed.runtimes import RUNTIMES
 from edgefed.transport.auth import bearer_metadata
 from edgefed.wire.channels import MESSAGE_HEADROOM, ClientTls, is_loopback, open_channel
 from edgefed.wire.device import DeviceRuntime
@@ -44,9 +44,6 @@ ROUND_REFUSALS = (
 TRANSIENT = (Code.UNAVAILABLE, Code.RESOURCE_EXHAUSTED, Code.DEADLINE_EXCEEDED)
 UNARY_TIMEOUT_S = 10.0  # a Join or Heartbeat unanswered this long is tried again
 BACKOFF_S = (0.2, 5.0)  # first and longest wait between tries (doubling, with jitter)
-# What trains on the device, by `--runtime` name: module and class, imported only when chosen (the ort
-# runtime's device has neither torch nor transformers, and this module imports neither).
-RUNTIMES = {"torch": "edgefed.transport.torch_device:TorchDevice", "ort": "edgefed.ort.device:OrtDevice"}
 
 
 class GrpcClient:
@@ -65,7 +62,8 @@ class GrpcClient:
         threads: int | None = None,
     ) -> None:
         """`retry_s`: how long to keep trying a server that is unreachable or refuses for being busy.
-        `runtime`: what trains on the device (RUNTIMES); `threads`: its CPU threads (None: its default)."""
+        `runtime`: what trains on the device (a client runtime with a device side, edgefed/runtimes.py);
+        `threads`: its CPU threads (None: its default)."""
         self.server = server
         self.data = data
         self.client_id = client_id
@@ -76,7 +74,7 @@ class GrpcClient:
         self.echo = echo
         self.tls = tls
         self.runtime_name = runtime
-        self.runtime = load_runtime(runtime)(self, threads)
+        self.runtime: DeviceRuntime = RUNTIMES.create(runtime).device_class()(self, threads)
         if token and tls is None and not is_loopback(server):
             echo(f"edgefed: warning: the bearer token travels to {server} in plaintext; pass --tls-ca")
         self.stub = pb_grpc.FederationStub(open_channel(server, tls, CHANNEL_MESSAGE_BYTES))
@@ -233,14 +231,6 @@ class GrpcClient:
             if beat.action == pb.HeartbeatReply.DONE:
                 self.finished.set()
                 return
-
-
-def load_runtime(name: str) -> Callable[..., DeviceRuntime]:
-    """The runtime class named `name` (RUNTIMES), imported now."""
-    if name not in RUNTIMES:
-        raise EdgefedError(f"unknown runtime '{name}'; choose from: {', '.join(RUNTIMES)}")
-    module, _, attribute = RUNTIMES[name].partition(":")
-    return getattr(importlib.import_module(module), attribute)
 
 
 class RunFinished(Exception):

@@ -16,30 +16,37 @@ once its update is accepted; what it sends is escaped and cut short before it is
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import torch
 
+from edgefed.client import worker_for
 from edgefed.codecs import make_codec
 from edgefed.config import RunConfig, client_config, config_text
 from edgefed.devices.fleet import FleetPlans
 from edgefed.devices.planner import Plan, plan_text
 from edgefed.errors import EdgefedError
 from edgefed.methods import METHODS
+from edgefed.runtimes import RUNTIMES, Runtime
 from edgefed.scope import Scope
+from edgefed.setup import RunSetup
 from edgefed.split import SplitBodyServicer, serve_split_body
 from edgefed.transport.auth import BearerTokenInterceptor, TokenBook
 from edgefed.transport.base import (
     Roster,
+    RunContext,
     ScopedStates,
     Transport,
     max_update_bytes,
     receive_update,
+    state_payload,
 )
 from edgefed.types import ClientUpdate, RoundResult, State
 from edgefed.wire.channels import MESSAGE_HEADROOM, ServerTls, start_server
@@ -51,12 +58,22 @@ from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
 
 MISSED_HEARTBEATS = 3
-RUNTIMES = ("", "torch", "ort")  # what a Join may name ("": a client from before runtimes, torch)
+DEFAULT_RUNTIME = "torch"  # what a Join that names no runtime trains with (a client from before runtimes)
 # A Join or Heartbeat request holds ids and a profile name; anything larger is refused.
 SMALL_MESSAGE_BYTES = 4 << 10
 # Refusal messages (which quote what the client sent) are cut to this length in the log and the status.
 REFUSAL_CHARS = 400
 Code = grpc.StatusCode
+
+
+@dataclass(frozen=True)
+class RuntimeOffer:
+    """What the server offers the devices of one client runtime (edgefed/runtimes.py): the files they
+    fetch at setup, as a payload made when the first one asks (None: they fetch nothing), or why the
+    runtime cannot train this run."""
+
+    files: Callable[[], bytes] | None = None
+    refusal: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,10 +86,38 @@ class RunDescription:
     head_modules: tuple[str, ...]
     model_fingerprint: str
     setup_payload: bytes
-    # The ort runtime's files (edgefed/ort/device.py) as a payload, made when a device first asks; None:
-    # this run cannot train through ONNX Runtime, and `ort_refusal` says why.
-    ort_files: Callable[[], bytes] | None = None
-    ort_refusal: str = "this server makes no ONNX Runtime artifacts"
+    # The runtimes its devices may train with, by name.
+    runtimes: Mapping[str, RuntimeOffer] = field(default_factory=lambda: {DEFAULT_RUNTIME: RuntimeOffer()})
+
+
+def run_description(setup: RunSetup, run_id: str, run_dir: Path) -> RunDescription:
+    """What clients over gRPC learn of the run, with an offer for each runtime a device can train with:
+    its setup files (made in <run>/<runtime> when the first device asks), or why it cannot."""
+    offers = {}
+    for name in RUNTIMES.device_names():
+        runtime = RUNTIMES.create(name)
+        refusal = runtime.refusal(setup.config, setup.method.task)
+        files = (
+            functools.partial(runtime_files, setup, runtime, run_dir / name)
+            if runtime.fetches_files
+            else None
+        )
+        offers[name] = RuntimeOffer(refusal=refusal) if refusal else RuntimeOffer(files)
+    return RunDescription(
+        run_id,
+        setup.config,
+        setup.num_labels,
+        setup.spec.head_modules,
+        setup.fingerprint,
+        state_payload(setup.setup),
+        offers,
+    )
+
+
+def runtime_files(setup: RunSetup, runtime: Runtime, folder: Path) -> bytes:
+    """A runtime's setup files, made from a worker built as a client builds it."""
+    worker = worker_for(setup, torch.device("cpu"))
+    return runtime.setup_files(worker.runtime_build(setup.tokenizer, folder))
 
 
 @dataclass
@@ -128,7 +173,8 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.examples = {self.slots[c]: n for c, n in roster.examples.items() if c in self.slots}
         self.streams = StreamGuard(idle_s=stream_idle_s, log=self.log)
         self.split_port = 0  # the Split service's port (FedBERT), set by the transport serving it
-        self._ort_lock, self._ort_payload = threading.Lock(), None
+        self.runtime_of: dict[int, str] = {}  # slot -> the runtime its client joined with
+        self._files_lock, self._runtime_files = threading.Lock(), {}  # runtime -> its devices' files
         self.last_seen: dict[int, float] = {}
         self.told_done: set[int] = set()
         self.round: OpenRound | None = None
@@ -148,10 +194,15 @@ class FederationServicer(pb_grpc.FederationServicer):
         self._check_token(request.client_id, context)
         if not request.client_id:
             context.abort(Code.INVALID_ARGUMENT, "a client id is required")
-        if request.runtime not in RUNTIMES:
-            self._refuse(context, Code.INVALID_ARGUMENT, f"unknown runtime '{request.runtime}'")
-        if request.runtime == "ort" and self.run.ort_files is None:
-            self._refuse(context, Code.FAILED_PRECONDITION, f"runtime ort: {self.run.ort_refusal}")
+        runtime = request.runtime or DEFAULT_RUNTIME
+        offer = self.run.runtimes.get(runtime)
+        if offer is None:
+            known = ", ".join(sorted(self.run.runtimes))
+            self._refuse(
+                context, Code.INVALID_ARGUMENT, f"unknown runtime '{runtime}'; this run takes {known}"
+            )
+        if offer.refusal:
+            self._refuse(context, Code.FAILED_PRECONDITION, f"runtime {runtime}: {offer.refusal}")
         with self.condition:
             slot = self.slots.get(request.client_id)
             if slot is None:
@@ -171,6 +222,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         with self.condition:
             rejoined = slot in self.plans
             self.plans[slot] = plan
+            self.runtime_of[slot] = runtime
         if request.num_examples:
             self._declare(slot, request.num_examples, context)
         elif not rejoined:
@@ -178,9 +230,9 @@ class FederationServicer(pb_grpc.FederationServicer):
             planned = (
                 f"; plan: {plan.profile}, layers {plan.frozen_layers}-{plan.exit_layer - 1}" if plan else ""
             )
-            runtime = f", runtime {request.runtime}" if request.runtime not in ("", "torch") else ""
+            named = f", runtime {runtime}" if runtime != DEFAULT_RUNTIME else ""
             self.log(
-                f"edgefed: {printable(request.client_id)} joined as client {slot}{profile}{runtime}{planned}"
+                f"edgefed: {printable(request.client_id)} joined as client {slot}{profile}{named}{planned}"
             )
         return pb.JoinReply(
             run_id=self.run.run_id,
@@ -200,18 +252,22 @@ class FederationServicer(pb_grpc.FederationServicer):
             yield from stream.follow(self._stream_down(self.run.setup_payload, 0, slot, request.client_id))
 
     def FetchRuntime(self, request: pb.FetchRequest, context) -> Iterator[pb.Chunk]:
+        """The files of the runtime the client joined with, made once, by the first device that asks."""
         slot = self._slot(request.client_id, request.run_id, context)
-        if self.run.ort_files is None:
-            self._refuse(context, Code.FAILED_PRECONDITION, f"runtime ort: {self.run.ort_refusal}")
-        with self._ort_lock:  # made once, by the first device that asks; the others wait for it
-            if self._ort_payload is None:
-                self.log("edgefed: making the ONNX Runtime training artifacts for the run's ort devices")
+        runtime = self.runtime_of.get(slot, DEFAULT_RUNTIME)
+        offer = self.run.runtimes[runtime]
+        if offer.files is None:
+            self._refuse(context, Code.FAILED_PRECONDITION, f"runtime {runtime}: its devices fetch no files")
+        with self._files_lock:  # the others wait for the first
+            if runtime not in self._runtime_files:
+                self.log(f"edgefed: making the {runtime} runtime's files for its devices")
                 try:
-                    self._ort_payload = self.run.ort_files()
+                    self._runtime_files[runtime] = offer.files()
                 except EdgefedError as error:
-                    self._refuse(context, Code.FAILED_PRECONDITION, f"runtime ort: {error}")
+                    self._refuse(context, Code.FAILED_PRECONDITION, f"runtime {runtime}: {error}")
+        payload = self._runtime_files[runtime]
         with self.streams.admit(self.caller(context), "FetchRuntime", context) as stream:
-            yield from stream.follow(self._stream_down(self._ort_payload, 0, slot, request.client_id))
+            yield from stream.follow(self._stream_down(payload, 0, slot, request.client_id))
 
     def FetchGlobal(self, request: pb.FetchRequest, context) -> Iterator[pb.Chunk]:
         slot = self._slot(request.client_id, request.run_id, context)
@@ -636,3 +692,39 @@ class GrpcTransport(Transport):
     def plans(self) -> dict[int, Plan]:
         with self.servicer.condition:
             return {slot: plan for slot, plan in self.servicer.plans.items() if plan is not None}
+
+
+@dataclass(frozen=True)
+class Served:
+    """The run served on `address` to `edgefed client`s on devices (`edgefed server`)."""
+
+    address: str
+    tokens: TokenBook | None = None
+    tls: ServerTls | None = None
+    heartbeat_s: float = 1.0
+    stream_idle_s: float = STREAM_IDLE_S
+    split_port: int = 0
+
+    def open(self, setup: RunSetup, run: RunContext) -> GrpcTransport:
+        config = setup.config
+        servicer = FederationServicer(
+            run_description(setup, run.run_id, run.run_dir),
+            self.tokens,
+            run.roster,
+            self.heartbeat_s,
+            setup.device,
+            run.log,
+            setup.fleet,
+            self.stream_idle_s,
+        )
+        transport = GrpcTransport(
+            servicer,
+            self.address,
+            config.min_clients or config.clients,
+            config.round_deadline_s,
+            self.tls,
+            split=run.split.servicer if run.split else None,
+            split_port=self.split_port,
+        )
+        run.log(f"edgefed: serving run {run.run_id} on {transport.address}")
+        return transport

@@ -8,16 +8,22 @@ share one worker model: every fit starts by loading the global state into it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from edgefed.client.federated import FederatedClient
-from edgefed.codecs import Codec
+from edgefed.client import FederatedClient, worker_for
+from edgefed.codecs import Codec, make_codec
 from edgefed.devices.planner import Plan
 from edgefed.methods.base import SetupState
+from edgefed.runtimes import RUNTIMES
 from edgefed.scope import Scope
+from edgefed.setup import RunSetup
+from edgefed.split import InProcessSplitStub, RemoteBody
 from edgefed.transport.base import (
     LOSSLESS,
     RoundResult,
+    RunContext,
     ScopedStates,
     Transport,
     max_update_bytes,
@@ -26,6 +32,47 @@ from edgefed.transport.base import (
 )
 from edgefed.types import State, client_name
 from edgefed.wire.framing import Expected, chunk_stream, parse_state, reassemble, wire_size
+
+
+@dataclass(frozen=True)
+class InProcess:
+    """A simulation's clients in this process (`edgefed run`, transport inproc)."""
+
+    def open(self, setup: RunSetup, run: RunContext) -> InProcessTransport:
+        """The clients take turns on one worker built only from the pre-trained files and the server's
+        setup state, as a remote client builds it; each with its own shard and plan, trained by its
+        runtime (the run's client-runtime list, in turn), whose trainer is made once. With FedBERT's
+        split, each client reaches the server's body through its own stream to the Split servicer."""
+        config = setup.config
+        worker = worker_for(setup, setup.device)
+        trainers = {
+            name: RUNTIMES.create(name).trainer(worker.runtime_build(setup.tokenizer, run.run_dir / name))
+            for name in dict.fromkeys(config.client_runtime)
+        }
+        settings = config.data_settings()
+        clients = []
+        for index, shard in enumerate(setup.shards):
+            plan = setup.fleet.plan(index)
+            seq_len = plan.seq_len if plan else config.max_seq_len
+            examples = setup.task.encode_client(shard, setup.tokenizer, seq_len, settings)
+            remote_body = None
+            if run.split is not None:
+                servicer = run.split.servicer
+                stub = InProcessSplitStub(servicer)
+                remote_body = RemoteBody(stub, servicer.run_id, config.split_codec, client_name(index))
+            scope = setup.fleet.scope(plan) if plan else None
+            trainer = trainers[config.client_runtime[index % len(config.client_runtime)]]
+            clients.append(worker.client(index, examples, plan, scope, remote_body, run.on_step, trainer))
+        return InProcessTransport(
+            clients,
+            setup.setup,
+            make_codec(config.codec),
+            run.run_id,
+            config.chunk_bytes,
+            config.max_update_norm,
+            setup.device,
+            [setup.fleet.scope(setup.fleet.plan(index)) for index in range(config.clients)],
+        )
 
 
 class InProcessTransport(Transport):

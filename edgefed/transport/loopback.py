@@ -17,6 +17,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +27,35 @@ from edgefed.config import RunConfig
 from edgefed.devices.fleet import FleetPlans
 from edgefed.devices.profiles import device_entry
 from edgefed.errors import EdgefedError, report_errors
+from edgefed.setup import RunSetup
 from edgefed.split import SplitBodyServicer
 from edgefed.tasks import Task
 from edgefed.transport.auth import TokenBook
-from edgefed.transport.base import Roster
-from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, RunDescription
+from edgefed.transport.base import Roster, RunContext
+from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, RunDescription, run_description
 from edgefed.types import client_name
 
 # What a client process imports before it forks: all it needs to train (torch's runtime; an ort client
 # process has torch loaded too, and does not use it).
 CLIENT_MODULE = "edgefed.transport.torch_device"
+
+
+@dataclass(frozen=True)
+class Loopback:
+    """`edgefed run --transport grpc`: the run served on 127.0.0.1 to one client process per client."""
+
+    def open(self, setup: RunSetup, run: RunContext) -> LoopbackFleet:
+        return LoopbackFleet.start(
+            run_description(setup, run.run_id, run.run_dir),
+            setup.task,
+            setup.shards,
+            setup.fleet,
+            setup.device,
+            run.run_dir,
+            run.roster,
+            run.log,
+            run.split.servicer if run.split else None,
+        )
 
 
 class LoopbackFleet(GrpcTransport):

@@ -1,8 +1,10 @@
 """Building a federation from a configuration: the data, the global model, the setup state and the
-fleet's plans; and loading what a finished run trained."""
+fleet's plans, once, into a frozen `RunSetup` that the recipe, its transports and their clients read;
+and loading what a finished run trained."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +22,13 @@ from edgefed.methods.base import SetupState, trainable_state
 from edgefed.methods.lora import use_fused_kernels
 from edgefed.models import default_device, load_tokenizer, model_fingerprint, resolve_model_path
 from edgefed.tasks import Task
+from edgefed.types import Evaluation
 
 
-@dataclass
-class ServerSide:
-    """What a server builds from a configuration: data, the global model and the clients' setup state."""
+@dataclass(frozen=True)
+class RunSetup:
+    """What a server builds from a configuration: data, the global model and the clients' setup state.
+    Frozen: the global model's weights change as the rounds go, nothing else here does."""
 
     config: RunConfig
     method: Method
@@ -42,9 +46,30 @@ class ServerSide:
     device: torch.device
     fleet: FleetPlans
 
+    def evaluate(self, model: nn.Module) -> Evaluation:
+        """`model` (the global model as the rounds leave it) on the run's evaluation examples."""
+        return self.task.evaluate(model, self.eval_examples, self.device)
 
-def prepare(config: RunConfig) -> ServerSide:
+
+def settled(config: RunConfig, method: Method) -> RunConfig:
+    """The configuration as the run records it: the method's own learning rate where none is set,
+    and the data's paths absolute (None: the sample shipped in the package)."""
+
+    def absolute(paths: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(str(Path(path).resolve()) for path in paths)
+
+    return dataclasses.replace(
+        config,
+        lr=config.lr if config.lr is not None else method.default_lr,
+        data=str(Path(config.data).resolve()) if config.data is not None else None,
+        tasks=absolute(config.tasks),
+        eval_tasks=absolute(config.eval_tasks),
+    )
+
+
+def prepare(config: RunConfig) -> RunSetup:
     method = METHODS.create(config.method)
+    config = settled(config, method)
     task = config.task()
     device = default_device()
     model_path = resolve_model_path(config.model)
@@ -77,7 +102,7 @@ def prepare(config: RunConfig) -> ServerSide:
     if config.fused_kernels:
         use_fused_kernels(global_model)
     eval_examples = task.encode(evaluation, tokenizer, config.max_seq_len)
-    return ServerSide(
+    return RunSetup(
         config,
         method,
         task,
@@ -119,7 +144,7 @@ def check_fleet(fleet: FleetPlans, config: RunConfig) -> None:
         )
 
 
-def describe_fleet(side: ServerSide, echo) -> None:
+def describe_fleet(side: RunSetup, echo) -> None:
     """Each client's profile and plan."""
     config, fleet = side.config, side.fleet
     echo(f"edgefed: fleet strategy {fleet.strategy}: {FLEET_STRATEGIES[fleet.strategy]}")
