@@ -42,7 +42,8 @@ from edgefed.config import RunConfig
 from edgefed.methods import METHODS, AdapterSpec, trainable_state
 from edgefed.models import load_classifier, resolve_model_path
 from edgefed.transport.base import state_payload
-from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, RunDescription
+from edgefed.transport.grpc_server import GrpcTransport
+from edgefed.transport.servicer import FederationServicer, RunDescription
 from edgefed.wire.channels import MESSAGE_HEADROOM
 from edgefed.wire.framing import (
     CHUNK_BYTES,
@@ -165,8 +166,8 @@ def throughput(total_mb: float, repeats: int) -> tuple[dict[str, float], dict[st
     servicer = FederationServicer(
         RunDescription(RUN_ID, config, 2, ("classifier",), "", b""), heartbeat_s=3600, log=lambda line: None
     )
-    servicer.slots["client-0"] = 0
-    servicer.examples[0] = update.num_examples  # as its Join would declare
+    servicer.clients.slots["client-0"] = 0
+    servicer.clients.examples[0] = update.num_examples  # as its Join would declare
     transport = GrpcTransport(servicer, "127.0.0.1:0", min_clients=1, deadline_s=3600)
     limit = CHUNK_BYTES + MESSAGE_HEADROOM
     options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
@@ -192,10 +193,10 @@ def throughput(total_mb: float, repeats: int) -> tuple[dict[str, float], dict[st
 
     try:
         for round_number in range(1, repeats + 1):
-            servicer.last_seen[0] = time.monotonic()
+            servicer.clients.last_seen[0] = time.monotonic()
             collector = threading.Thread(target=transport.fit_round, args=(round_number, [0], global_state))
             collector.start()
-            while servicer.round is None:
+            while servicer.rounds.current is None:
                 time.sleep(0.001)
             timed("edgefed", transport.address, "/edgefed.v1.Federation/PushUpdate", round_number)
             collector.join()
@@ -226,10 +227,10 @@ def demo_accuracy() -> list[str]:
     for spec in ("none", "int8"):
         out = Path("runs") / f"comm-demo-{spec}-{time.strftime('%Y%m%d-%H%M%S')}"
         summary = run(resolve_config(None, {"codec": spec, "out": str(out)}), echo=lambda line: None)
-        finals[spec] = summary["final_accuracy"]
+        finals[spec] = summary.final_accuracy
         lines.append(
-            f"| {spec} | {summary['final_accuracy']:.4f} | {summary['best_accuracy']:.4f} | "
-            f"{summary['bytes_up'] / MB:.2f} MB | {summary['wall_s']:.0f} |"
+            f"| {spec} | {summary.final_accuracy:.4f} | {summary.best_accuracy:.4f} | "
+            f"{summary.bytes_up / MB:.2f} MB | {summary.wall_s:.0f} |"
         )
         print(f"ran the demo with codec {spec}", file=sys.stderr)
     gap = 100 * (finals["int8"] - finals["none"])

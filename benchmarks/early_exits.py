@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import tempfile
 from pathlib import Path
 
 from edgefed.config import resolve_config
+from edgefed.federation.recorder import read_metrics
 from edgefed.federation.runner import run
 from edgefed.methods.ee_adapter import EarlyExitModel
+from edgefed.types import RoundMetrics
 
 VARIANTS = {  # name: (EarlyExitModel class attributes, learning rate; None: the method's default)
     "first token + modulation (before)": ({"pooling": "first", "modulation": True}, None),
@@ -58,12 +59,11 @@ BASELINE = {
 }
 
 
-def final_metrics(flags: dict, out: Path) -> dict:
+def final_metrics(flags: dict, out: Path) -> RoundMetrics:
     config = resolve_config(None, dict(flags, out=str(out)))
     with contextlib.redirect_stdout(io.StringIO()):
         run(config, echo=lambda line: None)
-    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return json.loads(lines[-1])
+    return read_metrics(out / "metrics.jsonl")[-1]
 
 
 def main() -> None:
@@ -90,7 +90,7 @@ def main() -> None:
             flags = dict(base, partition=partition)
             if not args.no_reference:
                 reference = final_metrics(dict(flags, method="federa"), Path(work) / f"federa-{partition}")
-                accuracy = reference["accuracy"]
+                accuracy = reference.accuracy
                 print(f"| {partition} | federa (reference) | " + " | " * 5 + f"{accuracy:.3f} |", flush=True)
             for name in args.variants.split(","):
                 attributes, lr = VARIANTS[name]
@@ -98,7 +98,7 @@ def main() -> None:
                     setattr(EarlyExitModel, attribute, value)
                 out = Path(work) / f"{name}-{partition}".replace(" ", "_")
                 metrics = final_metrics(dict(flags, method="ee-adapter", lr=lr), out)
-                cells = " | ".join(f"{value:.3f}" for value in metrics["exit_accuracy"])
+                cells = " | ".join(f"{value:.3f}" for value in metrics.exit_accuracy)
                 print(f"| {partition} | {name} | {cells} |", flush=True)
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import shutil
 import statistics
 import sys
@@ -32,7 +31,9 @@ import time
 from pathlib import Path
 
 from edgefed.config import resolve_config
+from edgefed.federation.recorder import read_metrics
 from edgefed.federation.runner import run
+from edgefed.types import RoundMetrics
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TASKS = {name: DATA / "fewshot" / name for name in ("mr", "cr", "mpqa", "subj", "trec")} | {
@@ -84,7 +85,7 @@ def runs(args: argparse.Namespace, seed: int) -> dict[str, dict]:
     return {name: {**common(args, seed), **flags} for name, flags in planned.items()}
 
 
-def run_once(name: str, flags: dict, run_dir: Path, cell_dir: Path) -> list[dict]:
+def run_once(name: str, flags: dict, run_dir: Path, cell_dir: Path) -> list[RoundMetrics]:
     """The run's metrics.jsonl records (running it unless it finished before); its metrics, summary
     and configuration are kept in `cell_dir` (the run directory, with its adapter, is not committed)."""
     if not (run_dir / "summary.json").is_file():
@@ -95,7 +96,7 @@ def run_once(name: str, flags: dict, run_dir: Path, cell_dir: Path) -> list[dict
     cell_dir.mkdir(parents=True, exist_ok=True)
     for kept in ("metrics.jsonl", "summary.json", "config.toml"):
         shutil.copy(run_dir / kept, cell_dir / kept)
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run_dir / "metrics.jsonl")
 
 
 def collect(args: argparse.Namespace) -> list[dict]:
@@ -106,14 +107,14 @@ def collect(args: argparse.Namespace) -> list[dict]:
             cell = f"{name}-s{seed}"
             metrics = run_once(name, flags, args.out / "runs" / cell, args.out / "cells" / cell)
             setting = "local" if name.startswith("local-") else name
-            for task, accuracy in metrics[-1]["task_accuracy"].items():
+            for task, accuracy in metrics[-1].task_accuracy.items():
                 rows.append(
                     {
                         "setting": setting,
                         "seed": seed,
                         "task": task,
                         "accuracy": accuracy,
-                        "zero_shot": metrics[0]["task_accuracy"][task],
+                        "zero_shot": metrics[0].task_accuracy[task],
                         "trained": task in {Path(path).name for path in flags["tasks"]},
                     }
                 )

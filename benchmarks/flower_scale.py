@@ -12,7 +12,6 @@ what the two Flower fleet sizes show: (peak at N₂ − peak at N₁) / (N₂ �
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import psutil
 from publish import publish
+
+from edgefed.federation.recorder import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
@@ -70,17 +71,17 @@ def one_run(transport: str, clients: int, args: argparse.Namespace, folder: Path
         if process.wait() != 0:
             raise RuntimeError(f"{transport} with {clients} clients failed: see {log.name}")
     total_s = time.perf_counter() - started
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rounds = [row for row in rows if row["round"] > 0]
+    rows = read_metrics(out / "metrics.jsonl")
+    rounds = [row for row in rows if row.round > 0]
     print(f"measured {transport} with {clients} clients", file=sys.stderr)
     return {
         "transport": transport,
         "clients": clients,
         "peak_mb": peak[0] / MB,
-        "round_s": sum(row["round_s"] for row in rounds) / len(rounds),
+        "round_s": sum(row.round_s for row in rounds) / len(rounds),
         "total_s": total_s,
-        "accuracy": rows[-1]["accuracy"],
-        "bytes_up": sum(row["bytes_up"] for row in rounds) / len(rounds),
+        "accuracy": rows[-1].accuracy,
+        "bytes_up": sum(row.bytes_up for row in rounds) / len(rounds),
     }
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as metadata
-import json
 import platform
 import re
 import socket
@@ -35,6 +34,7 @@ from pathlib import Path
 from publish import publish
 
 from edgefed.data import SAMPLE_DIR
+from edgefed.federation.recorder import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 ABSENT = "import sys\nfor absent in ('torch', 'transformers'):\n    sys.modules[absent] = None\n"
@@ -89,9 +89,9 @@ def served_client(runtime: str, folder: Path, method: str, steps: int, rounds: i
         raise RuntimeError(
             f"{runtime}: exit {codes}\n" + (folder / f"client-{runtime}.log").read_text()[-2000:]
         )
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
-    step_s = [row["client_train_s"][0] / row["client_steps"][0] for row in rows[1:]]
-    return {"step_s": step_s, "rss_kib": rss, "setup_down": rows[0]["client_bytes"][0][0], "run": out}
+    rows = read_metrics(out / "metrics.jsonl")[1:]
+    step_s = [row.client_train_s[0] / row.client_steps[0] for row in rows[1:]]
+    return {"step_s": step_s, "rss_kib": rss, "setup_down": rows[0].client_bytes[0][0], "run": out}
 
 
 def requirement_names(name: str) -> list[str]:
@@ -227,8 +227,7 @@ def accuracy_rows() -> list[str]:
         settings = {"client_runtime": runtimes, "transport": transport, "out": str(ROOT / "runs" / name)}
         summary = run(resolve_config(None, settings), echo=lambda line: None)
         rows.append(
-            f"| {label} | {summary['final_accuracy']:.4f} | {summary['best_accuracy']:.4f} | "
-            f"{summary['wall_s']:.0f} |"
+            f"| {label} | {summary.final_accuracy:.4f} | {summary.best_accuracy:.4f} | {summary.wall_s:.0f} |"
         )
         print(f"ran the demo: {label}", file=sys.stderr)
     return rows

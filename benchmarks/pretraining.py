@@ -29,6 +29,7 @@ from edgefed.client.training import LocalTrainer
 from edgefed.config import RunConfig, resolve_config
 from edgefed.data.files import read_text_file
 from edgefed.federation import runner as recipe
+from edgefed.federation.recorder import read_metrics
 from edgefed.methods import METHODS, AdapterSpec
 from edgefed.methods.fedbert.bert import BertBody, BertMaskedLMClient
 from edgefed.models import load_masked_lm, load_tokenizer, resolve_model_path
@@ -76,7 +77,7 @@ def run_settings(args, corpus: Path, work: Path) -> dict[str, dict]:
         config = resolve_config(None, {**shared, **flags})
         print(f"== {name}", file=sys.stderr, flush=True)
         summary = recipe.run(config, echo=lambda line: print(line, file=sys.stderr, flush=True))
-        rows = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(work / name / "metrics.jsonl")
         results[name] = {"summary": summary, "rows": rows, "config": config}
     return results
 
@@ -141,8 +142,8 @@ def plot(results: dict[str, dict], path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for name, result in results.items():
         rows = result["rows"]
-        axes[0].plot([r["round"] for r in rows], [r["mlm_loss"] for r in rows], marker="o", label=name)
-        axes[1].plot([r["wall_s"] for r in rows], [r["mlm_loss"] for r in rows], marker="o", label=name)
+        axes[0].plot([r.round for r in rows], [r.mlm_loss for r in rows], marker="o", label=name)
+        axes[1].plot([r.wall_s for r in rows], [r.mlm_loss for r in rows], marker="o", label=name)
     axes[0].set_xlabel("round (same sequences per round in every setting)")
     axes[1].set_xlabel("wall-clock seconds (this machine, clients in one process)")
     axes[0].set_ylabel("evaluation MLM loss")
@@ -177,7 +178,7 @@ def report(args, results, step_times, traffic) -> str:
         "|---:|" + "---:|" * len(results),
     ]
     for index in range(args.rounds + 1):
-        cells = [f"{result['rows'][index]['mlm_loss']:.3f}" for result in results.values()]
+        cells = [f"{result['rows'][index].mlm_loss:.3f}" for result in results.values()]
         lines.append(f"| {index} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -187,15 +188,14 @@ def report(args, results, step_times, traffic) -> str:
     ]
     for name, result in results.items():
         s = result["summary"]
-        federation, split = s["bytes_up"] + s["bytes_down"], s["split_bytes_up"] + s["split_bytes_down"]
+        federation, split = s.bytes_up + s.bytes_down, s.split_bytes_up + s.split_bytes_down
         lines.append(
-            f"| {name} | {s['final_mlm_loss']:.3f} | {s['final_accuracy']:.3f} | {s['wall_s']:.0f} | "
+            f"| {name} | {s.final_mlm_loss:.3f} | {s.final_accuracy:.3f} | {s.wall_s:.0f} | "
             f"{federation / MB:,.0f} | {split / MB:,.1f} |"
         )
     saving = 1 - step_times["ffdapt"] / step_times["fdapt"]
     run_train = {
-        name: sum(row["slowest_client_s"] for row in results[name]["rows"][1:])
-        for name in ("fdapt", "ffdapt")
+        name: sum(row.slowest_client_s for row in results[name]["rows"][1:]) for name in ("fdapt", "ffdapt")
     }
     run_saving = 1 - run_train["ffdapt"] / run_train["fdapt"]
     lines += [
@@ -250,7 +250,10 @@ def main() -> None:
         results = run_settings(args, corpus, work / "runs")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    raw = {name: {"summary": r["summary"], "rows": r["rows"]} for name, r in results.items()}
+    raw = {
+        name: {"summary": r["summary"].to_json(), "rows": [row.to_json() for row in r["rows"]]}
+        for name, r in results.items()
+    }
     raw.update({"step_times": step_times, "traffic": traffic})
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n", encoding="utf-8")
     plot(results, out.parent / "pretraining_curves.png")

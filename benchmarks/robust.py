@@ -31,9 +31,9 @@ def main() -> None:
         for name in AGGREGATORS:
             config = resolve_config(None, {"aggregator": name, "out": str(Path(folder) / name)})
             summary = run(config, echo=lambda line: None)
-            final = finals[name] = summary["final_accuracy"]
+            final = finals[name] = summary.final_accuracy
             rows.append(
-                f"| {name} | {final:.4f} | {summary['best_accuracy']:.4f} (round {summary['best_round']}) "
+                f"| {name} | {final:.4f} | {summary.best_accuracy:.4f} (round {summary.best_round}) "
                 f"| {100 * (final - finals['fedavg']):+.2f} |"
             )
             print(f"ran the demo with aggregator {name}", file=sys.stderr)

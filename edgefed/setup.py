@@ -22,7 +22,9 @@ from edgefed.methods.base import SetupState, trainable_state
 from edgefed.methods.lora import use_fused_kernels
 from edgefed.models import default_device, load_tokenizer, model_fingerprint, resolve_model_path
 from edgefed.tasks import Task
-from edgefed.types import Evaluation
+from edgefed.types import Evaluation, RunSummary
+
+SUMMARY = "summary.json"  # what a finished run writes last (edgefed/federation/report.py)
 
 
 @dataclass(frozen=True)
@@ -159,15 +161,23 @@ def describe_fleet(side: RunSetup, echo) -> None:
         )
 
 
+def read_summary(run_dir: str | Path) -> RunSummary:
+    """A finished run's summary.json, as edgefed/federation/report.py wrote it."""
+    path = Path(run_dir) / SUMMARY
+    if not path.is_file():
+        raise EdgefedError(f"{run_dir}: no {SUMMARY}; the run did not finish")
+    try:
+        return RunSummary.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as error:
+        raise EdgefedError(f"{path}: not a run summary ({error})") from None
+
+
 def load_trained(run_dir: str | Path) -> nn.Module:
     """The trained model of a finished run, for any method (peft adapters on the original model)."""
     run_dir = Path(run_dir)
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise EdgefedError(f"{run_dir}: no summary.json; the run did not finish")
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    summary = read_summary(run_dir)
     config = resolve_config(str(run_dir / "config.toml"), {})
-    spec = config.adapter_spec(tuple(summary["head_modules"]))
+    spec = config.adapter_spec(tuple(summary.head_modules))
     method = METHODS.create(config.method)
-    base, _ = config.task().load_model(resolve_model_path(config.model), summary["num_labels"])
+    base, _ = config.task().load_model(resolve_model_path(config.model), summary.num_labels)
     return method.load(run_dir / method.result_dir, base, spec)

@@ -200,6 +200,72 @@ class RoundMetrics:
         return {key: value for key, value in self.to_json().items() if key not in TIMING_FIELDS}
 
 
+@dataclass(frozen=True)
+class TimeToTarget:
+    """Seconds until the first round at the target accuracy: this machine's training wall clock, and the
+    simulated device clock (edgefed/devices/clock.py; fleets with device profiles only). None: never."""
+
+    wall: float | None
+    simulated: float | None
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """summary.json: what a finished run trained, reached and sent (edgefed/federation/report.py)."""
+
+    method: str
+    task: str
+    aggregator: str
+    codec: str
+    transport: str
+    model: str
+    clients: int
+    rounds: int
+    train_source: str
+    eval_source: str
+    train_examples: int
+    eval_examples: int
+    num_labels: int
+    head_modules: list[str]
+    trainable_parameters: int
+    total_parameters: int
+    final_accuracy: float
+    final_loss: float
+    final_mlm_loss: float | None
+    final_exit_accuracy: list[float] | None
+    final_task_accuracy: dict[str, float] | None
+    best_accuracy: float
+    best_round: int
+    target_accuracy: float | None
+    rounds_to_target: int | None
+    time_to_target_s: TimeToTarget
+    profiles: list[str]
+    plans: dict[str, dict[str, Any]]  # slot -> its plan (planner.plan_record)
+    sim_s: float | None
+    energy_j: dict[str, float]  # "measured" / "simulated" -> joules
+    bytes_up: int
+    bytes_down: int
+    split_bytes_up: int
+    split_bytes_down: int
+    setup_bytes_per_client: int
+    wall_s: float
+    total_s: float
+    run_dir: str
+    result_dir: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> RunSummary:
+        known = {f.name for f in fields(cls)}
+        missing = sorted(known - record.keys())
+        if missing:
+            raise ValueError(f"a run summary without {', '.join(missing)}")
+        values = {key: value for key, value in record.items() if key in known}
+        return cls(**{**values, "time_to_target_s": TimeToTarget(**values["time_to_target_s"])})
+
+
 TIMING_FIELDS = tuple(f.name for f in fields(RoundMetrics) if f.metadata.get("timing"))
 OPTIONAL_FIELDS = tuple(f.name for f in fields(RoundMetrics) if f.metadata.get("optional"))
 

@@ -17,7 +17,8 @@ from edgefed.codecs import encode_state, make_codec
 from edgefed.config import RunConfig
 from edgefed.transport.auth import TokenBook, bearer_metadata
 from edgefed.transport.base import RoundResult, state_payload
-from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, RunDescription
+from edgefed.transport.grpc_server import GrpcTransport
+from edgefed.transport.servicer import FederationServicer, RunDescription
 from edgefed.wire.framing import chunk_stream, serialize_state
 from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
@@ -81,7 +82,7 @@ class Federation:
         thread.start()
         deadline = time.monotonic() + 5
         while (
-            self.servicer.round is None or self.servicer.round.number != number
+            self.servicer.rounds.current is None or self.servicer.rounds.current.number != number
         ) and time.monotonic() < deadline:
             time.sleep(0.005)
         return future

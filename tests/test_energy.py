@@ -224,7 +224,7 @@ def test_in_process_fleet_energy_is_simulated_from_each_profile(tmp_path, tiny_m
             power = load_profile(profiles[client]).power_w
             assert joules > 0 and joules / power < row["sim_round_s"] + 1e-9  # budget × its own busy time
             total += joules
-    assert summary["energy_j"] == {"simulated": pytest.approx(total)}
+    assert summary.energy_j == {"simulated": pytest.approx(total)}
 
 
 def test_a_device_client_reports_measured_energy_and_one_without_sensors_the_simulated(

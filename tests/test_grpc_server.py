@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from edgefed.codecs import encode_state, make_codec
 from edgefed.transport.auth import bearer_metadata
 from edgefed.transport.grpc_client import CHANNEL_MESSAGE_BYTES
-from edgefed.transport.grpc_server import FederationServicer, GrpcTransport
+from edgefed.transport.grpc_server import GrpcTransport
+from edgefed.transport.servicer import FederationServicer
 from edgefed.wire.channels import ClientTls, ServerTls, open_channel
 from edgefed.wire.framing import chunk_stream, tensor_checksum
 from edgefed.wire.v1 import federation_pb2 as pb
@@ -254,7 +255,7 @@ def test_a_bad_update_is_refused_clearly_and_changes_nothing(open_round_1, case)
     owner = chunks[0].client_id if chunks else "client-0"
     error = refusal(lambda: federation.push(chunks, owner))
     assert error.code() == code and message in error.details(), error.details()
-    assert federation.servicer.round.updates == {}
+    assert federation.servicer.rounds.current.updates == {}
     # The server is still up and its round intact: good updates are accepted and come out unchanged.
     for seed, client in enumerate(CLIENTS[:2]):
         federation.push(update_chunks(good_delta(seed), client), client)
@@ -315,7 +316,7 @@ def test_fuzzed_streams_never_crash_the_server_or_corrupt_the_round(federation):
         federation.join(client)
     # Thousands of streams load the server and this process: a wider heartbeat window, so that a
     # heartbeat held up by the load does not drop client-2 (dropping is tested on its own above).
-    federation.servicer.heartbeat_s = 10 * HEARTBEAT_S
+    federation.servicer.clients.heartbeat_s = 10 * HEARTBEAT_S
     stop = threading.Event()
     keep_beating(federation, CLIENTS, stop)
     future = federation.open_round(1, [2])
@@ -354,7 +355,7 @@ def test_fuzzed_streams_never_crash_the_server_or_corrupt_the_round(federation):
     fuzz()
     assert sent[0] >= 3000
     assert federation.beat("client-2").action in (pb.HeartbeatReply.TRAIN, pb.HeartbeatReply.WAIT)
-    round_state = federation.servicer.round
+    round_state = federation.servicer.rounds.current
     if 2 not in round_state.updates:
         federation.push(update_chunks(good_delta(9), "client-2"), "client-2")
     result = future.result(timeout=10)

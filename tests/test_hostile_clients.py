@@ -26,7 +26,8 @@ from edgefed.federation.runner import serve
 from edgefed.transport import grpc_client
 from edgefed.transport.base import Transport, state_payload
 from edgefed.transport.grpc_client import CHANNEL_MESSAGE_BYTES, GrpcClient
-from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, RunDescription
+from edgefed.transport.grpc_server import GrpcTransport
+from edgefed.transport.servicer import FederationServicer, RunDescription
 from edgefed.types import ClientUpdate, Evaluation, RoundResult
 from edgefed.wire.channels import ClientTls, ServerTls, open_channel, start_server
 from edgefed.wire.framing import wire_size
@@ -166,7 +167,7 @@ def test_a_client_declares_its_examples_once_within_the_cap(federation):
 def test_declared_counts_survive_a_server_restart(federation):
     federation.join("client-0", num_examples=7)
     restarted = FederationServicer(federation.servicer.run, TOKENS, federation.transport.roster(), log=print)
-    assert restarted.examples == {0: 7}
+    assert restarted.clients.examples == {0: 7}
 
 
 class ScriptedTransport(Transport):
@@ -262,7 +263,8 @@ def test_unauthenticated_senders_cost_the_server_no_memory(tmp_path):
             from edgefed.config import RunConfig
             from edgefed.split import BodySlot, SplitBodyServicer
             from edgefed.transport.auth import TokenBook
-            from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, RunDescription
+            from edgefed.transport.grpc_server import GrpcTransport
+            from edgefed.transport.servicer import FederationServicer, RunDescription
             run = RunDescription("run", RunConfig(method="fedbert", clients=2), 0, ("cls",), "f", b"")
             tokens = TokenBook([("client-0", "token-of-client-0"), ("client-1", "token-of-client-1")])
             federation = FederationServicer(run, tokens, log=lambda line: None)

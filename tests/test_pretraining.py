@@ -24,9 +24,10 @@ from edgefed.models import load_tokenizer
 from edgefed.split import BodyTrainer, SplitBodyServicer, split_channel
 from edgefed.split.servicer import StreamState
 from edgefed.tasks import TASKS, DataSettings
-from edgefed.transport import grpc_server
+from edgefed.transport import servicer as federation_servicer
 from edgefed.transport.auth import TokenBook, bearer_metadata
-from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, RunDescription
+from edgefed.transport.grpc_server import GrpcTransport
+from edgefed.transport.servicer import FederationServicer, RunDescription
 from edgefed.types import TIMING_FIELDS as TIMING_KEYS
 from edgefed.wire.framing import WireError, tensor_message
 from edgefed.wire.v1 import federation_pb2 as pb
@@ -335,7 +336,7 @@ def grpc_fedbert(tmp_path_factory, tiny_model_dir, reviews_dir):
             return made[strategy]
         split_messages: list[pb.SplitMessage] = []
         pushed: list[set[str]] = []
-        answer, receive = SplitBodyServicer._answer, grpc_server.receive_update
+        answer, receive = SplitBodyServicer._answer, federation_servicer.receive_update
 
         def recording_answer(self, message, stream, context):
             split_messages.append(pb.SplitMessage.FromString(message.SerializeToString()))
@@ -348,7 +349,7 @@ def grpc_fedbert(tmp_path_factory, tiny_model_dir, reviews_dir):
 
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(SplitBodyServicer, "_answer", recording_answer)
-            patch.setattr(grpc_server, "receive_update", recording_receive)
+            patch.setattr(federation_servicer, "receive_update", recording_receive)
             out = pretrain(
                 tmp_path_factory.mktemp("fedbert-grpc") / strategy, tiny_model_dir, reviews_dir,
                 method="fedbert", split_strategy=strategy, transport="grpc",

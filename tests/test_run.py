@@ -9,9 +9,10 @@ from peft import PeftModel
 
 from edgefed.cli import main
 from edgefed.data import encode, load_splits
+from edgefed.errors import EdgefedError
 from edgefed.methods import METHODS
 from edgefed.models import load_classifier, load_tokenizer
-from edgefed.setup import load_trained
+from edgefed.setup import load_trained, read_summary
 from edgefed.tasks import evaluate_classifier as evaluate
 from edgefed.types import TIMING_FIELDS as TIMING_KEYS
 from tests.tiny import tiny_bert_config
@@ -98,6 +99,20 @@ def test_run_directory_holds_every_output(federa_run, capsys):
     first_hit = next(row for row in rows if row["accuracy"] >= 0.5)
     assert summary["rounds_to_target"] == first_hit["round"]
     assert summary["time_to_target_s"]["wall"] == first_hit["wall_s"]
+
+
+def test_the_summary_reads_back_typed_and_a_broken_one_is_one_clear_error(federa_run, tmp_path):
+    summary = read_summary(federa_run)
+    assert summary.to_json() == json.loads((federa_run / "summary.json").read_text())
+    assert (
+        summary.method == "federa"
+        and summary.time_to_target_s.wall == summary.to_json()["time_to_target_s"]["wall"]
+    )
+    (tmp_path / "summary.json").write_text('{"method": "federa"}')
+    with pytest.raises(EdgefedError, match=r"not a run summary .*without aggregator"):
+        read_summary(tmp_path)
+    with pytest.raises(EdgefedError, match=r"no summary\.json; the run did not finish"):
+        read_summary(tmp_path / "elsewhere")
 
 
 def test_saved_adapter_loads_with_peft_and_reproduces_the_final_evaluation(

@@ -26,8 +26,8 @@ from edgefed.errors import EdgefedError
 from edgefed.federation.checkpoint import load_checkpoint
 from edgefed.transport.auth import TOKEN_ENV, TokenBook
 from edgefed.transport.base import state_payload
-from edgefed.transport.grpc_server import RunDescription
 from edgefed.transport.loopback import LoopbackFleet, write_shards
+from edgefed.transport.servicer import RunDescription
 from tests.tiny import tiny_bert_config
 from tests.tolerance import assert_runs_agree, training_terms
 

@@ -30,6 +30,7 @@ from edgefed.config import RunConfig
 from edgefed.errors import EdgefedError
 from edgefed.federation.recorder import read_metrics
 from edgefed.federation.runner import run
+from edgefed.setup import SUMMARY
 from edgefed.types import RoundMetrics
 
 
@@ -58,7 +59,7 @@ class Bench:
             self.echo(f"    {line}")
 
     def done(self, cell_id: str) -> bool:
-        return (self.cells_dir / cell_id / "summary.json").is_file()
+        return (self.cells_dir / cell_id / SUMMARY).is_file()
 
     def run_cell(self, cell_id: str, config: RunConfig) -> list[RoundMetrics]:
         """Run (or resume) one cell's federation; its metrics and summary are kept in the results."""
@@ -74,7 +75,7 @@ class Bench:
         kept = self.cells_dir / cell_id
         kept.mkdir(parents=True, exist_ok=True)
         shutil.copy(run_dir / "metrics.jsonl", kept / "metrics.jsonl")
-        shutil.copy(run_dir / "summary.json", kept / "summary.json")  # last: it marks the cell done
+        shutil.copy(run_dir / SUMMARY, kept / SUMMARY)  # last: it marks the cell done
         shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)  # full fine-tuning's is the whole model
         return self.rounds(cell_id)
 

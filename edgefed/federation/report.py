@@ -9,128 +9,128 @@ from edgefed.devices.planner import plan_record
 from edgefed.federation.atomic import replace_dir, staging_dir, write_text_atomic
 from edgefed.methods import count_trainable
 from edgefed.plotting import pyplot
-from edgefed.setup import RunSetup
+from edgefed.setup import SUMMARY, RunSetup
 from edgefed.transport.base import state_payload
-from edgefed.types import RoundMetrics
+from edgefed.types import RoundMetrics, RunSummary, TimeToTarget
 
 
-def finish_run(side: RunSetup, run_dir: Path, rounds: list[RoundMetrics], total_s: float, echo) -> dict:
+def finish_run(
+    setup: RunSetup, run_dir: Path, rounds: list[RoundMetrics], total_s: float, echo
+) -> RunSummary:
     """The trained adapter, summary.json, curves.png and the closing lines."""
-    config, global_model = side.config, side.global_model
-    result_dir = run_dir / side.method.result_dir
+    config, global_model = setup.config, setup.global_model
+    result_dir = run_dir / setup.method.result_dir
     staging = staging_dir(result_dir)
-    side.method.save(global_model.cpu(), side.spec, side.setup, staging)
-    side.tokenizer.save_pretrained(staging)
+    setup.method.save(global_model.cpu(), setup.spec, setup.setup, staging)
+    setup.tokenizer.save_pretrained(staging)
     replace_dir(staging, result_dir)
     target_round, target_wall, target_sim = time_to_target(rounds, config.target_accuracy)
     best = max(rounds, key=lambda metrics: metrics.accuracy)
     last = rounds[-1]
-    trainable = count_trainable(global_model)
-    summary = {
-        "method": config.method,
-        "task": side.task.name,
-        "aggregator": config.aggregator,
-        "codec": config.codec,
-        "transport": config.transport,
-        "model": config.model,
-        "clients": config.clients,
-        "rounds": config.rounds,
-        "train_source": side.train.source,
-        "eval_source": side.evaluation.source,
-        "train_examples": len(side.train),
-        "eval_examples": len(side.evaluation),
-        "num_labels": side.num_labels,
-        "head_modules": list(side.spec.head_modules),
-        "trainable_parameters": trainable,
-        "total_parameters": sum(p.numel() for p in global_model.parameters()),
-        "final_accuracy": last.accuracy,
-        "final_loss": last.loss,
-        "final_mlm_loss": last.mlm_loss,
-        "final_exit_accuracy": last.exit_accuracy,
-        "final_task_accuracy": last.task_accuracy,
-        "best_accuracy": best.accuracy,
-        "best_round": best.round,
-        "target_accuracy": config.target_accuracy,
-        "rounds_to_target": target_round,
-        # "simulated": the simulated device clock (edgefed/devices/clock.py), only for fleets with profiles.
-        "time_to_target_s": {"wall": target_wall, "simulated": target_sim},
-        "profiles": list(config.profiles),
-        "plans": {
+    summary = RunSummary(
+        method=config.method,
+        task=setup.task.name,
+        aggregator=config.aggregator,
+        codec=config.codec,
+        transport=config.transport,
+        model=config.model,
+        clients=config.clients,
+        rounds=config.rounds,
+        train_source=setup.train.source,
+        eval_source=setup.evaluation.source,
+        train_examples=len(setup.train),
+        eval_examples=len(setup.evaluation),
+        num_labels=setup.num_labels,
+        head_modules=list(setup.spec.head_modules),
+        trainable_parameters=count_trainable(global_model),
+        total_parameters=sum(p.numel() for p in global_model.parameters()),
+        final_accuracy=last.accuracy,
+        final_loss=last.loss,
+        final_mlm_loss=last.mlm_loss,
+        final_exit_accuracy=last.exit_accuracy,
+        final_task_accuracy=last.task_accuracy,
+        best_accuracy=best.accuracy,
+        best_round=best.round,
+        target_accuracy=config.target_accuracy,
+        rounds_to_target=target_round,
+        time_to_target_s=TimeToTarget(target_wall, target_sim),
+        profiles=list(config.profiles),
+        plans={
             str(index): plan_record(plan)
             for index in range(config.clients)
-            if (plan := side.fleet.plan(index)) is not None
+            if (plan := setup.fleet.plan(index)) is not None
         },
-        "sim_s": last.sim_s,
-        "energy_j": energy_by_source(rounds),
-        "bytes_up": sum(metrics.bytes_up for metrics in rounds),
-        "bytes_down": sum(metrics.bytes_down for metrics in rounds),
-        "split_bytes_up": sum(metrics.split_bytes_up or 0 for metrics in rounds),
-        "split_bytes_down": sum(metrics.split_bytes_down or 0 for metrics in rounds),
-        "setup_bytes_per_client": len(state_payload(side.setup)),
-        "wall_s": last.wall_s,
-        "total_s": total_s,
-        "run_dir": str(run_dir),
-        "result_dir": str(result_dir),
-    }
-    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        sim_s=last.sim_s,
+        energy_j=energy_by_source(rounds),
+        bytes_up=sum(metrics.bytes_up for metrics in rounds),
+        bytes_down=sum(metrics.bytes_down for metrics in rounds),
+        split_bytes_up=sum(metrics.split_bytes_up or 0 for metrics in rounds),
+        split_bytes_down=sum(metrics.split_bytes_down or 0 for metrics in rounds),
+        setup_bytes_per_client=len(state_payload(setup.setup)),
+        wall_s=last.wall_s,
+        total_s=total_s,
+        run_dir=str(run_dir),
+        result_dir=str(result_dir),
+    )
+    write_text_atomic(run_dir / SUMMARY, json.dumps(summary.to_json(), indent=2) + "\n")
     title = f"{config.method} · {config.aggregator} · {config.clients} clients · {config.sharing()}"
-    if not plot_curves(rounds, title, run_dir / "curves.png", masked_lm=side.task.unlabeled):
+    if not plot_curves(rounds, title, run_dir / "curves.png", masked_lm=setup.task.unlabeled):
         echo("edgefed: curves.png skipped (matplotlib is not installed: pip install 'edgefed[demo]')")
     echo(format_summary(summary))
     return summary
 
 
-def format_summary(summary: dict) -> str:
-    if summary.get("final_mlm_loss") is not None:
+def format_summary(summary: RunSummary) -> str:
+    if summary.final_mlm_loss is not None:
         lines = [
-            f"final MLM loss {summary['final_mlm_loss']:.4f} (masked-token accuracy "
-            f"{summary['final_accuracy']:.4f}), {summary['wall_s']:.1f} s wall clock on this machine"
+            f"final MLM loss {summary.final_mlm_loss:.4f} (masked-token accuracy "
+            f"{summary.final_accuracy:.4f}), {summary.wall_s:.1f} s wall clock on this machine"
         ]
     else:
         lines = [
-            f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f} at round "
-            f"{summary['best_round']}), eval loss {summary['final_loss']:.4f}, "
-            f"{summary['wall_s']:.1f} s wall clock on this machine"
+            f"final accuracy {summary.final_accuracy:.4f} (best {summary.best_accuracy:.4f} at round "
+            f"{summary.best_round}), eval loss {summary.final_loss:.4f}, "
+            f"{summary.wall_s:.1f} s wall clock on this machine"
         ]
-    if summary.get("final_task_accuracy"):
-        tasks = ", ".join(f"{name} {value:.4f}" for name, value in summary["final_task_accuracy"].items())
+    if summary.final_task_accuracy:
+        tasks = ", ".join(f"{name} {value:.4f}" for name, value in summary.final_task_accuracy.items())
         lines.append(f"per task: {tasks}")
-    if summary["target_accuracy"] is not None:
-        target = summary["target_accuracy"]
-        if summary["rounds_to_target"] is None:
+    if summary.target_accuracy is not None:
+        target = summary.target_accuracy
+        if summary.rounds_to_target is None:
             lines.append(f"target accuracy {target:.4f} not reached")
         else:
             lines.append(
-                f"target accuracy {target:.4f} reached at round {summary['rounds_to_target']} after "
-                f"{summary['time_to_target_s']['wall']:.1f} s (wall clock)"
+                f"target accuracy {target:.4f} reached at round {summary.rounds_to_target} after "
+                f"{summary.time_to_target_s.wall:.1f} s (wall clock)"
                 + (
-                    f", {summary['time_to_target_s']['simulated']:.1f} s on the SIMULATED device clock"
-                    if summary["time_to_target_s"]["simulated"] is not None
+                    f", {summary.time_to_target_s.simulated:.1f} s on the SIMULATED device clock"
+                    if summary.time_to_target_s.simulated is not None
                     else ""
                 )
             )
-    share = 100 * summary["trainable_parameters"] / summary["total_parameters"]
+    share = 100 * summary.trainable_parameters / summary.total_parameters
     traffic = (
-        f"{summary['trainable_parameters']:,} trainable parameters ({share:.2f} %); "
-        f"{summary['bytes_up'] / 1e6:.2f} MB up, {summary['bytes_down'] / 1e6:.2f} MB down in all"
+        f"{summary.trainable_parameters:,} trainable parameters ({share:.2f} %); "
+        f"{summary.bytes_up / 1e6:.2f} MB up, {summary.bytes_down / 1e6:.2f} MB down in all"
     )
-    if summary["setup_bytes_per_client"]:
+    if summary.setup_bytes_per_client:
         traffic += (
-            f" (down includes a one-off setup of {summary['setup_bytes_per_client'] / 1e6:.2f} MB per client)"
+            f" (down includes a one-off setup of {summary.setup_bytes_per_client / 1e6:.2f} MB per client)"
         )
     lines.append(traffic)
-    if summary.get("split_bytes_up"):
+    if summary.split_bytes_up:
         lines.append(
-            f"split activations and gradients: {summary['split_bytes_up'] / 1e6:.2f} MB up, "
-            f"{summary['split_bytes_down'] / 1e6:.2f} MB down in all"
+            f"split activations and gradients: {summary.split_bytes_up / 1e6:.2f} MB up, "
+            f"{summary.split_bytes_down / 1e6:.2f} MB down in all"
         )
-    if summary["final_exit_accuracy"]:
-        exits = ", ".join(f"{accuracy:.4f}" for accuracy in summary["final_exit_accuracy"])
-        lines.append(f"accuracy at each exit (layers 1..{len(summary['final_exit_accuracy'])}): {exits}")
-    if summary["sim_s"] is not None:
-        profiles = ", ".join(summary["profiles"])
-        lines.append(f"{summary['sim_s']:.1f} s on the SIMULATED device clock (profiles {profiles})")
-    if summary.get("energy_j"):
+    if summary.final_exit_accuracy:
+        exits = ", ".join(f"{accuracy:.4f}" for accuracy in summary.final_exit_accuracy)
+        lines.append(f"accuracy at each exit (layers 1..{len(summary.final_exit_accuracy)}): {exits}")
+    if summary.sim_s is not None:
+        profiles = ", ".join(summary.profiles)
+        lines.append(f"{summary.sim_s:.1f} s on the SIMULATED device clock (profiles {profiles})")
+    if summary.energy_j:
         parts = {
             "measured": "measured on the devices",
             "simulated": "SIMULATED at the profiles' power budgets",
@@ -138,12 +138,12 @@ def format_summary(summary: dict) -> str:
         lines.append(
             "energy over the clients' rounds: "
             + ", ".join(
-                f"{joules / 1e3:.3f} kJ {parts[source]}" for source, joules in summary["energy_j"].items()
+                f"{joules / 1e3:.3f} kJ {parts[source]}" for source, joules in summary.energy_j.items()
             )
         )
-    lines.append(f"run directory: {summary['run_dir']}")
-    if summary.get("task") == "masked-lm":
-        result = summary["result_dir"]
+    lines.append(f"run directory: {summary.run_dir}")
+    if summary.task == "masked-lm":
+        result = summary.result_dir
         lines.append(f"pre-trained model: {result} (fine-tune it: edgefed run --model {result})")
     return "\n".join(lines)
 

@@ -36,13 +36,14 @@ from edgefed.transport.grpc_server import Served
 from edgefed.transport.inproc import InProcess
 from edgefed.transport.loopback import Loopback
 from edgefed.transport.split_rounds import SplitRounds
+from edgefed.types import RunSummary
 from edgefed.wire.channels import ServerTls, is_loopback
 from edgefed.wire.streams import STREAM_IDLE_S
 
 Echo = Callable[[str], None]
 
 
-def run(config: RunConfig, echo: Echo = print, resume: bool = False) -> dict:
+def run(config: RunConfig, echo: Echo = print, resume: bool = False) -> RunSummary:
     """`edgefed run`: a whole federation from one command; clients in this process or in processes."""
     return federate(config, InProcess() if config.transport == "inproc" else Loopback(), echo, resume)
 
@@ -57,7 +58,7 @@ def serve(
     echo: Echo = print,
     stream_idle_s: float = STREAM_IDLE_S,
     split_port: int = 0,
-) -> dict:
+) -> RunSummary:
     """`edgefed server`: serve the federation on `address` to `edgefed client`s; returns the summary."""
     if tokens is not None and len(tokens.clients) != config.clients:
         raise EdgefedError(
@@ -71,7 +72,7 @@ def serve(
     return federate(dataclasses.replace(config, transport="grpc"), served, echo, resume)
 
 
-def federate(config: RunConfig, transports: TransportMaker, echo: Echo, resume: bool) -> dict:
+def federate(config: RunConfig, transports: TransportMaker, echo: Echo, resume: bool) -> RunSummary:
     """The server's side of any run: build (or resume), run the rounds with checkpoints, save, summarise."""
     # -- setup ----------------------------------------------------------------------------------------
     set_seed(config.seed)

@@ -20,6 +20,7 @@ from edgefed.errors import EdgefedError
 from edgefed.federation.runner import federate
 from edgefed.flower import client
 from edgefed.flower.transport import JOIN_ACTION, OnFlower
+from edgefed.types import RunSummary
 
 Echo = Callable[[str], None]
 
@@ -42,7 +43,7 @@ def server_app(config: RunConfig, echo: Echo, outcome: dict, resume: bool = Fals
     return app
 
 
-def federate_on(grid: Grid, config: RunConfig, echo: Echo = print, resume: bool = False) -> dict:
+def federate_on(grid: Grid, config: RunConfig, echo: Echo = print, resume: bool = False) -> RunSummary:
     """The edgefed federation `config` describes, its rounds carried over Flower's `grid`."""
 
     return federate(dataclasses.replace(config, transport="flower"), OnFlower(grid), echo, resume)
@@ -67,7 +68,7 @@ def run_from_flower(grid: Grid, context: Context) -> None:
     federate_on(grid, flower_run_config(context.run_config))
 
 
-def simulate(config: RunConfig, echo: Echo = print, resume: bool = False) -> dict:
+def simulate(config: RunConfig, echo: Echo = print, resume: bool = False) -> RunSummary:
     """The run on Flower's Simulation Engine: a Ray actor per core, one SuperNode per client."""
     from flwr.simulation import run_simulation
 

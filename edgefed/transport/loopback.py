@@ -32,7 +32,8 @@ from edgefed.split import SplitBodyServicer
 from edgefed.tasks import Task
 from edgefed.transport.auth import TokenBook
 from edgefed.transport.base import Roster, RunContext
-from edgefed.transport.grpc_server import FederationServicer, GrpcTransport, RunDescription, run_description
+from edgefed.transport.grpc_server import GrpcTransport
+from edgefed.transport.servicer import FederationServicer, RunDescription, run_description
 from edgefed.types import client_name
 
 # What a client process imports before it forks: all it needs to train (torch's runtime; an ort client
@@ -105,7 +106,7 @@ class LoopbackFleet(GrpcTransport):
         log_dir.mkdir(parents=True, exist_ok=True)
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([CLIENT_MODULE])
-        fleet = self.servicer.fleet
+        fleet = self.servicer.clients.fleet
         for index, (name, data) in enumerate(zip(names, shard_files, strict=True)):
             log_path = log_dir / f"{name}.log"
             # Each client announces its device, as `edgefed client --profile` on the device does.
