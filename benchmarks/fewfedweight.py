@@ -46,7 +46,7 @@ SETTINGS = {  # name: run flags beyond the common ones
     "no-energy": {"pseudo_labels": "uniform", "aggregator": "adaptive"},
     "count-weights": {"pseudo_labels": "energy", "aggregator": "fedavg"},
 }
-# The paper's figures (118 tasks, a seq2seq model; PAPERS.md §5.3).
+# The paper's figures (118 tasks, a seq2seq model; Dong et al., arXiv 2212.08354, §5.3).
 PAPER = {"share improved": 0.61, "improvement rate": 0.305}
 
 

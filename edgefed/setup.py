@@ -62,7 +62,7 @@ def settled(config: RunConfig, method: Method) -> RunConfig:
 
     return dataclasses.replace(
         config,
-        lr=config.lr if config.lr is not None else method.default_lr,
+        lr=config.lr_for(method.default_lr),
         data=str(Path(config.data).resolve()) if config.data is not None else None,
         tasks=absolute(config.tasks),
         eval_tasks=absolute(config.eval_tasks),

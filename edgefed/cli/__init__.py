@@ -10,7 +10,7 @@ from typing import Any
 from edgefed import __version__
 from edgefed.cli.bench import add_bench_options, bench_command
 from edgefed.cli.client import add_client_options, client_command, read_bytes
-from edgefed.cli.options import add_config_option, add_run_options
+from edgefed.cli.options import add_config_option, add_run_options, add_server_options, server_settings
 from edgefed.errors import EdgefedError, report_errors
 
 
@@ -47,19 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="PEM certificate(s): mutual TLS, only clients with a certificate they signed may connect",
     )
-    server.add_argument(
-        "--heartbeat-s", type=float, help="client heartbeat interval; 3 missed = dropped (default 1)"
-    )
-    server.add_argument(
-        "--stream-idle-s",
-        type=float,
-        help="cancel a client's stream that moves no message for this long (default 30)",
-    )
-    server.add_argument(
-        "--split-port",
-        type=int,
-        help="split learning (fedbert): the Split service's port on --address's host (default: any free one)",
-    )
+    add_server_options(server)
     add_run_options(server, skip=("transport",))
     client = commands.add_parser(
         "client",
@@ -169,12 +157,10 @@ def server_command(args: dict[str, Any]) -> int:
     from edgefed.federation.runner import serve
     from edgefed.transport.auth import TokenBook
     from edgefed.wire.channels import ServerTls
-    from edgefed.wire.streams import STREAM_IDLE_S
 
     address, tokens = args.pop("address"), args.pop("tokens", None)
     cert, key, client_ca = (args.pop(name, None) for name in ("tls_cert", "tls_key", "tls_client_ca"))
-    heartbeat_s, resume = args.pop("heartbeat_s", 1.0), args.pop("resume", False)
-    stream_idle_s, split_port = args.pop("stream_idle_s", STREAM_IDLE_S), args.pop("split_port", 0)
+    settings, resume = server_settings(args), args.pop("resume", False)
     if (cert is None) != (key is None):
         raise EdgefedError("--tls-cert and --tls-key go together")
     if client_ca is not None and cert is None:
@@ -188,9 +174,7 @@ def server_command(args: dict[str, Any]) -> int:
         tokens=TokenBook.read(tokens) if tokens else None,
         tls=tls,
         resume=resume,
-        heartbeat_s=heartbeat_s,
-        stream_idle_s=stream_idle_s,
-        split_port=split_port,
+        settings=settings,
     )
     return 0
 

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import argparse
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, Field, fields
 from typing import Any
 
-from edgefed.config import RunConfig, key_of
-
-FIELDS = {field.name: field for field in fields(RunConfig)}
-TYPES = typing.get_type_hints(RunConfig)
+from edgefed.config import FIELDS, TYPES, ServerSettings, key_of
 
 
 def default_text(value: Any) -> str:
@@ -22,14 +19,14 @@ def default_text(value: Any) -> str:
     return str(value)
 
 
-def add_config_option(parser: argparse.ArgumentParser, name: str, with_default: bool = False) -> None:
-    """`--<name>` for the RunConfig field `name`. Without `with_default` the flag is absent from the
-    parsed arguments unless given (the configuration's layers fill it); with it, the field's default."""
-    field = FIELDS[name]
+def add_option(parser: argparse.ArgumentParser, field: Field, kind: Any, with_default: bool = False) -> None:
+    """`--<name>` for a settings field made with `option()` (edgefed/config.py), of type `kind`. Without
+    `with_default` the flag is absent from the parsed arguments unless given (the configuration's
+    layers fill it); with it, the field's default."""
     help_text = field.metadata["help"]
     if field.default not in (None, MISSING):
         help_text += f" (default {default_text(field.default)})"
-    kinds = set(typing.get_args(TYPES[name])) or {TYPES[name]}
+    kinds = set(typing.get_args(kind)) or {kind}
     options: dict[str, Any] = {"help": help_text}
     if with_default:
         options["default"] = field.default
@@ -41,7 +38,24 @@ def add_config_option(parser: argparse.ArgumentParser, name: str, with_default: 
             options["type"] = int
         elif float in kinds:
             options["type"] = float
-    parser.add_argument(f"--{key_of(name)}", **options)
+    parser.add_argument(f"--{key_of(field.name)}", **options)
+
+
+def add_config_option(parser: argparse.ArgumentParser, name: str, with_default: bool = False) -> None:
+    """`--<name>` for the RunConfig field `name`."""
+    add_option(parser, FIELDS[name], TYPES[name], with_default)
+
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    """ServerSettings' fields as flags, each with its default."""
+    kinds = typing.get_type_hints(ServerSettings)
+    for field in fields(ServerSettings):
+        add_option(parser, field, kinds[field.name], with_default=True)
+
+
+def server_settings(args: dict[str, Any]) -> ServerSettings:
+    """The ServerSettings of parsed arguments (taking their fields out of `args`)."""
+    return ServerSettings(**{field.name: args.pop(field.name) for field in fields(ServerSettings)})
 
 
 def add_run_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:

@@ -121,6 +121,7 @@ def build_worker(
     model = method.adapt(base, spec, setup) if setup is not None else method.prepare_global(base, spec)[0]
     if config.fused_kernels:
         use_fused_kernels(model)
-    lr = config.lr if config.lr is not None else method.default_lr
-    trainer = LocalTrainer(model, lr, config.batch_size, device, config.max_grad_norm)
+    trainer = LocalTrainer(
+        model, config.lr_for(method.default_lr), config.batch_size, device, config.max_grad_norm
+    )
     return Worker(config, method, model, trainer)

@@ -37,7 +37,7 @@ Peak memory, bytes (fp32):
 
 The saved-activation coefficients are what torch 2.13 keeps for transformers 5's BertLayer in
 training mode (counted with torch.autograd.graph.saved_tensors_hooks; the same for the eager and
-SDPA attention paths); tests/test_costmodel.py checks the prediction against peak RSS measured in a
+SDPA attention paths); tests/test_planner.py checks the prediction against peak RSS measured in a
 fresh process.
 """
 

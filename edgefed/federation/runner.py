@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from edgefed.aggregators import AGGREGATORS
-from edgefed.config import RunConfig, config_from_text, write_config
+from edgefed.config import RunConfig, ServerSettings, config_from_text, write_config
 from edgefed.devices.clock import SimulatedClock
 from edgefed.errors import EdgefedError
 from edgefed.federation.checkpoint import Checkpoint, load_checkpoint, restore_rng
@@ -38,7 +38,6 @@ from edgefed.transport.loopback import Loopback
 from edgefed.transport.split_rounds import SplitRounds
 from edgefed.types import RunSummary
 from edgefed.wire.channels import ServerTls, is_loopback
-from edgefed.wire.streams import STREAM_IDLE_S
 
 Echo = Callable[[str], None]
 
@@ -54,10 +53,8 @@ def serve(
     tokens: TokenBook | None = None,
     tls: ServerTls | None = None,
     resume: bool = False,
-    heartbeat_s: float = 1.0,
+    settings: ServerSettings | None = None,
     echo: Echo = print,
-    stream_idle_s: float = STREAM_IDLE_S,
-    split_port: int = 0,
 ) -> RunSummary:
     """`edgefed server`: serve the federation on `address` to `edgefed client`s; returns the summary."""
     if tokens is not None and len(tokens.clients) != config.clients:
@@ -68,7 +65,7 @@ def serve(
         echo(f"edgefed: warning: serving {address} without --tokens: anyone who reaches it can join")
     if tokens is not None and tls is None and not is_loopback(address):
         echo(f"edgefed: warning: serving {address} without TLS: the clients' tokens travel in plaintext")
-    served = Served(address, tokens, tls, heartbeat_s, stream_idle_s, split_port)
+    served = Served(address, tokens, tls, settings or ServerSettings())
     return federate(dataclasses.replace(config, transport="grpc"), served, echo, resume)
 
 

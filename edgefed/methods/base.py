@@ -42,7 +42,7 @@ class Method(ABC):
     backward_through_blocks: ClassVar[bool] = True
     # Name prefix of the heads a method predicts with instead of the checkpoint's classifier (None: that one).
     own_head_prefix: ClassVar[str | None] = None
-    # What the method trains for (edgefed/tasks.py): fine-tuning a classifier, or masked-LM pre-training.
+    # What the method trains for (edgefed/tasks/): fine-tuning a classifier, or masked-LM pre-training.
     task: ClassVar[str] = "classification"
     # The folder of the run directory that holds the trained result.
     result_dir: ClassVar[str] = "adapter"

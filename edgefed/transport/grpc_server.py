@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from edgefed.config import ServerSettings
 from edgefed.devices.planner import Plan
 from edgefed.setup import RunSetup
 from edgefed.split import SplitBodyServicer, serve_split_body
@@ -17,7 +18,6 @@ from edgefed.transport.servicer import FederationServicer, run_description, serv
 from edgefed.types import RoundResult, State
 from edgefed.wire.channels import MESSAGE_HEADROOM, ServerTls, start_server
 from edgefed.wire.memory import keep_freed_messages
-from edgefed.wire.streams import STREAM_IDLE_S
 
 
 class GrpcTransport(Transport):
@@ -126,9 +126,7 @@ class Served:
     address: str
     tokens: TokenBook | None = None
     tls: ServerTls | None = None
-    heartbeat_s: float = 1.0
-    stream_idle_s: float = STREAM_IDLE_S
-    split_port: int = 0
+    settings: ServerSettings = field(default_factory=ServerSettings)
 
     def open(self, setup: RunSetup, run: RunContext) -> GrpcTransport:
         config = setup.config
@@ -136,11 +134,11 @@ class Served:
             run_description(setup, run.run_id, run.run_dir),
             self.tokens,
             run.roster,
-            self.heartbeat_s,
+            self.settings.heartbeat_s,
             setup.device,
             run.log,
             setup.fleet,
-            self.stream_idle_s,
+            self.settings.stream_idle_s,
         )
         transport = GrpcTransport(
             servicer,
@@ -149,7 +147,7 @@ class Served:
             config.round_deadline_s,
             self.tls,
             split=run.split.servicer if run.split else None,
-            split_port=self.split_port,
+            split_port=self.settings.split_port,
         )
         run.log(f"edgefed: serving run {run.run_id} on {transport.address}")
         return transport

@@ -31,7 +31,7 @@ import torch
 
 from edgefed.client import worker_for
 from edgefed.codecs import make_codec
-from edgefed.config import RunConfig, client_config, config_text
+from edgefed.config import RunConfig, ServerSettings, client_config, config_text
 from edgefed.devices.fleet import FleetPlans
 from edgefed.devices.planner import plan_text
 from edgefed.errors import EdgefedError
@@ -45,7 +45,7 @@ from edgefed.transport.clients import MISSED_HEARTBEATS, ClientBook, Code, Refus
 from edgefed.transport.rounds import RoundBook
 from edgefed.types import RoundResult, State
 from edgefed.wire.framing import ChunkView, Expected, WireError, chunk_stream, wire_size
-from edgefed.wire.streams import STREAM_IDLE_S, StreamGuard
+from edgefed.wire.streams import StreamGuard
 from edgefed.wire.text import printable
 from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
@@ -140,11 +140,11 @@ class FederationServicer(pb_grpc.FederationServicer):
         run: RunDescription,
         tokens: TokenBook | None = None,
         roster: Roster | None = None,
-        heartbeat_s: float = 1.0,
+        heartbeat_s: float = ServerSettings.heartbeat_s,
         device: torch.device | None = None,
         log: Callable[[str], None] = print,
         fleet: FleetPlans | None = None,
-        stream_idle_s: float = STREAM_IDLE_S,
+        stream_idle_s: float = ServerSettings.stream_idle_s,
     ) -> None:
         """`fleet`: plans each client's work from its profile (--profiles, or the one it announces).
         `roster`: a resumed run's clients (their slots and declared example counts).

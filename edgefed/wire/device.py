@@ -1,6 +1,6 @@
 """What `edgefed client` (edgefed/transport/grpc_client.py) and the runtime that trains on the device ask
 of each other. The client owns the connection (joins, heartbeats, retries, fetches, pushes); a runtime
-builds the model and trains it: torch (edgefed/client/device.py) or ONNX Runtime without torch
+builds the model and trains it: torch (edgefed/transport/torch_device.py) or ONNX Runtime without torch
 (edgefed/ort/device.py)."""
 
 from __future__ import annotations
