@@ -13,12 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgefed.codecs import bytes_per_value
 from edgefed.config import RunConfig, resolve_config
-from edgefed.devices.fleet import FLEET_STRATEGIES, FleetPlans, adapt_and_measure, codec_bytes_per_value
+from edgefed.devices.fleet import FleetPlans, adapted_fleet
 from edgefed.devices.planner import Request
 from edgefed.errors import EdgefedError
 from edgefed.methods import METHODS, AdapterSpec, Method
-from edgefed.methods.base import SetupState, trainable_state
+from edgefed.methods.base import SetupState
 from edgefed.methods.lora import use_fused_kernels
 from edgefed.models import default_device, load_tokenizer, model_fingerprint, resolve_model_path
 from edgefed.tasks import Task
@@ -76,8 +77,9 @@ def prepare(config: RunConfig) -> RunSetup:
     device = default_device()
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)
-    train, evaluation = task.load_data(config.data_settings())
-    shards = task.shards(train, config.data_settings())  # drawn here: bad input fails before any write
+    settings = config.data_settings()
+    train, evaluation = task.load_data(settings)
+    shards = task.shards(train, settings)  # drawn here: bad input fails before any write
     num_labels = task.num_labels(train, evaluation)
     # The global model, adapted once (FeDeRA's SVD happens here and nowhere else).
     base, new_modules = task.load_model(model_path, num_labels)
@@ -86,20 +88,12 @@ def prepare(config: RunConfig) -> RunSetup:
         raise EdgefedError(f"max-seq-len {config.max_seq_len} exceeds the model's {positions} positions")
     fingerprint = model_fingerprint(base, new_modules)
     spec = config.adapter_spec(tuple(new_modules) or task.head_modules)
-    global_model, setup, shape = adapt_and_measure(method, base, spec)
-    pairs = method.low_rank_pairs(global_model)
-    global_state = trainable_state(global_model)
-    fleet = FleetPlans(
-        shape,
-        plan_request(config),
-        method.early_exits,
-        {name: tuple(tensor.shape) for name, tensor in global_state.items()},
-        pairs,
-        config.profiles,
-        config.fleet_strategy,
+    request = plan_request(config)
+    global_model, setup, fleet = adapted_fleet(
+        method, base, spec, request, config.profiles, config.fleet_strategy
     )
     if config.profiles:
-        check_fleet(fleet, config)
+        fleet.check(config.clients, combines_plans=config.aggregator == "hetero")
     global_model.to(device)
     if config.fused_kernels:
         use_fused_kernels(global_model)
@@ -131,34 +125,9 @@ def plan_request(config: RunConfig) -> Request:
         batch_size=config.batch_size,
         seq_len=config.max_seq_len,
         local_steps=config.local_steps or 1,
-        bytes_per_sent_value=codec_bytes_per_value(config.codec),
+        bytes_per_sent_value=bytes_per_value(config.codec),
         budget_s=config.budget_s,
     )
-
-
-def check_fleet(fleet: FleetPlans, config: RunConfig) -> None:
-    """Every client's plan exists and the aggregator can combine them (before anything is written)."""
-    fleet.check(config.clients)
-    if config.aggregator != "hetero" and fleet.heterogeneous(range(config.clients)):
-        raise EdgefedError(
-            "the clients' plans train different tensors (frozen layers, exits or ranks differ from the "
-            "run's); combine them with --aggregator hetero"
-        )
-
-
-def describe_fleet(side: RunSetup, echo) -> None:
-    """Each client's profile and plan."""
-    config, fleet = side.config, side.fleet
-    echo(f"edgefed: fleet strategy {fleet.strategy}: {FLEET_STRATEGIES[fleet.strategy]}")
-    for index in range(config.clients):
-        plan = fleet.plan(index)
-        late = "; misses the budget: dropped every round" if fleet.misses_deadline(index) else ""
-        echo(
-            f"edgefed: client {index}: {plan.profile}: layers {plan.frozen_layers}-{plan.exit_layer - 1} "
-            f"train (exit {plan.exit_layer}), rank {plan.rank}, batch {plan.batch_size}, length "
-            f"{plan.seq_len}; predicted {plan.step_s:.3f} s/step, {plan.round_s:.2f} s/round, "
-            f"{plan.peak_gb:.2f} GB (SIMULATED){late}"
-        )
 
 
 def read_summary(run_dir: str | Path) -> RunSummary:

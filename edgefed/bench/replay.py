@@ -18,7 +18,7 @@ from edgefed.bench.grid import Cell, Grid, cell_config
 from edgefed.devices.clock import SimulatedClock
 from edgefed.devices.planner import plan_from_record
 from edgefed.errors import EdgefedError
-from edgefed.setup import check_fleet, plan_request, prepare
+from edgefed.setup import plan_request, prepare
 from edgefed.types import RoundMetrics
 
 MB = 1e6
@@ -145,7 +145,7 @@ def grid_clocks(grid: Grid) -> dict[tuple[str, str, str], dict[str, SimulatedClo
             fleet = fleets[cell.method].replanned(
                 plan_request(config), config.profiles, config.fleet_strategy
             )
-            check_fleet(fleet, config)
+            fleet.check(config.clients, combines_plans=config.aggregator == "hetero")
             clocks[cell.setting] = {cell.fleet: SimulatedClock(fleet)}
             continue
         clocks[cell.setting] = {}

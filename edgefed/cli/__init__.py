@@ -195,7 +195,8 @@ def profile_command(args: dict[str, Any]) -> int:
 
 
 def plan_command(args: dict[str, Any]) -> int:
-    from edgefed.devices.fleet import adapt_and_measure, codec_bytes_per_value
+    from edgefed.codecs import bytes_per_value
+    from edgefed.devices.fleet import adapt_and_measure
     from edgefed.devices.planner import Request, format_plan, plan_for
     from edgefed.devices.profiles import load_profile, profile_names
     from edgefed.methods import METHODS
@@ -222,7 +223,7 @@ def plan_command(args: dict[str, Any]) -> int:
         batch_size=args["batch_size"],
         seq_len=args["max_seq_len"],
         local_steps=args["local_steps"],
-        bytes_per_sent_value=codec_bytes_per_value(args["codec"]),
+        bytes_per_sent_value=bytes_per_value(args["codec"]),
         budget_s=args["budget_s"],
         memory_gb=args["memory_gb"],
     )

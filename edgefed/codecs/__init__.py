@@ -1,6 +1,6 @@
 """Codecs for client deltas, one module per family, registered by name in `CODECS`."""
 
-from edgefed.codecs.base import CODECS, Codec, decode_state, encode_state, make_codec
+from edgefed.codecs.base import CODECS, Codec, bytes_per_value, decode_state, encode_state, make_codec
 from edgefed.codecs.delta import EncodedDelta
 from edgefed.codecs.feedback import ErrorFeedback
 from edgefed.registry import import_submodules
@@ -14,6 +14,7 @@ __all__ = [
     "EncodedDelta",
     "EncodedTensor",
     "ErrorFeedback",
+    "bytes_per_value",
     "decode_state",
     "encode_state",
     "make_codec",

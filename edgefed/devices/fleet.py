@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from edgefed.codecs import encode_state, make_codec
 from edgefed.devices.costmodel import ModelShape, Workload
 from edgefed.devices.planner import Plan, Request, plan_as_asked, plan_for
 from edgefed.devices.profiles import DeviceProfile, device_entry, load_profile
@@ -24,14 +23,22 @@ from edgefed.methods.base import AdapterSpec, LowRankPair, Method, SetupState
 from edgefed.scope import Scope, Shape, client_scope
 
 
-def codec_bytes_per_value(codec: str) -> float:
-    """What the codec spends per element of a delta (measured on a probe tensor, framing excluded)."""
-    import torch
-
-    probe = {"probe": torch.randn(1 << 16, generator=torch.Generator().manual_seed(0))}
-    encoded = encode_state(make_codec(codec), probe)
-    tensor = encoded[0]
-    return (len(tensor.data) + len(tensor.scales) + len(tensor.indices)) / probe["probe"].numel()
+def adapted_fleet(
+    method: Method,
+    base: nn.Module,
+    spec: AdapterSpec,
+    request: Request,
+    profiles: tuple[str, ...] = (),
+    strategy: str = "planned",
+) -> tuple[nn.Module, SetupState, FleetPlans]:
+    """The server's global model adapted from `base` (`Method.prepare_global`), its setup state, and
+    the fleet's plans for it."""
+    model, setup, shape = adapt_and_measure(method, base, spec)
+    shapes = {name: tuple(param.shape) for name, param in model.named_parameters() if param.requires_grad}
+    fleet = FleetPlans(
+        shape, request, method.early_exits, shapes, method.low_rank_pairs(model), profiles, strategy
+    )
+    return model, setup, fleet
 
 
 def adapt_and_measure(
@@ -146,8 +153,9 @@ class FleetPlans:
         plan = self.plan(slot)
         return plan is not None and plan.round_s > self.request.budget_s
 
-    def check(self, clients: int) -> None:
-        """Plan every client now, so that a fleet no plan or deadline suits fails before the run starts."""
+    def check(self, clients: int, combines_plans: bool) -> None:
+        """Plan every client now, so that a fleet no plan or deadline suits fails before the run starts;
+        clients that train different tensors need an aggregator that `combines_plans` (hetero)."""
         for slot in range(clients):
             self.plan(slot)
         if clients and all(self.misses_deadline(slot) for slot in range(clients)):
@@ -156,6 +164,25 @@ class FleetPlans:
                 f"no device meets the budget of {self.request.budget_s:g} s: the fastest needs "
                 f"{fastest:.2f} s a round with the run's settings"
             )
+        if not combines_plans and self.heterogeneous(range(clients)):
+            raise EdgefedError(
+                "the clients' plans train different tensors (frozen layers, exits or ranks differ from the "
+                "run's); combine them with --aggregator hetero"
+            )
+
+    def describe(self, clients: int) -> list[str]:
+        """Each client's profile and plan, a line each."""
+        lines = [f"edgefed: fleet strategy {self.strategy}: {FLEET_STRATEGIES[self.strategy]}"]
+        for index in range(clients):
+            plan = self.plan(index)
+            late = "; misses the budget: dropped every round" if self.misses_deadline(index) else ""
+            lines.append(
+                f"edgefed: client {index}: {plan.profile}: layers {plan.frozen_layers}-{plan.exit_layer - 1} "
+                f"train (exit {plan.exit_layer}), rank {plan.rank}, batch {plan.batch_size}, length "
+                f"{plan.seq_len}; predicted {plan.step_s:.3f} s/step, {plan.round_s:.2f} s/round, "
+                f"{plan.peak_gb:.2f} GB (SIMULATED){late}"
+            )
+        return lines
 
     def scope(self, plan: Plan | None) -> Scope:
         if plan is None:

@@ -28,7 +28,7 @@ from edgefed.federation.progress import StepProgress
 from edgefed.federation.recorder import Recorder
 from edgefed.federation.report import finish_run
 from edgefed.methods import count_trainable, load_trainable_state
-from edgefed.setup import RunSetup, describe_fleet, prepare
+from edgefed.setup import RunSetup, prepare
 from edgefed.split import SplitSide
 from edgefed.transport.auth import TokenBook
 from edgefed.transport.base import Roster, RunContext, TransportMaker
@@ -157,7 +157,8 @@ def describe_run(side: RunSetup, echo: Echo) -> None:
         f"{side.device.type}, {config.transport} transport"
     )
     if config.profiles:
-        describe_fleet(side, echo)
+        for line in side.fleet.describe(config.clients):
+            echo(line)
     if config.pseudo_labels != "none":
         echo(
             f"edgefed: pseudo labels ({config.pseudo_labels}): each client labels its "
