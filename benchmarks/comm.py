@@ -49,11 +49,10 @@ from edgefed.wire.framing import (
     CHUNK_BYTES,
     ChunkView,
     Expected,
-    chunk_stream,
     reassemble,
-    serialize_state,
     wire_size,
 )
+from edgefed.wire.sending import chunk_stream, serialize_state
 
 METHOD_NAMES = ("fft", "lora", "federa", "bitfit", "adapter")
 CODECS = ("none", "fp16", "int8", "int4", "topk:0.1")

@@ -336,28 +336,18 @@ def coerce(name: str, value: Any) -> Any:
 
 
 def validate(config: RunConfig) -> None:
+    """The run's own settings here; each component it names (method, aggregator, codec, task, runtimes,
+    the fleet's profiles) checks the settings it reads."""
     from edgefed.aggregators import AGGREGATORS
     from edgefed.codecs import make_codec
     from edgefed.data import parse_partition
     from edgefed.methods import METHODS
-    from edgefed.methods.fdapt import frozen_set
-    from edgefed.methods.fedbert.method import SPLIT_STRATEGIES
-    from edgefed.split.wire import split_codec
 
     method = METHODS.create(config.method)
-    frozen_set(config.freeze)
-    split_codec(config.split_codec)
-    if config.split_strategy not in SPLIT_STRATEGIES:
-        raise EdgefedError(
-            f"unknown split-strategy '{config.split_strategy}'; choose one of: {', '.join(SPLIT_STRATEGIES)}"
-        )
+    method.check(config)
     if config.max_grad_norm < 0:
         raise EdgefedError(f"max-grad-norm must be 0 (no clipping) or positive, got {config.max_grad_norm}")
-    if config.profiles and method.task != "classification":
-        raise EdgefedError(
-            f"--profiles plans fine-tuning runs; {config.method} pre-trains and takes no device profiles yet"
-        )
-    AGGREGATORS.create(config.aggregator)
+    AGGREGATORS.create(config.aggregator).check(config)
     make_codec(config.codec)
     parse_partition(config.partition)
     positive = {
@@ -385,24 +375,15 @@ def validate(config: RunConfig) -> None:
         if value is not None and value <= 0:
             raise EdgefedError(f"{key_of(name)} must be positive, got {value}")
     if config.profiles:
-        from edgefed.devices.fleet import FLEET_STRATEGIES
-        from edgefed.devices.profiles import device_entry, load_profile
+        from edgefed.devices.fleet import check_fleet_settings
 
-        for entry in config.profiles:
-            load_profile(device_entry(entry)[0])
-        if config.fleet_strategy not in FLEET_STRATEGIES:
-            choices = ", ".join(FLEET_STRATEGIES)
-            raise EdgefedError(f"unknown fleet-strategy '{config.fleet_strategy}'; choose one of: {choices}")
-        if config.fleet_strategy == "deadline" and config.budget_s is None:
-            raise EdgefedError("fleet-strategy deadline drops the clients that miss budget-s: set budget-s")
-    validate_multitask(config, method)
+        check_fleet_settings(config.profiles, config.fleet_strategy, config.budget_s)
+    config.task().check(config)
     if config.transport not in TRANSPORTS:
         raise EdgefedError(f"unknown transport '{config.transport}'; choose one of: {', '.join(TRANSPORTS)}")
-    validate_runtimes(config, method)
-    if config.transport == "flower" and method.splits_model:
-        raise EdgefedError(
-            f"{config.method} trains its body over edgefed's Split service, which Flower does not carry"
-        )
+    from edgefed.runtimes import check_runtimes
+
+    check_runtimes(config, method.task)
     if config.min_clients is not None and config.min_clients > config.clients:
         raise EdgefedError(f"min-clients {config.min_clients} exceeds clients {config.clients}")
     if not 1024 <= config.chunk_bytes <= 4 << 20:
@@ -418,59 +399,6 @@ def validate(config: RunConfig) -> None:
     if config.target_accuracy is not None and not 0 < config.target_accuracy <= 1:
         raise EdgefedError(
             f"target-accuracy is a fraction in (0, 1] (0.85 for 85%), got {config.target_accuracy}"
-        )
-
-
-def validate_runtimes(config: RunConfig, method) -> None:
-    """Each client runtime the run names exists, carries the run's clients and can train them."""
-    from edgefed.runtimes import RUNTIMES
-
-    known = RUNTIMES.names()
-    unknown = sorted(set(config.client_runtime) - set(known))
-    if not config.client_runtime or unknown:
-        raise EdgefedError(f"unknown client-runtime {unknown[:1]}; choose from: {', '.join(known)}")
-    for name in sorted(set(config.client_runtime)):
-        runtime = RUNTIMES.create(name)
-        if config.transport not in runtime.transports:
-            raise EdgefedError(
-                f"client-runtime {name} runs {runtime.where}: transport {' or '.join(runtime.transports)}"
-            )
-        refusal = runtime.refusal(config, method.task)
-        if refusal:
-            raise EdgefedError(f"client-runtime {refusal}")
-        runtime.require()
-
-
-def validate_multitask(config: RunConfig, method) -> None:
-    from edgefed.aggregators.adaptive import AdaptiveAggregator
-    from edgefed.tasks.pseudo import PSEUDO_LABELS
-
-    if config.pseudo_labels not in PSEUDO_LABELS:
-        choices = ", ".join(PSEUDO_LABELS)
-        raise EdgefedError(f"unknown pseudo-labels '{config.pseudo_labels}'; choose one of: {choices}")
-    if not config.tasks:
-        needs = {
-            "eval-tasks": bool(config.eval_tasks),
-            f"pseudo-labels {config.pseudo_labels}": config.pseudo_labels != "none",
-            "aggregator adaptive": config.aggregator == AdaptiveAggregator.name,
-        }
-        for what, set_ in needs.items():
-            if set_:
-                raise EdgefedError(f"{what} needs a few-shot multi-task run: set --tasks")
-        return
-    if not method.multitask:
-        raise EdgefedError(
-            f"--tasks trains a label-scoring model through an adapter; {config.method} cannot "
-            "(use lora or federa)"
-        )
-    for name, value in (("train-limit", config.train_limit), ("profiles", config.profiles)):
-        if value:
-            raise EdgefedError(f"{name} does not apply to a multi-task run (--tasks)")
-    if not 0 <= config.holdout_shots < config.shots:
-        raise EdgefedError(f"holdout-shots must be in [0, shots {config.shots}), got {config.holdout_shots}")
-    if config.aggregator == AdaptiveAggregator.name and config.holdout_shots == 0:
-        raise EdgefedError(
-            "aggregator adaptive weighs clients by their held-out score: set holdout-shots > 0"
         )
 
 

@@ -131,6 +131,25 @@ def adapter_refusal(name: str, config: RunConfig, task: str) -> str | None:
     return None
 
 
+def check_runtimes(config: RunConfig, task: str) -> None:
+    """Each client runtime the run names exists, carries the run's clients and can train them (its
+    method trains for `task`)."""
+    known = RUNTIMES.names()
+    unknown = sorted(set(config.client_runtime) - set(known))
+    if not config.client_runtime or unknown:
+        raise EdgefedError(f"unknown client-runtime {unknown[:1]}; choose from: {', '.join(known)}")
+    for name in sorted(set(config.client_runtime)):
+        runtime = RUNTIMES.create(name)
+        if config.transport not in runtime.transports:
+            raise EdgefedError(
+                f"client-runtime {name} runs {runtime.where}: transport {' or '.join(runtime.transports)}"
+            )
+        refusal = runtime.refusal(config, task)
+        if refusal:
+            raise EdgefedError(f"client-runtime {refusal}")
+        runtime.require()
+
+
 class RuntimeRegistry:
     """The runtimes registered by the installed packages' entry points, imported when first asked for."""
 

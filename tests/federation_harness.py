@@ -19,7 +19,7 @@ from edgefed.transport.auth import TokenBook, bearer_metadata
 from edgefed.transport.base import RoundResult, state_payload
 from edgefed.transport.grpc_server import GrpcTransport
 from edgefed.transport.servicer import FederationServicer, RunDescription
-from edgefed.wire.framing import chunk_stream, serialize_state
+from edgefed.wire.sending import chunk_stream, serialize_state
 from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
 

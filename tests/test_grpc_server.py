@@ -21,7 +21,8 @@ from edgefed.transport.grpc_client import CHANNEL_MESSAGE_BYTES
 from edgefed.transport.grpc_server import GrpcTransport
 from edgefed.transport.servicer import FederationServicer
 from edgefed.wire.channels import ClientTls, ServerTls, open_channel
-from edgefed.wire.framing import chunk_stream, tensor_checksum
+from edgefed.wire.framing import tensor_checksum
+from edgefed.wire.sending import chunk_stream
 from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
 from tests.federation_harness import (

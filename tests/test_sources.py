@@ -51,3 +51,16 @@ def test_no_docstring_or_comment_cites_a_path_the_repository_lacks():
         if not exists(cited, path, names)
     )
     assert not missing, missing
+
+
+MAX_MODULE_LINES = 450  # a module past this does more than one thing (docs/architecture.md)
+
+
+def test_every_module_of_the_package_stays_short():
+    long = {
+        str(path.relative_to(ROOT)): count
+        for path in sorted((ROOT / "edgefed").rglob("*.py"))
+        if GENERATED not in path.parents
+        and (count := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES
+    }
+    assert not long, long

@@ -13,13 +13,12 @@ from edgefed.wire.framing import (
     ChunkView,
     Expected,
     WireError,
-    chunk_stream,
     parse_encoded,
     parse_state,
     reassemble,
-    serialize_state,
 )
 from edgefed.wire.generate import ROOT, generate
+from edgefed.wire.sending import chunk_stream, serialize_state
 from edgefed.wire.v1 import federation_pb2 as pb
 
 

@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from edgefed.aggregators.base import AGGREGATORS, Aggregator, weighted_mean_step
 from edgefed.errors import EdgefedError
 from edgefed.methods.base import LowRankPair
 from edgefed.types import ClientUpdate, State
+
+if TYPE_CHECKING:
+    from edgefed.config import RunConfig
 
 TEMPERATURE = 0.25
 
@@ -43,6 +47,14 @@ def score_weights(updates: Sequence[ClientUpdate], temperature: float = TEMPERAT
 @AGGREGATORS.register("adaptive")
 class AdaptiveAggregator(Aggregator):
     name = "adaptive"
+
+    def check(self, config: RunConfig) -> None:
+        if not config.tasks:
+            raise EdgefedError(f"aggregator {self.name} needs a few-shot multi-task run: set --tasks")
+        if config.holdout_shots == 0:
+            raise EdgefedError(
+                f"aggregator {self.name} weighs clients by their held-out score: set holdout-shots > 0"
+            )
 
     def aggregate(
         self, global_state: State, updates: Sequence[ClientUpdate], pairs: Sequence[LowRankPair]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -16,11 +16,17 @@ from edgefed.methods.base import LowRankPair
 from edgefed.registry import Registry
 from edgefed.types import ClientUpdate, State
 
+if TYPE_CHECKING:
+    from edgefed.config import RunConfig
+
 AGGREGATORS: Registry[Aggregator] = Registry("aggregator")
 
 
 class Aggregator(ABC):
     name: ClassVar[str]
+
+    def check(self, config: RunConfig) -> None:  # noqa: B027 (most aggregators take any run)
+        """Refuse, in one line, a run configuration whose updates this aggregator cannot combine."""
 
     @abstractmethod
     def aggregate(

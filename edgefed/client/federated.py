@@ -13,7 +13,7 @@ from edgefed.scope import Scope
 from edgefed.split import RemoteBody
 from edgefed.tasks.pseudo import PseudoLabels
 from edgefed.types import State
-from edgefed.wire.framing import EncodedUpdate, serialize_state
+from edgefed.wire.sending import EncodedUpdate, serialize_state
 
 
 class FederatedClient:

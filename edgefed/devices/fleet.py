@@ -73,6 +73,18 @@ FLEET_STRATEGIES = {
 }
 
 
+def check_fleet_settings(profiles: tuple[str, ...], strategy: str, budget_s: float | None) -> None:
+    """Every profile a fleet names exists, its strategy is known, and a deadline has its budget."""
+    for entry in profiles:
+        load_profile(device_entry(entry)[0])
+    if strategy not in FLEET_STRATEGIES:
+        raise EdgefedError(
+            f"unknown fleet-strategy '{strategy}'; choose one of: {', '.join(FLEET_STRATEGIES)}"
+        )
+    if strategy == "deadline" and budget_s is None:
+        raise EdgefedError("fleet-strategy deadline drops the clients that miss budget-s: set budget-s")
+
+
 @dataclass
 class FleetPlans:
     shape: ModelShape

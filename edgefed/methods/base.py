@@ -5,13 +5,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
+from edgefed.errors import EdgefedError
 from edgefed.registry import Registry
 from edgefed.types import AdapterSpec, State
+
+if TYPE_CHECKING:
+    from edgefed.config import RunConfig
 
 METHODS: Registry[Method] = Registry("method")
 
@@ -54,6 +58,19 @@ class Method(ABC):
     # Whether it can train a multi-task label-scoring model (edgefed/tasks/multitask.py): it adapts the
     # encoder and needs no head of its own.
     multitask: ClassVar[bool] = False
+
+    def check(self, config: RunConfig) -> None:
+        """Refuse, in one line, a run configuration this method cannot train; a method with settings of
+        its own checks them here too."""
+        if config.profiles and self.task != "classification":
+            raise EdgefedError(
+                f"--profiles plans fine-tuning runs; {self.name} pre-trains and takes no device profiles yet"
+            )
+        if config.tasks and not self.multitask:
+            raise EdgefedError(
+                f"--tasks trains a label-scoring model through an adapter; {self.name} cannot "
+                "(use lora or federa)"
+            )
 
     def prepare_global(self, model: nn.Module, spec: AdapterSpec) -> tuple[nn.Module, SetupState]:
         """Server side, once: adapt the global model and return what clients need to match it."""

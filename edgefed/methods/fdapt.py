@@ -14,12 +14,16 @@ through layer 0: on a 6-layer model that is the order of the paper's 12.1 % savi
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from edgefed.errors import EdgefedError
 from edgefed.methods.base import METHODS, AdapterSpec, SetupState
 from edgefed.methods.pretraining import MaskedLMPretraining
+
+if TYPE_CHECKING:
+    from edgefed.config import RunConfig
 
 LAYER_RANGE = re.compile(r"layers:(\d+)(?:-(\d+))?")
 LAYER_NAME = re.compile(r"\.layer\.(\d+)\.")
@@ -36,6 +40,10 @@ class FDAPT(MaskedLMPretraining):
 @METHODS.register("ffdapt")
 class FFDAPT(MaskedLMPretraining):
     name = "ffdapt"
+
+    def check(self, config: RunConfig) -> None:
+        super().check(config)
+        frozen_set(config.freeze)
 
     def adapt(self, model: nn.Module, spec: AdapterSpec, setup: SetupState) -> nn.Module:
         frozen_set(spec.freeze, model.config.num_hidden_layers)  # fits this model?

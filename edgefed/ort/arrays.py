@@ -13,7 +13,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from edgefed.types import EncodedTensor, Pieces
-from edgefed.wire.framing import Expected, Received, parse_state, serialize_state
+from edgefed.wire.framing import Expected, Received, parse_state
+from edgefed.wire.sending import serialize_state
 
 DTYPES = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
 

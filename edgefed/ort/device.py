@@ -28,7 +28,8 @@ from edgefed.ort import require_onnxruntime_training
 from edgefed.ort.arrays import ARRAYS, files_of, parse_arrays
 from edgefed.ort.trainer import ARTIFACT_FILES, OrtTrainer, UpdateRule
 from edgefed.wire.device import DeviceLink
-from edgefed.wire.framing import EncodedUpdate, Expected, Received, serialize_state
+from edgefed.wire.framing import Expected, Received
+from edgefed.wire.sending import EncodedUpdate, serialize_state
 from edgefed.wire.v1 import federation_pb2 as pb
 
 MANIFEST, TOKENIZER = "manifest.json", "tokenizer.json"

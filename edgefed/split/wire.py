@@ -7,10 +7,10 @@ import torch
 
 from edgefed.codecs import Codec, make_codec
 from edgefed.errors import EdgefedError
+from edgefed.methods.fedbert.method import SPLIT_CODECS
 from edgefed.wire.framing import WireError, encoded_from_message
 from edgefed.wire.v1 import federation_pb2 as pb
 
-SPLIT_CODECS = ("none", "fp16", "bf16", "int8")
 # One message carries a whole micro-batch (the proto has no chunks for Split): BERT-base activations
 # of 16 sequences of 512 tokens are 25 MB in fp32, 12.6 MB in fp16.
 MAX_MESSAGE_BYTES = 64 << 20

@@ -11,15 +11,19 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from edgefed.data import LabeledTexts, load_splits, partition
 from edgefed.data.splits import load_train
+from edgefed.errors import EdgefedError
 from edgefed.registry import Registry
 from edgefed.types import Evaluation
+
+if TYPE_CHECKING:
+    from edgefed.config import RunConfig
 
 TASKS: Registry[Task] = Registry("task")
 
@@ -51,6 +55,21 @@ class Task(ABC):
     unlabeled: ClassVar[bool] = False
     # What trains as the head when the checkpoint lacked no module (a fine-tuned checkpoint's classifier).
     head_modules: ClassVar[tuple[str, ...]] = ("classifier",)
+
+    def check(self, config: RunConfig) -> None:
+        """Refuse, in one line, settings this task does not take: those of few-shot multi-task runs."""
+        from edgefed.tasks.pseudo import PSEUDO_LABELS
+
+        if config.pseudo_labels not in PSEUDO_LABELS:
+            choices = ", ".join(PSEUDO_LABELS)
+            raise EdgefedError(f"unknown pseudo-labels '{config.pseudo_labels}'; choose one of: {choices}")
+        needs = {
+            "eval-tasks": bool(config.eval_tasks),
+            f"pseudo-labels {config.pseudo_labels}": config.pseudo_labels != "none",
+        }
+        for what, set_ in needs.items():
+            if set_:
+                raise EdgefedError(f"{what} needs a few-shot multi-task run: set --tasks")
 
     @abstractmethod
     def load_model(self, model_path: str, num_labels: int) -> tuple[nn.Module, list[str]]:

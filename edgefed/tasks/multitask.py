@@ -12,6 +12,7 @@ scored by the same model (zero-shot, through its label names).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,9 @@ from edgefed.models import load_encoder
 from edgefed.tasks.base import TASKS, DataSettings, Task
 from edgefed.tasks.classification import evaluate_classifier
 from edgefed.types import Evaluation
+
+if TYPE_CHECKING:
+    from edgefed.config import RunConfig
 
 # Cosine similarities in [-1, 1] become logits at temperature 0.05, the contrastive training
 # temperature of sentence encoders (SimCSE, Sentence-BERT's MultipleNegativesRankingLoss).
@@ -102,6 +106,20 @@ class TaskExamples:
 class FewShotMultiTask(Task):
     name = "multitask"
     head_modules = ()
+
+    def check(self, config: RunConfig) -> None:
+        from edgefed.tasks.pseudo import PSEUDO_LABELS
+
+        if config.pseudo_labels not in PSEUDO_LABELS:
+            choices = ", ".join(PSEUDO_LABELS)
+            raise EdgefedError(f"unknown pseudo-labels '{config.pseudo_labels}'; choose one of: {choices}")
+        for name, value in (("train-limit", config.train_limit), ("profiles", config.profiles)):
+            if value:
+                raise EdgefedError(f"{name} does not apply to a multi-task run (--tasks)")
+        if not 0 <= config.holdout_shots < config.shots:
+            raise EdgefedError(
+                f"holdout-shots must be in [0, shots {config.shots}), got {config.holdout_shots}"
+            )
 
     def load_model(self, model_path: str, num_labels: int) -> tuple[nn.Module, list[str]]:
         encoder, missing = load_encoder(model_path)

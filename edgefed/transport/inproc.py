@@ -31,7 +31,8 @@ from edgefed.transport.base import (
     state_payload,
 )
 from edgefed.types import State, client_name
-from edgefed.wire.framing import Expected, chunk_stream, parse_state, reassemble, wire_size
+from edgefed.wire.framing import Expected, parse_state, reassemble, wire_size
+from edgefed.wire.sending import chunk_stream
 
 
 @dataclass(frozen=True)

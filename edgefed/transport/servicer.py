@@ -44,7 +44,8 @@ from edgefed.transport.base import Roster, receive_update, state_payload
 from edgefed.transport.clients import MISSED_HEARTBEATS, ClientBook, Code, Refusal
 from edgefed.transport.rounds import RoundBook
 from edgefed.types import RoundResult, State
-from edgefed.wire.framing import ChunkView, Expected, WireError, chunk_stream, wire_size
+from edgefed.wire.framing import ChunkView, Expected, WireError, wire_size
+from edgefed.wire.sending import chunk_stream
 from edgefed.wire.streams import StreamGuard
 from edgefed.wire.text import printable
 from edgefed.wire.v1 import federation_pb2 as pb

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from edgefed.wire.channels import ClientTls
-from edgefed.wire.framing import EncodedUpdate, Received
+from edgefed.wire.framing import Received
+from edgefed.wire.sending import EncodedUpdate
 from edgefed.wire.v1 import federation_pb2 as pb
 
 
