@@ -163,9 +163,14 @@ class RunConfig:
         """The learning rate: the run's, else the method's own (`Method.default_lr`)."""
         return self.lr if self.lr is not None else default_lr
 
-    def adapter_spec(self, head_modules: tuple[str, ...]) -> AdapterSpec:
-        """The methods' hyperparameters for a model whose newly initialised modules are `head_modules`."""
-        return AdapterSpec(self.rank, self.alpha, self.target_modules, head_modules, self.freeze)
+    def adapter_spec(self, new_modules: tuple[str, ...]) -> AdapterSpec:
+        """The methods' hyperparameters for the run's model, whose checkpoint lacked `new_modules`: they
+        train as its head (none new: its family's own head), and peft calls it as its family says."""
+        family = self.task().model_family
+        head_modules = tuple(new_modules) or family.head_modules
+        return AdapterSpec(
+            self.rank, self.alpha, self.target_modules, head_modules, self.freeze, family.peft_task_type
+        )
 
     def sharing(self) -> str:
         """How the clients' data is drawn, in words: the partition, or the tasks and shots."""

@@ -87,7 +87,7 @@ def prepare(config: RunConfig) -> RunSetup:
     if positions is not None and config.max_seq_len > positions:
         raise EdgefedError(f"max-seq-len {config.max_seq_len} exceeds the model's {positions} positions")
     fingerprint = model_fingerprint(base, new_modules)
-    spec = config.adapter_spec(tuple(new_modules) or task.head_modules)
+    spec = config.adapter_spec(tuple(new_modules))
     request = plan_request(config)
     global_model, setup, fleet = adapted_fleet(
         method, base, spec, request, config.profiles, config.fleet_strategy

@@ -30,6 +30,9 @@ class AdapterSpec:
     # FFDAPT: what stays frozen (`embeddings`, `layers:<i>` or `layers:<i>-<j>`); by default the
     # embeddings (with the MLM decoder tied to them) and the first layer.
     freeze: tuple[str, ...] = ("embeddings", "layers:0")
+    # What peft calls the model (its model family's TaskType, edgefed/families/): SEQ_CLS for a
+    # classifier, None for peft's generic wrapper.
+    peft_task_type: str | None = "SEQ_CLS"
 
     @property
     def scale(self) -> float:

@@ -16,11 +16,12 @@ from edgefed.cli import main
 from edgefed.config import resolve_config
 from edgefed.data.fewshot import draw_shards, held_out_rows, load_task, read_shard
 from edgefed.errors import EdgefedError
+from edgefed.families import LabelScorer
+from edgefed.families.label_scorer import SCALE
 from edgefed.federation.checkpoint import load_checkpoint
 from edgefed.models import load_tokenizer
 from edgefed.setup import load_trained, prepare
-from edgefed.tasks import TASKS, LabelScorer
-from edgefed.tasks.multitask import SCALE
+from edgefed.tasks import TASKS
 from edgefed.tasks.pseudo import PseudoLabels, energy, energy_weights
 from edgefed.types import ClientUpdate
 from tests.test_cli import assert_one_clear_line

@@ -8,9 +8,9 @@ from edgefed.cli import main
 from edgefed.client.training import LocalTrainer
 from edgefed.config import RunConfig
 from edgefed.data import encode, load_splits
+from edgefed.families import evaluate_classifier as evaluate
 from edgefed.methods import METHODS, AdapterSpec, trainable_state
 from edgefed.models import load_classifier, load_tokenizer
-from edgefed.tasks import evaluate_classifier as evaluate
 
 
 def test_federa_training_on_sst2_lowers_the_loss(minilm_path, small_data_dir):

@@ -10,10 +10,10 @@ from peft import PeftModel
 from edgefed.cli import main
 from edgefed.data import encode, load_splits
 from edgefed.errors import EdgefedError
+from edgefed.families import evaluate_classifier as evaluate
 from edgefed.methods import METHODS
 from edgefed.models import load_classifier, load_tokenizer
 from edgefed.setup import load_trained, read_summary
-from edgefed.tasks import evaluate_classifier as evaluate
 from edgefed.types import TIMING_FIELDS as TIMING_KEYS
 from tests.tiny import tiny_bert_config
 from tests.tolerance import assert_as_accurate_in_norm, assert_runs_agree, training_terms

@@ -10,10 +10,10 @@ from torch import nn
 
 from edgefed.data import EncodedExamples, shuffled_batches
 from edgefed.errors import EdgefedError
+from edgefed.families import evaluate_classifier
 from edgefed.methods.base import load_trainable_state
 from edgefed.methods.ee_adapter import EarlyExitModel
 from edgefed.scope import Scope, block_mask, leading_block
-from edgefed.tasks import evaluate_classifier
 from edgefed.tasks.pseudo import PseudoLabels
 from edgefed.types import ClientUpdate, State
 

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from edgefed.families import CurveMetrics, ModelFamily
 from edgefed.federation.atomic import write_text_atomic
 from edgefed.types import RoundMetrics
 
@@ -16,11 +17,13 @@ SIM_NOTE = (
 )
 
 
-def header(masked_lm: bool) -> str:
-    """The console table's header; pre-training runs show masked-token accuracy and the MLM loss."""
-    accuracy, loss = ("mask acc", "mlm loss") if masked_lm else ("accuracy", "eval loss")
+DEFAULT_METRICS = ModelFamily.metrics  # a classifier's: accuracy and evaluation loss
+
+
+def header(metrics: CurveMetrics) -> str:
+    """The console table's header, its evaluation columns named as the model's family names them."""
     return (
-        f"{'round':>5}  {accuracy:>8}  {loss:>9}  {'train loss':>10}  "
+        f"{'round':>5}  {metrics.accuracy:>8}  {metrics.loss:>9}  {'train loss':>10}  "
         f"{'up MB':>8}  {'down MB':>8}  {'round s':>7}  {'wall s':>7}"
     )
 
@@ -42,12 +45,12 @@ class Recorder:
         run_dir: Path,
         echo: Callable[[str], None] = print,
         resume_after: int | None = None,
-        masked_lm: bool = False,
+        metrics: CurveMetrics = DEFAULT_METRICS,
     ) -> None:
         """`resume_after`: keep the recorded rounds up to that one (a resumed run's checkpoint) and go on."""
         self.metrics_path = run_dir / "metrics.jsonl"
         self.echo = echo
-        self.header = header(masked_lm)
+        self.header = header(metrics)
         self.rounds: list[RoundMetrics] = []
         if resume_after is not None:  # rounds after the checkpoint are run again
             self.rounds = [m for m in read_metrics(self.metrics_path) if m.round <= resume_after]

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from edgefed.devices.planner import plan_record
+from edgefed.families import CurveMetrics
 from edgefed.federation.atomic import replace_dir, staging_dir, write_text_atomic
 from edgefed.methods import count_trainable
 from edgefed.plotting import pyplot
@@ -74,7 +75,7 @@ def finish_run(
     )
     write_text_atomic(run_dir / SUMMARY, json.dumps(summary.to_json(), indent=2) + "\n")
     title = f"{config.method} · {config.aggregator} · {config.clients} clients · {config.sharing()}"
-    if not plot_curves(rounds, title, run_dir / "curves.png", masked_lm=setup.task.unlabeled):
+    if not plot_curves(rounds, title, run_dir / "curves.png", setup.task.model_family.metrics):
         echo("edgefed: curves.png skipped (matplotlib is not installed: pip install 'edgefed[demo]')")
     echo(format_summary(summary))
     return summary
@@ -172,16 +173,16 @@ def time_to_target(
     return None, None, None
 
 
-def plot_curves(rounds: list[RoundMetrics], title: str, path: Path, masked_lm: bool = False) -> bool:
-    """Accuracy (pre-training: the MLM loss) against wall time and against rounds. False when
-    matplotlib is not installed."""
+def plot_curves(rounds: list[RoundMetrics], title: str, path: Path, metrics: CurveMetrics) -> bool:
+    """Accuracy (a language model: the evaluation loss) against wall time and against rounds. False
+    when matplotlib is not installed."""
     plt = pyplot()
     if plt is None:
         return False
     simulated = rounds[-1].sim_s is not None
     panels = 3 if simulated else 2
     figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), sharey=True)
-    key, label = ("loss", "evaluation MLM loss") if masked_lm else ("accuracy", "evaluation accuracy")
+    key, label = ("loss" if metrics.plots_loss else "accuracy"), metrics.curve_label
     accuracy = [getattr(metrics, key) for metrics in rounds]
     axes[0].plot([metrics.wall_s for metrics in rounds], accuracy, marker="o")
     axes[0].set_xlabel("wall-clock seconds (this machine)")

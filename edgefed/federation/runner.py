@@ -110,7 +110,10 @@ def federate(config: RunConfig, transports: TransportMaker, echo: Echo, resume: 
         config.max_client_share,
     )
     recorder = Recorder(
-        run_dir, log, resume_after=checkpoint.round if checkpoint else None, masked_lm=setup.task.unlabeled
+        run_dir,
+        log,
+        resume_after=checkpoint.round if checkpoint else None,
+        metrics=setup.task.model_family.metrics,
     )
     stop_at = config.target_accuracy if config.stop_at_target else None
     policy = RunPolicy(recorder, run_dir, run_id, aggregator, transport, split, stop_at)

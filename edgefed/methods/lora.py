@@ -28,8 +28,7 @@ class LoRA(Method):
             target_modules=list(spec.target_modules),
             modules_to_save=list(spec.head_modules),
             lora_dropout=0.0,
-            # A label-scoring model (no head) is no transformers classifier: peft's generic wrapper.
-            task_type=TaskType.SEQ_CLS if spec.head_modules else None,
+            task_type=TaskType[spec.peft_task_type] if spec.peft_task_type else None,
         )
 
     def adapt(self, model: nn.Module, spec: AdapterSpec, setup: SetupState) -> nn.Module:

@@ -1,17 +1,15 @@
 """What a run trains for (registry): classification, masked-LM pre-training, few-shot multi-task."""
 
 from edgefed.tasks.base import TASKS, DataSettings, Task
-from edgefed.tasks.classification import SequenceClassification, evaluate_classifier
+from edgefed.tasks.classification import SequenceClassification
 from edgefed.tasks.masked_lm import MaskedLanguageModeling
-from edgefed.tasks.multitask import FewShotMultiTask, LabelScorer
+from edgefed.tasks.multitask import FewShotMultiTask
 
 __all__ = [
     "TASKS",
     "DataSettings",
     "FewShotMultiTask",
-    "LabelScorer",
     "MaskedLanguageModeling",
     "SequenceClassification",
     "Task",
-    "evaluate_classifier",
 ]

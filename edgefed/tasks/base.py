@@ -1,8 +1,9 @@
 """The `Task` interface: what a run trains for, from its data files to the evaluation of the global model.
 
-A task loads the model with the right head, reads the data and cuts each client's shard from it,
-writes and reads a shard as a client's files, encodes shards and the evaluation set, and evaluates
-the global model. Everything else in a round (clients, wire, aggregation) is shared.
+A task reads the data and cuts each client's shard from it, writes and reads a shard as a client's
+files, and encodes shards and the evaluation set; the family of model it trains (edgefed/families/)
+loads the model with its head and evaluates it. Everything else in a round (clients, wire,
+aggregation) is shared.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from edgefed.data import LabeledTexts, load_splits, partition
 from edgefed.data.splits import load_train
 from edgefed.errors import EdgefedError
+from edgefed.families import FAMILIES, ModelFamily
 from edgefed.registry import Registry
 from edgefed.types import Evaluation
 
@@ -50,11 +52,14 @@ class Task(ABC):
     task overrides how data is read and shared out."""
 
     name: ClassVar[str]
-    # Pre-training: reads unlabelled text (`.txt`, one document per line) as well, and reports the MLM
-    # loss (tables, plots) with `accuracy` the masked-token accuracy.
+    # The kind of model that does it (FAMILIES): how it is loaded, evaluated and reported.
+    family: ClassVar[str]
+    # Pre-training: reads unlabelled text (`.txt`, one document per line) as well.
     unlabeled: ClassVar[bool] = False
-    # What trains as the head when the checkpoint lacked no module (a fine-tuned checkpoint's classifier).
-    head_modules: ClassVar[tuple[str, ...]] = ("classifier",)
+
+    @property
+    def model_family(self) -> ModelFamily:
+        return FAMILIES.create(self.family)
 
     def check(self, config: RunConfig) -> None:
         """Refuse, in one line, settings this task does not take: those of few-shot multi-task runs."""
@@ -71,9 +76,9 @@ class Task(ABC):
             if set_:
                 raise EdgefedError(f"{what} needs a few-shot multi-task run: set --tasks")
 
-    @abstractmethod
     def load_model(self, model_path: str, num_labels: int) -> tuple[nn.Module, list[str]]:
-        """The pre-trained model with this task's head, and the modules the checkpoint lacked."""
+        """The pre-trained model with its family's head, and the modules the checkpoint lacked."""
+        return self.model_family.load(model_path, num_labels)
 
     def load_data(self, settings: DataSettings) -> tuple[Any, Any]:
         """(training data, evaluation data), each with `len` and a `source`."""
@@ -113,5 +118,6 @@ class Task(ABC):
     def encode(self, data: Any, tokenizer, max_seq_len: int) -> Any:
         """The evaluation data (and, for single-set tasks, a client's shard), tokenised."""
 
-    @abstractmethod
-    def evaluate(self, model: nn.Module, examples: Any, device: torch.device) -> Evaluation: ...
+    def evaluate(self, model: nn.Module, examples: Any, device: torch.device) -> Evaluation:
+        """The global model on the encoded evaluation set, as its family evaluates it."""
+        return self.model_family.evaluate(model, examples, device)

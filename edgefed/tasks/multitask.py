@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_outputs import SequenceClassifierOutput
 
 from edgefed.data import EncodedExamples, encode
 from edgefed.data.fewshot import (
@@ -30,53 +28,11 @@ from edgefed.data.fewshot import (
     read_shard,
 )
 from edgefed.errors import EdgefedError
-from edgefed.models import load_encoder
 from edgefed.tasks.base import TASKS, DataSettings, Task
-from edgefed.tasks.classification import evaluate_classifier
 from edgefed.types import Evaluation
 
 if TYPE_CHECKING:
     from edgefed.config import RunConfig
-
-# Cosine similarities in [-1, 1] become logits at temperature 0.05, the contrastive training
-# temperature of sentence encoders (SimCSE, Sentence-BERT's MultipleNegativesRankingLoss).
-SCALE = 20.0
-
-
-class LabelScorer(nn.Module):
-    """A sentence encoder that classifies by comparing an input with the names of its task's labels.
-
-    Every batch carries the label names (`label_input_ids`, `label_attention_mask`) of its task;
-    `example_weights` (FewFedWeight's energy weights of pseudo labels) weigh each example's loss.
-    """
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.config = encoder.config  # the cost model reads the encoder's shape
-
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        return F.normalize(pooled, dim=-1)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        label_input_ids: torch.Tensor,
-        label_attention_mask: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        example_weights: torch.Tensor | None = None,
-    ) -> SequenceClassifierOutput:
-        names = self.embed(label_input_ids, label_attention_mask)
-        logits = SCALE * self.embed(input_ids, attention_mask) @ names.T
-        loss = None
-        if labels is not None:
-            losses = F.cross_entropy(logits, labels, reduction="none")
-            loss = (losses * example_weights).mean() if example_weights is not None else losses.mean()
-        return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
 @dataclass
@@ -105,7 +61,7 @@ class TaskExamples:
 @TASKS.register("multitask")
 class FewShotMultiTask(Task):
     name = "multitask"
-    head_modules = ()
+    family = "label-scorer"
 
     def check(self, config: RunConfig) -> None:
         from edgefed.tasks.pseudo import PSEUDO_LABELS
@@ -120,10 +76,6 @@ class FewShotMultiTask(Task):
             raise EdgefedError(
                 f"holdout-shots must be in [0, shots {config.shots}), got {config.holdout_shots}"
             )
-
-    def load_model(self, model_path: str, num_labels: int) -> tuple[nn.Module, list[str]]:
-        encoder, missing = load_encoder(model_path)
-        return LabelScorer(encoder), [f"encoder.{module}" for module in missing]
 
     def load_data(self, settings: DataSettings) -> tuple[TaskSet, TaskSet]:
         trained = [load_task(path) for path in settings.tasks]
@@ -191,7 +143,8 @@ class FewShotMultiTask(Task):
     def evaluate(self, model: nn.Module, examples: list[TaskExamples], device: torch.device) -> Evaluation:
         """`accuracy` and `loss`: the mean over the tasks clients train on (each task counts once,
         whatever its test size); `task_accuracy`: every task's, seen or not."""
-        results = {task.name: evaluate_classifier(model, task.examples, device) for task in examples}
+        family = self.model_family
+        results = {task.name: family.evaluate(model, task.examples, device) for task in examples}
         seen = [results[task.name] for task in examples if task.seen]
         return Evaluation(
             sum(result.accuracy for result in seen) / len(seen),
