@@ -66,11 +66,17 @@ class RuntimeBuild:
 
     config: RunConfig
     model: nn.Module  # adapted with the server's setup state
-    torch_trainer: Trainer  # the worker's own LocalTrainer (its learning rate and device)
-    lr: float
-    pad_id: int
-    tokenizer_json: bytes | None  # the model's fast tokenizer, for devices without transformers
+    torch_trainer: Any  # the worker's own LocalTrainer: its learning rate (`lr`) and device
+    tokenizer: Any  # the model's tokenizer (transformers)
     folder: Path  # where the runtime keeps what it makes for the run (<run>/<runtime>)
+
+    @property
+    def lr(self) -> float:
+        return self.torch_trainer.lr
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id or 0
 
 
 class Runtime(ABC):

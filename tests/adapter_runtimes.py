@@ -12,6 +12,12 @@ import torch
 from edgefed.client import build_worker
 from edgefed.config import resolve_config
 from edgefed.models import load_tokenizer
+from tests.tiny import tiny_bert_config
+from tests.tolerance import training_terms
+
+# The mixed-runtime federations' chain of roundings: 3 rounds of 4 local steps (an aggregation
+# counted as a fifth) at 32 tokens and batches of 8, then an evaluation over 100 examples.
+MIXED_RUN_TERMS = training_terms(tiny_bert_config(), seq_len=32, batch_size=8, steps=3 * 5, eval_examples=100)
 
 
 def worker_and_examples(model_dir: Path, data_dir: Path, method: str):

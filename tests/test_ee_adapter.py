@@ -11,13 +11,12 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 from edgefed.methods import METHODS, AdapterSpec, trainable_state
 from edgefed.methods.ee_adapter import EarlyExitModel, exits_loss
-from tests.tiny import tiny_bert_config
+from tests.tiny import HIDDEN, tiny_bert_config
 from tests.tolerance import assert_as_accurate
 
 SPEC = AdapterSpec(rank=4)
 NUM_LAYERS = 4
 NUM_LABELS = 3
-HIDDEN = tiny_bert_config().hidden_size
 TRAINABLE_NAME = re.compile(r"^(adapters|exits)\.(\d+)\.")
 
 

@@ -13,7 +13,7 @@ from edgefed.kernels import dequantize_blockwise, lora_linear, quantize_blockwis
 from edgefed.kernels.backend import interpreting
 from edgefed.kernels.lora import launch_backward_ds_db, launch_backward_dx, launch_forward
 from edgefed.kernels.reduce import _triton_weighted_sum
-from tests.tiny import tiny_bert_config
+from tests.tiny import HIDDEN
 from tests.tolerance import UNIT, assert_as_accurate, assert_as_accurate_in_norm, assert_within, gamma
 
 needs_triton = pytest.mark.skipif(
@@ -21,7 +21,6 @@ needs_triton = pytest.mark.skipif(
 )
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HIDDEN = tiny_bert_config().hidden_size  # the inner size of the tiny model's products
 # (tokens, d_in, d_out, rank): ragged sizes, d_in not a multiple of 16, rank 1 to 64.
 SHAPES = [
     (1, 24, 20, 1),

@@ -8,12 +8,11 @@ import torch
 
 from edgefed.methods import METHODS, AdapterSpec, load_trainable_state, trainable_state
 from edgefed.tasks import TASKS
-from tests.tiny import tiny_bert_config
+from tests.tiny import HIDDEN
 from tests.tolerance import assert_as_accurate
 
 SPEC = AdapterSpec(rank=4, alpha=8.0, target_modules=("query", "value"), head_modules=("classifier",))
 FULL_MODEL_METHODS = ("fft", "fdapt")  # every parameter trains (pre-training: but the unused pooler)
-HIDDEN = tiny_bert_config().hidden_size  # the inner size of the tiny model's products
 HEADS = {"classification": "classifier", "masked-lm": "cls."}
 
 

@@ -27,14 +27,9 @@ from edgefed.models import load_tokenizer
 from edgefed.ort.artifacts import write_artifacts
 from edgefed.ort.local import OrtLocalTrainer, graph_inputs
 from edgefed.ort.trainer import OrtTrainer, UpdateRule
-from tests.adapter_runtimes import float64_round, perturbed, run_metrics, worker_and_examples
-from tests.tiny import tiny_bert_config
-from tests.tolerance import assert_as_accurate, assert_as_accurate_in_norm, assert_runs_agree, training_terms
-
-HIDDEN = tiny_bert_config().hidden_size  # the inner size of the tiny models' products
-# The mixed federations' chain of roundings: 3 rounds of 4 local steps (an aggregation counted as a
-# fifth) at 32 tokens and batches of 8, then an evaluation over 100 examples.
-MIXED_RUN_TERMS = training_terms(tiny_bert_config(), seq_len=32, batch_size=8, steps=3 * 5, eval_examples=100)
+from tests.adapter_runtimes import MIXED_RUN_TERMS, float64_round, perturbed, run_metrics, worker_and_examples
+from tests.tiny import HIDDEN
+from tests.tolerance import assert_as_accurate, assert_as_accurate_in_norm, assert_runs_agree
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,3 +13,7 @@ def tiny_bert_config(**changes) -> BertConfig:
         max_position_embeddings=128,
     )
     return BertConfig(**{**values, **changes})
+
+
+# The inner size of the tiny models' products: the roundings along one output's chain, for tolerances.
+HIDDEN = tiny_bert_config().hidden_size

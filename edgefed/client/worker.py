@@ -88,16 +88,7 @@ class Worker:
 
     def runtime_build(self, tokenizer, folder: Path) -> RuntimeBuild:
         """What a client runtime (edgefed/runtimes.py) builds its trainer or its devices' files from."""
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        return RuntimeBuild(
-            self.config,
-            self.model,
-            self.trainer,
-            self.trainer.lr,
-            tokenizer.pad_token_id or 0,
-            backend.to_str().encode() if backend is not None else None,
-            folder,
-        )
+        return RuntimeBuild(self.config, self.model, self.trainer, tokenizer, folder)
 
 
 def worker_for(setup: RunSetup, device: torch.device) -> Worker:

@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from edgefed.families import CurveMetrics, ModelFamily
+from edgefed.families import CurveMetrics
 from edgefed.federation.atomic import write_text_atomic
 from edgefed.types import RoundMetrics
 
@@ -15,9 +15,6 @@ SIM_NOTE = (
     "* sim s: simulated device clock from the clients' device profiles (edgefed/devices/clock.py), "
     "not measured"
 )
-
-
-DEFAULT_METRICS = ModelFamily.metrics  # a classifier's: accuracy and evaluation loss
 
 
 def header(metrics: CurveMetrics) -> str:
@@ -43,9 +40,9 @@ class Recorder:
     def __init__(
         self,
         run_dir: Path,
-        echo: Callable[[str], None] = print,
-        resume_after: int | None = None,
-        metrics: CurveMetrics = DEFAULT_METRICS,
+        echo: Callable[[str], None],
+        resume_after: int | None,
+        metrics: CurveMetrics,
     ) -> None:
         """`resume_after`: keep the recorded rounds up to that one (a resumed run's checkpoint) and go on."""
         self.metrics_path = run_dir / "metrics.jsonl"

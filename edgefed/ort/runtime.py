@@ -45,7 +45,8 @@ class OrtRuntime(Runtime):
         from edgefed.ort.device import MANIFEST, TOKENIZER, Manifest
 
         config = build.config
-        if build.tokenizer_json is None:
+        backend = getattr(build.tokenizer, "backend_tokenizer", None)
+        if backend is None:
             raise EdgefedError(
                 f"{config.model} has no fast tokenizer (tokenizer.json), which ort devices use"
             )
@@ -62,7 +63,8 @@ class OrtRuntime(Runtime):
             chunk_bytes=config.chunk_bytes,
             pad_id=build.pad_id,
         )
-        return files_payload(files | {TOKENIZER: build.tokenizer_json, MANIFEST: manifest.to_json()})
+        tokenizer_json = backend.to_str().encode()
+        return files_payload(files | {TOKENIZER: tokenizer_json, MANIFEST: manifest.to_json()})
 
     @staticmethod
     def _artifacts(build: RuntimeBuild) -> tuple[dict[str, list[int]], dict[str, bytes]]:

@@ -63,11 +63,9 @@ class Task(ABC):
 
     def check(self, config: RunConfig) -> None:
         """Refuse, in one line, settings this task does not take: those of few-shot multi-task runs."""
-        from edgefed.tasks.pseudo import PSEUDO_LABELS
+        from edgefed.tasks.pseudo import check_pseudo_labels
 
-        if config.pseudo_labels not in PSEUDO_LABELS:
-            choices = ", ".join(PSEUDO_LABELS)
-            raise EdgefedError(f"unknown pseudo-labels '{config.pseudo_labels}'; choose one of: {choices}")
+        check_pseudo_labels(config.pseudo_labels)
         needs = {
             "eval-tasks": bool(config.eval_tasks),
             f"pseudo-labels {config.pseudo_labels}": config.pseudo_labels != "none",

@@ -64,11 +64,9 @@ class FewShotMultiTask(Task):
     family = "label-scorer"
 
     def check(self, config: RunConfig) -> None:
-        from edgefed.tasks.pseudo import PSEUDO_LABELS
+        from edgefed.tasks.pseudo import check_pseudo_labels
 
-        if config.pseudo_labels not in PSEUDO_LABELS:
-            choices = ", ".join(PSEUDO_LABELS)
-            raise EdgefedError(f"unknown pseudo-labels '{config.pseudo_labels}'; choose one of: {choices}")
+        check_pseudo_labels(config.pseudo_labels)
         for name, value in (("train-limit", config.train_limit), ("profiles", config.profiles)):
             if value:
                 raise EdgefedError(f"{name} does not apply to a multi-task run (--tasks)")

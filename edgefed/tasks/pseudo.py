@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from edgefed.data import EncodedExamples, ordered_batches
+from edgefed.errors import EdgefedError
 
 # How a client uses its unlabelled pool (`--pseudo-labels`).
 PSEUDO_LABELS = {
@@ -36,6 +37,13 @@ PSEUDO_LABELS = {
     "uniform": "also on the global model's pseudo labels of the unlabelled pool, each weighted 1",
     "energy": "also on the global model's pseudo labels, each weighted by its energy score (FewFedWeight)",
 }
+
+
+def check_pseudo_labels(name: str) -> None:
+    if name not in PSEUDO_LABELS:
+        raise EdgefedError(f"unknown pseudo-labels '{name}'; choose one of: {', '.join(PSEUDO_LABELS)}")
+
+
 LABEL_BATCH_SIZE = 64
 
 
