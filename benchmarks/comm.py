@@ -215,7 +215,7 @@ def throughput(total_mb: float, repeats: int) -> tuple[dict[str, float], dict[st
 
 
 def demo_accuracy() -> list[str]:
-    from edgefed.config import resolve_config
+    from edgefed.components import resolve_config
     from edgefed.federation.runner import run
 
     lines = [

@@ -19,7 +19,7 @@ import io
 import tempfile
 from pathlib import Path
 
-from edgefed.config import resolve_config
+from edgefed.components import resolve_config
 from edgefed.federation.recorder import read_metrics
 from edgefed.federation.runner import run
 from edgefed.methods.ee_adapter import EarlyExitModel

@@ -26,7 +26,7 @@ import torch
 from publish import publish
 
 from edgefed.client import build_worker
-from edgefed.config import resolve_config
+from edgefed.components import data_settings, resolve_config, task_of
 from edgefed.et.local import EtLocalTrainer
 from edgefed.et.program import training_program
 from edgefed.methods import trainable_state
@@ -42,15 +42,15 @@ def main() -> None:
     args = parser.parse_args()
 
     config = resolve_config(None, {"method": args.method, "batch_size": 16, "max_seq_len": 64})
-    task = config.task()
+    task = task_of(config)
     path = resolve_model_path(config.model)
     base, heads = task.load_model(path, 2)
     worker = build_worker(config, base, tuple(heads), torch.device("cpu"), None)
     for module in worker.model.modules():  # the program has no dropout: neither has torch's round here
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    train, _ = task.load_data(config.data_settings())
-    examples = task.encode_client(train, load_tokenizer(path), config.max_seq_len, config.data_settings())
+    train, _ = task.load_data(data_settings(config))
+    examples = task.encode_client(train, load_tokenizer(path), config.max_seq_len, data_settings(config))
     trainable = list(trainable_state(worker.model))
     start = time.perf_counter()
     program = training_program(worker.model, trainable, config.batch_size, config.max_seq_len)

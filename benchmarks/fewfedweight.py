@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgefed.config import resolve_config
+from edgefed.components import resolve_config
 from edgefed.federation.recorder import read_metrics
 from edgefed.federation.runner import run
 from edgefed.types import RoundMetrics

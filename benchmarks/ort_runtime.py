@@ -214,7 +214,7 @@ def main() -> None:
 
 
 def accuracy_rows() -> list[str]:
-    from edgefed.config import resolve_config
+    from edgefed.components import resolve_config
     from edgefed.federation.runner import run
 
     rows = ["| clients | final accuracy | best accuracy | wall s |", "|---|---:|---:|---:|"]

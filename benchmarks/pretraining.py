@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from edgefed.client.training import LocalTrainer
-from edgefed.config import RunConfig, resolve_config
+from edgefed.components import resolve_config
+from edgefed.config import RunConfig
 from edgefed.data.files import read_text_file
 from edgefed.federation import runner as recipe
 from edgefed.federation.recorder import read_metrics

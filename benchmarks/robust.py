@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from publish import publish
 
-from edgefed.config import resolve_config
+from edgefed.components import resolve_config
 from edgefed.federation.runner import run
 
 AGGREGATORS = ("fedavg", "median", "trimmed-mean")

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 
-from edgefed.config import resolve_config
+from edgefed.components import adapter_spec, method_of, resolve_config
 from edgefed.devices.costmodel import ModelShape, inference_seconds
 from edgefed.devices.profiles import load_profile
 from edgefed.errors import EdgefedError
-from edgefed.methods import METHODS
 from edgefed.methods.ee_adapter import EarlyExitModel
 from edgefed.models import default_device, load_tokenizer, resolve_model_path
 from edgefed.setup import load_trained
@@ -63,12 +62,12 @@ class AnytimePredictor:
         self.early_exits = isinstance(self.model, EarlyExitModel)
         layers = self.model.num_layers if self.early_exits else self.model.config.num_hidden_layers
         frozen = [param for param in self.model.parameters() if not param.requires_grad]
-        method = METHODS.create(config.method)
+        method = method_of(config)
         self.shape = ModelShape.of(
             self.model,
             frozen,
             [],
-            config.rank,
+            adapter_spec(config, method, ()).rank,
             method.adapters_see_all_tokens,
             method.backward_through_blocks,
         )

@@ -1,27 +1,26 @@
-"""Run configuration: defaults < preset < TOML file < command-line flags, all with the same keys."""
+"""Run configuration: defaults < preset < TOML file < command-line flags, all with the same keys.
+
+`RunConfig` holds the run's own settings and composes its components' (each method's and
+aggregator's `Settings`, edgefed/settings.py); this module merges the layers and checks the run's own
+values. `edgefed.components` resolves a configuration: it builds the components the run names and
+each checks its settings.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from edgefed.aggregators.settings import AGGREGATOR_SETTINGS
 from edgefed.errors import EdgefedError
+from edgefed.methods.settings import METHOD_SETTINGS
+from edgefed.settings import Settings, check_positive, coerce, key_of, option
 from edgefed.toml_io import parse_toml, toml_scalar
-from edgefed.types import AdapterSpec
 from edgefed.wire.framing import CHUNK_BYTES
 from edgefed.wire.streams import STREAM_IDLE_S
-
-if TYPE_CHECKING:  # torch stays unimported until a run needs it
-    from edgefed.tasks import DataSettings, Task
-
-
-def option(default: Any, help: str, metavar: str | None = None) -> Any:
-    """A RunConfig field: its default and its help text in one place (`edgefed run --help` is built
-    from them, and `(default …)` is added to the help of every field with a default other than None)."""
-    return field(default=default, metadata={"help": help, "metavar": metavar})
 
 
 @dataclass(frozen=True)
@@ -84,24 +83,8 @@ class RunConfig:
     pseudo_weight: float = option(1.0, "λ: the pseudo-label loss's weight beside the labelled loss")
     energy_temperature: float = option(1.0, "T of the energy score E = −T·logsumexp(logits/T)")
     model: str = option("all-MiniLM-L6-v2", "local model folder or a packaged model's name", "PATH_OR_NAME")
-    # The methods' hyperparameters default to AdapterSpec's (edgefed/types.py).
-    target_modules: tuple[str, ...] = option(
-        AdapterSpec.target_modules, "comma-separated module names that LoRA/FeDeRA adapt"
-    )
-    rank: int = option(AdapterSpec.rank, "LoRA/FeDeRA rank, adapter bottleneck width")
-    alpha: float = option(AdapterSpec.alpha, "LoRA/FeDeRA alpha; scale = alpha / rank")
     lr: float | None = option(None, "learning rate (default: the method's own)")
     max_grad_norm: float = option(1.0, "clip each local gradient's L2 norm to this; 0: no clipping")
-    freeze: tuple[str, ...] = option(
-        AdapterSpec.freeze,
-        "ffdapt: what stays frozen, comma-separated: embeddings, layers:<i>, layers:<i>-<j>",
-    )
-    split_strategy: str = option(
-        "sequential",
-        "fedbert: sequential (clients take turns on one body) or parallel (a body copy per client, "
-        "averaged each round)",
-    )
-    split_codec: str = option("fp16", "fedbert: activations and gradients travel as none, fp16, bf16 or int8")
     batch_size: int = option(16, "local batch size")
     max_seq_len: int = option(64, "tokens per example after truncation")
     train_limit: int | None = option(None, "use only the first N training examples")
@@ -110,9 +93,6 @@ class RunConfig:
         None, "report rounds and time to this accuracy (a fraction, e.g. 0.85)"
     )
     stop_at_target: bool = option(False, "end the run at the first round that reaches target-accuracy")
-    fused_kernels: bool = option(
-        True, "LoRA/FeDeRA layers run edgefed's fused Triton kernel on CUDA (off for comparison)"
-    )
     transport: str = option(
         "inproc",
         "inproc (clients in this process), grpc (a server and one client process per client on "
@@ -158,47 +138,18 @@ class RunConfig:
     )
     seed: int = option(0, "seed for partitioning, sampling, initialisation and batches")
     out: str | None = option(None, "run directory (default runs/<method>-<time>)", "DIR")
+    # The components' own settings, set by their keys (edgefed/methods/settings.py,
+    # edgefed/aggregators/settings.py); None: the component's defaults.
+    method_settings: Settings | None = None
+    aggregator_settings: Settings | None = None
 
     def lr_for(self, default_lr: float) -> float:
         """The learning rate: the run's, else the method's own (`Method.default_lr`)."""
         return self.lr if self.lr is not None else default_lr
 
-    def adapter_spec(self, new_modules: tuple[str, ...]) -> AdapterSpec:
-        """The methods' hyperparameters for the run's model, whose checkpoint lacked `new_modules`: they
-        train as its head (none new: its family's own head), and peft calls it as its family says."""
-        family = self.task().model_family
-        head_modules = tuple(new_modules) or family.head_modules
-        return AdapterSpec(
-            self.rank, self.alpha, self.target_modules, head_modules, self.freeze, family.peft_task_type
-        )
-
     def sharing(self) -> str:
         """How the clients' data is drawn, in words: the partition, or the tasks and shots."""
         return f"{len(self.tasks)} tasks, {self.shots} shots per class" if self.tasks else self.partition
-
-    def data_settings(self) -> DataSettings:
-        from edgefed.tasks import DataSettings
-
-        return DataSettings(
-            self.data,
-            self.seed,
-            self.clients,
-            self.partition,
-            self.train_limit,
-            self.eval_limit,
-            self.tasks,
-            self.eval_tasks,
-            self.shots,
-            self.holdout_shots,
-            self.unlabeled_pool,
-        )
-
-    def task(self) -> Task:
-        """What the run trains for: the method's task, or few-shot multi-task with `tasks`."""
-        from edgefed.methods import METHODS
-        from edgefed.tasks import TASKS
-
-        return TASKS.create("multitask" if self.tasks else METHODS.create(self.method).task)
 
 
 @dataclass(frozen=True)
@@ -231,26 +182,41 @@ PRESETS: dict[str, dict[str, Any]] = {
 TRANSPORTS = ("inproc", "grpc", "flower")
 # Fields that hold comma-separated names, with an example for errors.
 LIST_EXAMPLES = {
-    "target_modules": "query,value",
     "profiles": "2×jetson-agx-orin-64gb-maxn+raspberry-pi-5-8gb",
-    "freeze": "embeddings,layers:0-1",
     "tasks": "data/mr,data/trec",
     "eval_tasks": "data/cr",
     "client_runtime": "torch,ort",
 }
-FIELDS = {field.name: field for field in fields(RunConfig)}
+COMPONENT_SETTINGS = ("method_settings", "aggregator_settings")
+FIELDS = {field.name: field for field in fields(RunConfig) if field.name not in COMPONENT_SETTINGS}
 TYPES = typing.get_type_hints(RunConfig)
 # Keys not written to config.toml: where a run goes is not part of what it computes.
 NOT_RECORDED = ("out",)
 
 
-def key_of(name: str) -> str:
-    """The TOML key and flag name of a field: `local_steps` -> `local-steps`."""
-    return name.replace("_", "-")
+def settings_fields(catalog: tuple[type[Settings], ...]) -> dict[str, dataclasses.Field]:
+    """The keys the components' settings declare: one meaning per key, so the classes that share
+    one (`rank`) agree on its type, default and help."""
+    declared: dict[str, dataclasses.Field] = {}
+    for settings_type in catalog:
+        for name, item in settings_type.fields().items():
+            first = declared.setdefault(name, item)
+            if name in FIELDS or (first.type, first.default, first.metadata) != (
+                item.type,
+                item.default,
+                item.metadata,
+            ):
+                raise TypeError(f"{settings_type.__name__}.{name}: a key declared twice with two meanings")
+    return declared
 
 
-def resolve_config(file_path: str | None, flags: dict[str, Any]) -> RunConfig:
-    """Merge the layers and validate the result; every problem is an EdgefedError naming the key."""
+SETTINGS_CATALOG = METHOD_SETTINGS + AGGREGATOR_SETTINGS
+SETTINGS_FIELDS = settings_fields(SETTINGS_CATALOG)
+SETTINGS_TYPES = {name: kind for cls in SETTINGS_CATALOG for name, kind in typing.get_type_hints(cls).items()}
+
+
+def merged_values(file_path: str | None, flags: dict[str, Any]) -> dict[str, Any]:
+    """The layers (defaults < preset < file < flags) merged, by field name; values not yet checked."""
     file_values = read_config_file(file_path) if file_path else {}
     preset = flags.get("preset") or file_values.get("preset") or "demo"
     if preset not in PRESETS:
@@ -269,19 +235,16 @@ def resolve_config(file_path: str | None, flags: dict[str, Any]) -> RunConfig:
         elif layer.get("local_steps") is not None:
             merged["local_epochs"] = None
     merged["preset"] = preset
-    config = RunConfig(**{name: coerce(name, value) for name, value in merged.items()})
-    validate(config)
-    return config
+    return merged
 
 
-def config_from_text(text: str, origin: str) -> RunConfig:
-    """A resolved configuration as `config_text` wrote it (a run's config.toml, a server's Join reply)."""
+def recorded_values(text: str, origin: str) -> dict[str, Any]:
+    """The values of a resolved configuration as `config_text` wrote it (a run's config.toml, a
+    server's Join reply)."""
     values = config_values(text, origin)
     if values.get("local_epochs") is not None:
         values["local_steps"] = None
-    config = RunConfig(**{name: coerce(name, value) for name, value in values.items()})
-    validate(config)
-    return config
+    return values
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -302,93 +265,55 @@ def named_values(raw: dict[str, Any], origin: str) -> dict[str, Any]:
     values = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
-        if name not in FIELDS:
-            valid = ", ".join(key_of(name) for name in FIELDS)
+        if name not in FIELDS and name not in SETTINGS_FIELDS:
+            valid = ", ".join(key_of(name) for name in [*FIELDS, *SETTINGS_FIELDS])
             raise EdgefedError(f"{origin}: unknown key '{key}'; valid keys: {valid}")
         values[name] = value
     return values
 
 
-def coerce(name: str, value: Any) -> Any:
-    """Check a value's type against the field (TOML and flags both land here)."""
-    if value is None:
-        return None
-    kinds = set(typing.get_args(TYPES[name])) or {TYPES[name]}
-    if name in LIST_EXAMPLES:
-        items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, list | tuple) or not all(isinstance(item, str) and item for item in items):
-            raise EdgefedError(f"{key_of(name)}: expected names like '{LIST_EXAMPLES[name]}'")
-        if name == "profiles":
-            from edgefed.devices.profiles import parse_fleet
+def run_config(values: dict[str, Any]) -> RunConfig:
+    """The run's own fields of `values` (field names) checked against their types; the components'
+    keys are left to `edgefed.components`, which knows whose they are."""
+    own = {name: coerce_field(name, value) for name, value in values.items() if name in FIELDS}
+    return RunConfig(**own)
 
-            return parse_fleet(items)
-        return tuple(item.strip() for item in items)
-    if bool in kinds:
-        if not isinstance(value, bool):
-            raise EdgefedError(f"{key_of(name)}: expected true or false, got {value!r}")
-        return value
-    if int in kinds:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise EdgefedError(f"{key_of(name)}: expected an integer, got {value!r}")
-        return value
-    if float in kinds:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise EdgefedError(f"{key_of(name)}: expected a number, got {value!r}")
-        return float(value)
-    if not isinstance(value, str):
-        raise EdgefedError(f"{key_of(name)}: expected a string, got {value!r}")
+
+def coerce_field(name: str, value: Any) -> Any:
+    """Check a value's type against the RunConfig field `name`."""
+    value = coerce(name, TYPES[name], value, LIST_EXAMPLES.get(name))
+    if name == "profiles" and value is not None:
+        from edgefed.devices.profiles import parse_fleet  # torch-free; `2×NAME` expands here
+
+        return parse_fleet(value)
     return value
 
 
-def validate(config: RunConfig) -> None:
-    """The run's own settings here; each component it names (method, aggregator, codec, task, runtimes,
-    the fleet's profiles) checks the settings it reads."""
-    from edgefed.aggregators import AGGREGATORS
-    from edgefed.codecs import make_codec
-    from edgefed.data import parse_partition
-    from edgefed.methods import METHODS
-
-    method = METHODS.create(config.method)
-    method.check(config)
+def check_run(config: RunConfig) -> None:
+    """The run's own settings; its components check theirs (`edgefed.components.validate`)."""
     if config.max_grad_norm < 0:
         raise EdgefedError(f"max-grad-norm must be 0 (no clipping) or positive, got {config.max_grad_norm}")
-    AGGREGATORS.create(config.aggregator).check(config)
-    make_codec(config.codec)
-    parse_partition(config.partition)
-    positive = {
-        "clients": config.clients,
-        "rounds": config.rounds,
-        "rank": config.rank,
-        "alpha": config.alpha,
-        "batch_size": config.batch_size,
-        "local_steps": config.local_steps,
-        "local_epochs": config.local_epochs,
-        "lr": config.lr,
-        "train_limit": config.train_limit,
-        "eval_limit": config.eval_limit,
-        "min_clients": config.min_clients,
-        "round_deadline_s": config.round_deadline_s,
-        "max_update_norm": config.max_update_norm,
-        "max_client_examples": config.max_client_examples,
-        "budget_s": config.budget_s,
-        "shots": config.shots,
-        "unlabeled_pool": config.unlabeled_pool,
-        "pseudo_weight": config.pseudo_weight,
-        "energy_temperature": config.energy_temperature,
-    }
-    for name, value in positive.items():
-        if value is not None and value <= 0:
-            raise EdgefedError(f"{key_of(name)} must be positive, got {value}")
-    if config.profiles:
-        from edgefed.devices.fleet import check_fleet_settings
-
-        check_fleet_settings(config.profiles, config.fleet_strategy, config.budget_s)
-    config.task().check(config)
+    check_positive(
+        clients=config.clients,
+        rounds=config.rounds,
+        batch_size=config.batch_size,
+        local_steps=config.local_steps,
+        local_epochs=config.local_epochs,
+        lr=config.lr,
+        train_limit=config.train_limit,
+        eval_limit=config.eval_limit,
+        min_clients=config.min_clients,
+        round_deadline_s=config.round_deadline_s,
+        max_update_norm=config.max_update_norm,
+        max_client_examples=config.max_client_examples,
+        budget_s=config.budget_s,
+        shots=config.shots,
+        unlabeled_pool=config.unlabeled_pool,
+        pseudo_weight=config.pseudo_weight,
+        energy_temperature=config.energy_temperature,
+    )
     if config.transport not in TRANSPORTS:
         raise EdgefedError(f"unknown transport '{config.transport}'; choose one of: {', '.join(TRANSPORTS)}")
-    from edgefed.runtimes import check_runtimes
-
-    check_runtimes(config, method.task)
     if config.min_clients is not None and config.min_clients > config.clients:
         raise EdgefedError(f"min-clients {config.min_clients} exceeds clients {config.clients}")
     if not 1024 <= config.chunk_bytes <= 4 << 20:
@@ -429,14 +354,17 @@ def client_config(config: RunConfig) -> RunConfig:
 
 
 def config_text(config: RunConfig) -> str:
+    """The configuration as TOML, one key per line: the run's own, then its components' settings."""
     lines = ["# Resolved configuration of this run: edgefed run --config config.toml"]
     if config.pseudo_labels != "none":
         lines.append(
             "# Pseudo labels: each client labels its own unlabelled pool with the broadcast global model, "
             "on the device; its inputs never leave it."
         )
-    for name, value in dataclasses.asdict(config).items():
-        if value is None or name in NOT_RECORDED:
-            continue
-        lines.append(f"{key_of(name)} = {toml_scalar(value)}")
+    values = {name: getattr(config, name) for name in FIELDS if name not in NOT_RECORDED}
+    for settings in (config.method_settings, config.aggregator_settings):
+        values.update(settings.values() if settings is not None else {})
+    for name, value in values.items():
+        if value is not None:
+            lines.append(f"{key_of(name)} = {toml_scalar(value)}")
     return "\n".join(lines) + "\n"

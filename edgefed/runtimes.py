@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from edgefed.errors import EdgefedError
+from edgefed.settings import Configurable
 
 if TYPE_CHECKING:  # a torch-free device imports this module
     from torch import nn
@@ -79,7 +80,7 @@ class RuntimeBuild:
         return self.tokenizer.pad_token_id or 0
 
 
-class Runtime(ABC):
+class Runtime(Configurable, ABC):
     name: ClassVar[str]
     # The transports whose clients it can train (inproc, grpc, flower), and how to say it.
     transports: ClassVar[tuple[str, ...]]
@@ -94,7 +95,7 @@ class Runtime(ABC):
         `task` (a phrase that starts with the runtime's name), or None."""
         return None
 
-    def require(self) -> None:  # noqa: B027 (most runtimes need nothing beyond edgefed's own)
+    def require(self) -> None:
         """Raise one clear EdgefedError where what this runtime needs is not installed."""
 
     @abstractmethod

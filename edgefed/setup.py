@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 from edgefed.codecs import bytes_per_value
-from edgefed.config import RunConfig, resolve_config
+from edgefed.components import adapter_spec, data_settings, method_of, resolve_config, task_of
+from edgefed.config import RunConfig
 from edgefed.devices.fleet import FleetPlans, adapted_fleet
 from edgefed.devices.planner import Request
 from edgefed.errors import EdgefedError
-from edgefed.methods import METHODS, AdapterSpec, Method
+from edgefed.methods import AdapterSpec, Method
 from edgefed.methods.base import SetupState
-from edgefed.methods.lora import use_fused_kernels
 from edgefed.models import default_device, load_tokenizer, model_fingerprint, resolve_model_path
 from edgefed.tasks import Task
 from edgefed.types import Evaluation, RunSummary
@@ -71,13 +71,13 @@ def settled(config: RunConfig, method: Method) -> RunConfig:
 
 
 def prepare(config: RunConfig) -> RunSetup:
-    method = METHODS.create(config.method)
+    method = method_of(config)
     config = settled(config, method)
-    task = config.task()
+    task = task_of(config)
     device = default_device()
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)
-    settings = config.data_settings()
+    settings = data_settings(config)
     train, evaluation = task.load_data(settings)
     shards = task.shards(train, settings)  # drawn here: bad input fails before any write
     num_labels = task.num_labels(train, evaluation)
@@ -87,16 +87,15 @@ def prepare(config: RunConfig) -> RunSetup:
     if positions is not None and config.max_seq_len > positions:
         raise EdgefedError(f"max-seq-len {config.max_seq_len} exceeds the model's {positions} positions")
     fingerprint = model_fingerprint(base, new_modules)
-    spec = config.adapter_spec(tuple(new_modules))
-    request = plan_request(config)
+    spec = adapter_spec(config, method, tuple(new_modules))
+    request = plan_request(config, spec)
     global_model, setup, fleet = adapted_fleet(
         method, base, spec, request, config.profiles, config.fleet_strategy
     )
     if config.profiles:
         fleet.check(config.clients, combines_plans=config.aggregator == "hetero")
     global_model.to(device)
-    if config.fused_kernels:
-        use_fused_kernels(global_model)
+    method.accelerate(global_model)
     eval_examples = task.encode(evaluation, tokenizer, config.max_seq_len)
     return RunSetup(
         config,
@@ -117,11 +116,11 @@ def prepare(config: RunConfig) -> RunSetup:
     )
 
 
-def plan_request(config: RunConfig) -> Request:
+def plan_request(config: RunConfig, spec: AdapterSpec) -> Request:
     if config.local_steps is None and config.budget_s is not None:
         raise EdgefedError("budget-s bounds a round's local steps: set local-steps, not local-epochs")
     return Request(
-        rank=config.rank,
+        rank=spec.rank,
         batch_size=config.batch_size,
         seq_len=config.max_seq_len,
         local_steps=config.local_steps or 1,
@@ -146,7 +145,7 @@ def load_trained(run_dir: str | Path) -> nn.Module:
     run_dir = Path(run_dir)
     summary = read_summary(run_dir)
     config = resolve_config(str(run_dir / "config.toml"), {})
-    spec = config.adapter_spec(tuple(summary.head_modules))
-    method = METHODS.create(config.method)
-    base, _ = config.task().load_model(resolve_model_path(config.model), summary.num_labels)
+    method = method_of(config)
+    spec = adapter_spec(config, method, tuple(summary.head_modules))
+    base, _ = task_of(config).load_model(resolve_model_path(config.model), summary.num_labels)
     return method.load(run_dir / method.result_dir, base, spec)

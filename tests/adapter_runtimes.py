@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from edgefed.client import build_worker
-from edgefed.config import resolve_config
+from edgefed.components import data_settings, resolve_config, task_of
 from edgefed.models import load_tokenizer
 from tests.tiny import tiny_bert_config
 from tests.tolerance import training_terms
@@ -24,11 +24,11 @@ def worker_and_examples(model_dir: Path, data_dir: Path, method: str):
     config = resolve_config(
         None, {"model": str(model_dir), "data": str(data_dir), "method": method, "lr": 0.01, "batch_size": 8}
     )
-    task = config.task()
+    task = task_of(config)
     base, heads = task.load_model(str(model_dir), 2)
     worker = build_worker(config, base, tuple(heads), torch.device("cpu"), None)
-    train, _ = task.load_data(config.data_settings())
-    examples = task.encode_client(train, load_tokenizer(str(model_dir)), 32, config.data_settings())
+    train, _ = task.load_data(data_settings(config))
+    examples = task.encode_client(train, load_tokenizer(str(model_dir)), 32, data_settings(config))
     return config, worker, examples
 
 

@@ -11,7 +11,7 @@ from edgefed.bench.grid import REFERENCE, Cell, Grid, load_grid
 from edgefed.bench.replay import cell_results, critical_path_s, grid_clocks
 from edgefed.bench.run import run_grid
 from edgefed.cli import main
-from edgefed.config import resolve_config
+from edgefed.components import resolve_config
 from edgefed.devices.profiles import load_profile
 from edgefed.errors import EdgefedError
 from edgefed.federation.recorder import read_metrics

@@ -1,9 +1,16 @@
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 
-from edgefed.config import RunConfig, resolve_config, write_config
+from edgefed.aggregators.settings import TrimSettings
+from edgefed.components import aggregator_of, method_of, resolve_config
+from edgefed.config import RunConfig, settings_fields, write_config
 from edgefed.errors import EdgefedError
+from edgefed.methods import METHODS
+from edgefed.methods.settings import BottleneckSettings, LowRankSettings, SplitSettings
+from edgefed.settings import Settings, option
 
 
 def toml(tmp_path, text):
@@ -65,6 +72,18 @@ def test_local_epochs_replace_local_steps_layer_by_layer(tmp_path):
         ("clients = 0\n", "clients must be positive"),
         ('preset = "huge"\n', "unknown preset 'huge'; choose one of: demo, smoke"),
         ("rounds = [\n", "invalid TOML"),
+        ("rank = 0\n", "rank must be positive, got 0"),
+        ('method = "adapter"\nrank = 2.5\n', "rank: expected an integer, got 2.5"),
+        ('method = "fedbert"\nsplit-codec = "int3"\n', "split codec 'int3' is not one of"),
+        ('method = "ffdapt"\nfreeze = "layers:x"\n', "freeze 'layers:x': expected embeddings"),
+        ('aggregator = "trimmed-mean"\ntrim-fraction = 0.5\n', "trim-fraction must be in [0, 0.5)"),
+        ('codec = "topk:2"\n', "codec topk:2: the fraction must be in (0, 1]"),
+        (
+            'method = "bitfit"\nrank = 4\n',
+            "rank is a setting of method adapter, method ee-adapter, method federa, method lora; this run's "
+            "method bitfit and aggregator fedavg take no rank",
+        ),
+        ("trim-fraction = 0.1\n", "trim-fraction is a setting of aggregator trimmed-mean"),
     ],
 )
 def test_bad_config_values_are_named(tmp_path, text, message):
@@ -87,4 +106,42 @@ def test_written_config_resolves_to_the_same_run(tmp_path):
     write_config(config, tmp_path / "config.toml")
     again = resolve_config(str(tmp_path / "config.toml"), {})
     assert again == dataclasses.replace(config, out=None)
-    assert isinstance(again, RunConfig) and again.target_modules == ("query", "key", "value")
+    assert isinstance(again, RunConfig) and again.method_settings.target_modules == ("query", "key", "value")
+
+
+def test_each_component_is_built_with_its_own_settings(tmp_path):
+    """Keys go to the component that declares them; Registry.create hands them over; config.toml records
+    the run's own keys and its components' settings, no other component's."""
+    config = resolve_config(
+        None, {"method": "adapter", "rank": 3, "aggregator": "trimmed-mean", "trim_fraction": 0.25}
+    )
+    assert config.method_settings == BottleneckSettings(rank=3)
+    assert config.aggregator_settings == TrimSettings(trim_fraction=0.25)
+    assert method_of(config).settings.rank == 3
+    assert aggregator_of(config).settings.trim_fraction == 0.25
+    assert METHODS.create("lora").settings == LowRankSettings()  # no settings: the defaults
+    write_config(config, tmp_path / "config.toml")
+    keys = {line.split(" = ")[0] for line in (tmp_path / "config.toml").read_text().splitlines()[1:]}
+    assert {"rank", "trim-fraction"} <= keys and not {"alpha", "target-modules", "freeze"} & keys
+    assert resolve_config(str(tmp_path / "config.toml"), {}) == config
+
+
+def test_a_component_refuses_settings_of_another_type():
+    with pytest.raises(TypeError, match="LoRA takes LowRankSettings"):
+        METHODS.create("lora", SplitSettings())
+
+
+def test_a_key_has_one_meaning_across_the_components():
+    @dataclasses.dataclass(frozen=True)
+    class Wider(Settings):
+        rank: int = option(16, "another rank")
+
+    assert settings_fields((LowRankSettings, BottleneckSettings))["rank"].default == 8
+    with pytest.raises(TypeError, match="a key declared twice with two meanings"):
+        settings_fields((LowRankSettings, Wider))
+
+
+def test_the_command_line_builds_its_flags_without_torch():
+    """Every component's settings are flags of `edgefed run`, declared in modules that import no torch."""
+    code = "import sys, edgefed.cli; assert 'torch' not in sys.modules, 'torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from edgefed.cli import main
-from edgefed.config import resolve_config
+from edgefed.components import resolve_config
 from edgefed.transport.loopback import write_shards
 from tests.test_run import TINY_RUN_TERMS, read_metrics, tiny_run
 from tests.test_transport import free_port, task_shards, wait_for

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefed.config import resolve_config
+from edgefed.components import resolve_config
 from edgefed.devices.power import SAMPLE_S, EnergyMeter, find_rails, open_meter, parse_nvpmodel, power_mode
 from edgefed.devices.profiles import load_profile, parse_profile, profile_toml
 from edgefed.transport.loopback import write_shards

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("executorch.extension.training", reason="needs executorch (edgefed[executorch])")
 
-from edgefed.config import resolve_config
+from edgefed.components import resolve_config
 from edgefed.errors import EdgefedError
 from edgefed.et.local import EtLocalTrainer
 from edgefed.et.program import training_program

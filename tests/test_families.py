@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edgefed.config import resolve_config
+from edgefed.components import adapter_spec, method_of, resolve_config
 from edgefed.families import FAMILIES
 from edgefed.tasks import TASKS
 
@@ -36,5 +36,6 @@ def test_a_family_loads_its_model_and_evaluates_it(name, tiny_model_dir, small_d
     [("federa", "SEQ_CLS", ("classifier",)), ("fdapt", None, ())],
 )
 def test_the_adapter_spec_asks_the_family(method, peft_task_type, head):
-    spec = resolve_config(None, {"method": method}).adapter_spec(())
+    config = resolve_config(None, {"method": method})
+    spec = adapter_spec(config, method_of(config), ())
     assert (spec.peft_task_type, spec.head_modules) == (peft_task_type, head)

@@ -13,7 +13,7 @@ import torch
 
 from edgefed.aggregators.adaptive import TEMPERATURE, score_weights
 from edgefed.cli import main
-from edgefed.config import resolve_config
+from edgefed.components import data_settings, resolve_config
 from edgefed.data.fewshot import draw_shards, held_out_rows, load_task, read_shard
 from edgefed.errors import EdgefedError
 from edgefed.families import LabelScorer
@@ -145,8 +145,8 @@ def test_pseudo_labels_are_the_global_models_answers_and_leave_it_unchanged(tiny
         None, {"model": str(tiny_model_dir), "tasks": tasks, "clients": 3, "rank": 4, **FEWSHOT}
     )
     side = prepare(config)
-    shard = side.task.shards(side.train, config.data_settings())[2]
-    examples = side.task.encode_client(shard, side.tokenizer, 24, config.data_settings())
+    shard = side.task.shards(side.train, data_settings(config))[2]
+    examples = side.task.encode_client(shard, side.tokenizer, 24, data_settings(config))
     before = {name: p.detach().clone() for name, p in side.global_model.named_parameters()}
     for weighting in ("uniform", "energy"):
         labeled = PseudoLabels(examples.unlabeled, weighting, 1.0, 1.0).label(side.global_model, side.device)

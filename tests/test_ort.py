@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("onnxruntime.training", reason="needs onnxruntime-training (edgefed[ort])")
 
-from edgefed.config import resolve_config
+from edgefed.components import resolve_config
 from edgefed.data import shuffled_batches
 from edgefed.errors import EdgefedError
 from edgefed.methods import trainable_state

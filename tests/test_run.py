@@ -183,6 +183,7 @@ def test_every_method_and_aggregator_runs_and_saves(
         small_data_dir,
         method=method,
         aggregator=aggregator,
+        rank=4 if "rank" in METHODS.settings_type(method).fields() else None,  # only where it is a setting
         rounds=1,
         local_steps=None,
         local_epochs=0.1,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from edgefed.cli.client import SETTINGS, client_settings
-from edgefed.config import resolve_config
+from edgefed.components import resolve_config
 from edgefed.errors import EdgefedError
 from edgefed.transport.grpc_client import GrpcClient, Stopped
 from edgefed.transport.loopback import write_shards

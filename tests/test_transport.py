@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from edgefed.cli import main
-from edgefed.config import resolve_config
+from edgefed.components import data_settings, resolve_config, task_of
 from edgefed.errors import EdgefedError
 from edgefed.federation.checkpoint import load_checkpoint
 from edgefed.transport.auth import TOKEN_ENV, TokenBook
@@ -172,7 +172,7 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(
 
 def task_shards(config) -> tuple:
     """The run's task and its clients' shards, as the server draws them."""
-    task, settings = config.task(), config.data_settings()
+    task, settings = task_of(config), data_settings(config)
     return task, task.shards(task.load_data(settings)[0], settings)
 
 

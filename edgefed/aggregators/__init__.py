@@ -1,9 +1,12 @@
-"""Aggregators, one module each, registered by name in `AGGREGATORS`."""
+"""Aggregators, one module each, registered by name in `AGGREGATORS`; their settings in
+`edgefed.aggregators.settings`, which imports without them (and torch) until a name below is read."""
 
-from edgefed.aggregators.base import AGGREGATORS, Aggregator, client_weights
-from edgefed.registry import import_submodules
-from edgefed.types import ClientUpdate, State
+from typing import TYPE_CHECKING
 
-import_submodules(__name__, __path__)
+from edgefed.registry import lazy_package
+
+if TYPE_CHECKING:
+    from edgefed.aggregators.base import AGGREGATORS, Aggregator, ClientUpdate, State, client_weights
 
 __all__ = ["AGGREGATORS", "Aggregator", "ClientUpdate", "State", "client_weights"]
+__getattr__ = lazy_package(__name__, __path__, "base", __all__)

@@ -14,6 +14,7 @@ from edgefed.errors import EdgefedError
 from edgefed.kernels import weighted_sum
 from edgefed.methods.base import LowRankPair
 from edgefed.registry import Registry
+from edgefed.settings import Configurable
 from edgefed.types import ClientUpdate, State
 
 if TYPE_CHECKING:
@@ -22,10 +23,10 @@ if TYPE_CHECKING:
 AGGREGATORS: Registry[Aggregator] = Registry("aggregator")
 
 
-class Aggregator(ABC):
+class Aggregator(Configurable, ABC):
     name: ClassVar[str]
 
-    def check(self, config: RunConfig) -> None:  # noqa: B027 (most aggregators take any run)
+    def check(self, config: RunConfig) -> None:
         """Refuse, in one line, a run configuration whose updates this aggregator cannot combine."""
 
     @abstractmethod

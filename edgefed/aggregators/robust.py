@@ -21,11 +21,10 @@ from collections.abc import Sequence
 import torch
 
 from edgefed.aggregators.base import AGGREGATORS, Aggregator
+from edgefed.aggregators.settings import TrimSettings
 from edgefed.errors import EdgefedError
 from edgefed.methods.base import LowRankPair
 from edgefed.types import ClientUpdate, State
-
-TRIM_FRACTION = 0.2  # trimmed mean: the share of clients dropped at each end, per coordinate
 
 
 def clipped_deltas(global_state: State, updates: Sequence[ClientUpdate]) -> list[dict[str, torch.Tensor]]:
@@ -82,8 +81,9 @@ class MedianAggregator(CoordinateWise):
 @AGGREGATORS.register("trimmed-mean")
 class TrimmedMeanAggregator(CoordinateWise):
     name = "trimmed-mean"
+    settings_type = TrimSettings
 
     def statistic(self, ordered: torch.Tensor) -> torch.Tensor:
         count = ordered.shape[0]
-        trim = min(math.ceil(TRIM_FRACTION * count), (count - 1) // 2)
+        trim = min(math.ceil(self.settings.trim_fraction * count), (count - 1) // 2)
         return ordered[trim : count - trim].mean(dim=0)

@@ -15,7 +15,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgefed.config import RunConfig, key_of, resolve_config
+from edgefed.components import resolve_config, taken
+from edgefed.config import RunConfig, key_of
 from edgefed.devices.fleet import FLEET_STRATEGIES
 from edgefed.devices.profiles import parse_fleet
 from edgefed.errors import EdgefedError
@@ -167,11 +168,11 @@ def cell_config(grid: Grid, cell: Cell, target: float) -> RunConfig:
         )
         # Planned clients train different tensors; the others all train everything: plain FedAvg.
         flags["aggregator"] = "hetero" if cell.strategy == "planned" else "fedavg"
-    return resolve_config(None, flags)
+    return resolve_config(None, taken(flags))
 
 
 def reference_config(grid: Grid) -> RunConfig:
     """Centralised full fine-tuning: one client holding all the training data, as many rounds and local
     steps as a cell's cap, every round run (the target is set under its best evaluation accuracy)."""
     flags = dict(grid.run, method="fft", partition="iid", seed=grid.seeds[0], clients=1, min_clients=None)
-    return resolve_config(None, flags)
+    return resolve_config(None, taken(flags))

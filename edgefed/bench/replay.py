@@ -140,17 +140,17 @@ def grid_clocks(grid: Grid) -> dict[tuple[str, str, str], dict[str, SimulatedClo
             continue
         config = cell_config(grid, cell, 0.5)
         if cell.method not in fleets:
-            fleets[cell.method] = prepare(config).fleet
+            setup = prepare(config)
+            fleets[cell.method] = (setup.fleet, setup.spec)
         if cell.fleet:
-            fleet = fleets[cell.method].replanned(
-                plan_request(config), config.profiles, config.fleet_strategy
-            )
+            planned, spec = fleets[cell.method]
+            fleet = planned.replanned(plan_request(config, spec), config.profiles, config.fleet_strategy)
             fleet.check(config.clients, combines_plans=config.aggregator == "hetero")
             clocks[cell.setting] = {cell.fleet: SimulatedClock(fleet)}
             continue
         clocks[cell.setting] = {}
         for name in grid.profiles:
-            fleet = fleets[cell.method].on_profile(name)
+            fleet = fleets[cell.method][0].on_profile(name)
             plan = fleet.plan(0)
             if fleet.reduced(plan):
                 raise EdgefedError(

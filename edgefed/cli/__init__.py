@@ -145,7 +145,7 @@ def run_command(args: dict[str, Any]) -> int:
 
 def run_config(args: dict[str, Any], resume: bool):
     """Flags over --config; a resumed run without --config reads its own config.toml."""
-    from edgefed.config import resolve_config
+    from edgefed.components import resolve_config
 
     config_file = args.pop("config", None)
     if resume and config_file is None and "out" in args:
@@ -251,7 +251,7 @@ def predict_command(args: dict[str, Any]) -> int:
 
 
 def export_command(args: dict[str, Any]) -> int:
-    from edgefed.config import resolve_config
+    from edgefed.components import data_settings, resolve_config, task_of
     from edgefed.models import load_tokenizer, resolve_model_path
     from edgefed.setup import load_trained
 
@@ -267,7 +267,7 @@ def export_command(args: dict[str, Any]) -> int:
     run_dir = Path(args["onnx"])
     model = load_trained(run_dir)
     config = resolve_config(str(run_dir / "config.toml"), {})
-    evaluation = config.task().load_data(config.data_settings())[1]
+    evaluation = task_of(config).load_data(data_settings(config))[1]
     tokenizer = load_tokenizer(resolve_model_path(config.model))
     sample = dict(
         tokenizer(

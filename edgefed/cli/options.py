@@ -1,5 +1,6 @@
-"""Command-line flags built from RunConfig's fields: the flag, its type, its help and its default are
-the field's own (edgefed/config.py), so they are written once."""
+"""Command-line flags built from RunConfig's fields and its components' settings: the flag, its type,
+its help and its default are the field's own (edgefed/config.py, edgefed/methods/settings.py, ...), so
+they are written once."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import typing
 from dataclasses import MISSING, Field, fields
 from typing import Any
 
-from edgefed.config import FIELDS, TYPES, ServerSettings, key_of
+from edgefed.config import FIELDS, SETTINGS_FIELDS, SETTINGS_TYPES, TYPES, ServerSettings
+from edgefed.settings import key_of
 
 
 def default_text(value: Any) -> str:
@@ -20,7 +22,7 @@ def default_text(value: Any) -> str:
 
 
 def add_option(parser: argparse.ArgumentParser, field: Field, kind: Any, with_default: bool = False) -> None:
-    """`--<name>` for a settings field made with `option()` (edgefed/config.py), of type `kind`. Without
+    """`--<name>` for a settings field made with `option()` (edgefed/settings.py), of type `kind`. Without
     `with_default` the flag is absent from the parsed arguments unless given (the configuration's
     layers fill it); with it, the field's default."""
     help_text = field.metadata["help"]
@@ -42,8 +44,11 @@ def add_option(parser: argparse.ArgumentParser, field: Field, kind: Any, with_de
 
 
 def add_config_option(parser: argparse.ArgumentParser, name: str, with_default: bool = False) -> None:
-    """`--<name>` for the RunConfig field `name`."""
-    add_option(parser, FIELDS[name], TYPES[name], with_default)
+    """`--<name>` for the RunConfig field or component setting `name`."""
+    if name in FIELDS:
+        add_option(parser, FIELDS[name], TYPES[name], with_default)
+    else:
+        add_option(parser, SETTINGS_FIELDS[name], SETTINGS_TYPES[name], with_default)
 
 
 def add_server_options(parser: argparse.ArgumentParser) -> None:
@@ -59,11 +64,13 @@ def server_settings(args: dict[str, Any]) -> ServerSettings:
 
 
 def add_run_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """Every RunConfig field as a flag, with --config and --resume."""
+    """Every RunConfig field and every component's setting as a flag, with --config and --resume."""
     parser.add_argument("--config", metavar="FILE", help="TOML file with the same keys as these flags")
     for name in FIELDS:
         if name not in skip:
             add_config_option(parser, name)
+    for name in SETTINGS_FIELDS:
+        add_config_option(parser, name)
     parser.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last completed round"
     )

@@ -22,12 +22,13 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from edgefed.client.worker import build_worker
+from edgefed.components import adapter_spec
 from edgefed.config import RunConfig
 from edgefed.data import EncodedExamples
 from edgefed.devices.costmodel import Workload, peak_memory_bytes
 from edgefed.devices.fleet import measure_shape
 from edgefed.devices.peakmem import PeakMemory
-from edgefed.methods import trainable_state
+from edgefed.methods import METHODS, trainable_state
 from edgefed.models import default_device, resolve_model_path
 from edgefed.scope import client_scope
 
@@ -38,10 +39,13 @@ def probe(request: dict) -> PeakMemory:
     work = Workload(
         *(request[key] for key in ("frozen_layers", "exit_layer", "rank", "batch_size", "seq_len"))
     )
+    settings_type = METHODS.settings_type(request["method"])
+    shaping = {"rank": work.rank, "alpha": float(work.rank)}  # as far as the method takes them
     config = RunConfig(
         method=request["method"],
-        rank=request["rank"],
-        alpha=float(request["rank"]),
+        method_settings=settings_type.from_values(
+            {k: v for k, v in shaping.items() if k in settings_type.fields()}
+        ),
         batch_size=work.batch_size,
         max_seq_len=work.seq_len,
         lr=1e-3,
@@ -59,7 +63,9 @@ def probe(request: dict) -> PeakMemory:
     base = AutoModelForSequenceClassification.from_config(model_config)
     base_params = list(base.parameters())
     worker = build_worker(config, base, ("classifier",), device, setup=None)
-    shape = measure_shape(worker.method, worker.model, base_params, config.adapter_spec(("classifier",)))
+    shape = measure_shape(
+        worker.method, worker.model, base_params, adapter_spec(config, worker.method, ("classifier",))
+    )
     state = trainable_state(worker.model)
     scope = client_scope(
         {name: tuple(t.shape) for name, t in state.items()},

@@ -19,13 +19,13 @@ from torch import nn
 from edgefed.client.federated import FederatedClient
 from edgefed.client.training import LocalTrainer
 from edgefed.codecs import make_codec
+from edgefed.components import adapter_spec, method_of
 from edgefed.config import RunConfig
 from edgefed.data import EncodedExamples
 from edgefed.data.fewshot import FewShotExamples
 from edgefed.data.rounds import local_steps
 from edgefed.devices.planner import Plan
-from edgefed.methods import METHODS, Method, SetupState
-from edgefed.methods.lora import use_fused_kernels
+from edgefed.methods import Method, SetupState
 from edgefed.models import resolve_model_path
 from edgefed.runtimes import RuntimeBuild, Trainer
 from edgefed.scope import Scope
@@ -107,11 +107,10 @@ def build_worker(
     """Adapt the freshly loaded pre-trained model `base` with the server's `setup` (None: adapt it as
     the server adapts its global model, for a worker with no server), fuse its kernels, and give it
     the run's trainer."""
-    method = METHODS.create(config.method)
-    spec = config.adapter_spec(head_modules)
+    method = method_of(config)
+    spec = adapter_spec(config, method, head_modules)
     model = method.adapt(base, spec, setup) if setup is not None else method.prepare_global(base, spec)[0]
-    if config.fused_kernels:
-        use_fused_kernels(model)
+    method.accelerate(model)
     trainer = LocalTrainer(
         model, config.lr_for(method.default_lr), config.batch_size, device, config.max_grad_norm
     )

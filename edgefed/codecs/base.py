@@ -17,6 +17,7 @@ import torch
 from edgefed.errors import EdgefedError
 from edgefed.kernels import dequantize_blockwise
 from edgefed.registry import Registry
+from edgefed.settings import Configurable
 from edgefed.types import EncodedTensor, Pieces, State
 
 CODECS: Registry[Codec] = Registry("codec")
@@ -29,7 +30,7 @@ DTYPES = {
 }
 
 
-class Codec(ABC):
+class Codec(Configurable, ABC):
     name: ClassVar[str]
     lossless: ClassVar[bool] = False
 
@@ -70,17 +71,17 @@ class Codec(ABC):
 
 
 def make_codec(spec: str) -> Codec:
-    """`none`, `fp16`, `int8`, `int4` or `topk:<fraction>`."""
+    """`none`, `fp16`, `int8`, `int4` or `topk:<fraction>`: a codec's settings are its argument."""
     name, _, argument = spec.partition(":")
-    codec = CODECS.create(name)
-    if argument:
-        configure = getattr(codec, "configure", None)
-        if configure is None:
-            raise EdgefedError(f"codec '{name}' takes no argument, got '{spec}'")
-        configure(argument)
-    elif getattr(codec, "needs_argument", False):
-        raise EdgefedError(f"codec '{name}' needs an argument, e.g. {name}:0.1")
-    return codec
+    settings_type = CODECS.settings_type(name)
+    if not argument:
+        if settings_type.fields():
+            raise EdgefedError(f"codec '{name}' needs an argument, e.g. {name}:0.1")
+        return CODECS.create(name)
+    parse = getattr(settings_type, "parse", None)
+    if parse is None:
+        raise EdgefedError(f"codec '{name}' takes no argument, got '{spec}'")
+    return CODECS.create(name, parse(argument))
 
 
 def bytes_per_value(spec: str) -> float:

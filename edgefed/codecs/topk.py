@@ -3,7 +3,10 @@
 Biased on its own; the client's error feedback (`ErrorFeedback`) sends what it dropped later.
 """
 
+from __future__ import annotations
+
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -18,24 +21,38 @@ from edgefed.codecs.base import (
     to_bytes,
 )
 from edgefed.errors import EdgefedError
+from edgefed.settings import Settings, option
+
+
+@dataclass(frozen=True)
+class TopKSettings(Settings):
+    """The share of each tensor's values that travels: `--codec topk:<fraction>`."""
+
+    fraction: float = option(0.1, "share of each tensor's values sent")
+
+    @classmethod
+    def parse(cls, argument: str) -> TopKSettings:
+        try:
+            settings = cls(float(argument))
+        except ValueError:
+            settings = cls(float("nan"))
+        if not 0 < settings.fraction <= 1:
+            raise EdgefedError(f"codec topk:{argument}: the fraction must be in (0, 1], e.g. topk:0.1")
+        return settings
+
+    def check(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise EdgefedError(f"codec topk:{self.fraction:g}: the fraction must be in (0, 1], e.g. topk:0.1")
 
 
 @CODECS.register("topk")
 class TopKCodec(Codec):
     name = "topk"
-    needs_argument = True
+    settings_type = TopKSettings
 
-    def __init__(self) -> None:
-        self.fraction = 0.1
-
-    def configure(self, argument: str) -> None:
-        try:
-            fraction = float(argument)
-        except ValueError:
-            fraction = -1.0
-        if not 0 < fraction <= 1:
-            raise EdgefedError(f"codec topk:{argument}: the fraction must be in (0, 1], e.g. topk:0.1")
-        self.fraction = fraction
+    @property
+    def fraction(self) -> float:
+        return self.settings.fraction
 
     @property
     def spec(self) -> str:

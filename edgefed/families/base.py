@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from edgefed.registry import Registry
+from edgefed.settings import Configurable
 from edgefed.types import Evaluation
 
 
@@ -30,7 +31,7 @@ class CurveMetrics:
     curve_label: str = "evaluation accuracy"
 
 
-class ModelFamily(ABC):
+class ModelFamily(Configurable, ABC):
     name: ClassVar[str]
     # peft's TaskType for adapters on this kind of model (None: peft's generic wrapper).
     peft_task_type: ClassVar[str | None] = None

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgefed.aggregators import AGGREGATORS
-from edgefed.config import RunConfig, ServerSettings, config_from_text, write_config
+from edgefed.components import aggregator_of, config_from_text
+from edgefed.config import RunConfig, ServerSettings, write_config
 from edgefed.devices.clock import SimulatedClock
 from edgefed.errors import EdgefedError
 from edgefed.federation.checkpoint import Checkpoint, load_checkpoint, restore_rng
@@ -76,7 +76,7 @@ def federate(config: RunConfig, transports: TransportMaker, echo: Echo, resume: 
     run_dir = choose_run_dir(config, resume)
     setup = prepare(config)
     config = setup.config  # with the method's learning rate and absolute data paths, as recorded
-    aggregator = AGGREGATORS.create(config.aggregator)
+    aggregator = aggregator_of(config)
     checkpoint = load_checkpoint(run_dir) if resume else None
     if checkpoint is None:
         run_id = uuid.uuid4().hex[:16]
@@ -174,17 +174,17 @@ def split_side(
     side: RunSetup, run_id: str, checkpoint: Checkpoint | None, log: Echo, echo: Echo
 ) -> SplitSide:
     """FedBERT: the body the server trains over the Split stream (a resumed run's, from its checkpoint)."""
-    config = side.config
+    config, settings = side.config, side.method.settings
     split = SplitSide(
-        side.global_model, config.split_strategy, config.split_codec, config.lr, config.max_grad_norm,
+        side.global_model, settings.split_strategy, settings.split_codec, config.lr, config.max_grad_norm,
         run_id, side.device, log, config.seed,
     )  # fmt: skip
     if checkpoint is not None:
         split.trainer.load_state_dict({k: v.to(side.device) for k, v in checkpoint.server_state.items()})
         split.sync_global()
     echo(
-        f"edgefed: split learning ({config.split_strategy}): the clients hold the embeddings and the MLM "
-        f"head, this server the body; activations and gradients travel as {config.split_codec}"
+        f"edgefed: split learning ({settings.split_strategy}): the clients hold the embeddings and the MLM "
+        f"head, this server the body; activations and gradients travel as {settings.split_codec}"
     )
     return split
 

@@ -15,7 +15,8 @@ from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from edgefed.config import RunConfig, named_values, resolve_config
+from edgefed.components import resolve_config
+from edgefed.config import RunConfig, named_values
 from edgefed.errors import EdgefedError
 from edgefed.federation.runner import federate
 from edgefed.flower import client

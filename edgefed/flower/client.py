@@ -16,7 +16,8 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from edgefed.client import FederatedClient, Worker, build_worker
-from edgefed.config import RunConfig, config_from_text
+from edgefed.components import config_from_text, data_settings, task_of
+from edgefed.config import RunConfig
 from edgefed.devices.fleet import scope_of_plan
 from edgefed.devices.planner import Plan, plan_from_text
 from edgefed.errors import EdgefedError
@@ -113,7 +114,7 @@ def encoded_data(run: Run, slot: int, context: Context, plan: Plan | None):
     seq_len = plan.seq_len if plan else config.max_seq_len
     if (slot, seq_len) in run.encoded:
         return run.encoded[slot, seq_len]
-    task, settings = config.task(), config.data_settings()
+    task, settings = task_of(config), data_settings(config)
     if "data" in context.node_config:
         shard = task.client_data(str(context.node_config["data"]))
     elif "partition-id" in context.node_config:
@@ -131,7 +132,7 @@ def encoded_data(run: Run, slot: int, context: Context, plan: Plan | None):
 
 def build_run_worker(run: Run, setup) -> Worker:
     config = run.config
-    base, new_modules = config.task().load_model(resolve_model_path(config.model), run.num_labels)
+    base, new_modules = task_of(config).load_model(resolve_model_path(config.model), run.num_labels)
     mine = model_fingerprint(base, new_modules)
     if mine != run.fingerprint:
         raise EdgefedError(

@@ -30,6 +30,7 @@ from edgefed.methods.base import (
     load_trainable_state,
     trainable_state,
 )
+from edgefed.methods.settings import BottleneckSettings
 
 # BERT, RoBERTa and DeBERTa name their sub-layer output projections like this.
 OUTPUT_PROJECTION = re.compile(r"layer\.\d+\.(attention\.output|output)\.dense$")
@@ -59,6 +60,7 @@ class BottleneckAdapter(nn.Module):
 class BottleneckAdapters(Method):
     name = "adapter"
     default_lr = 2e-3
+    settings_type = BottleneckSettings
 
     def adapt(self, model: nn.Module, spec: AdapterSpec, setup: SetupState) -> nn.Module:
         targets = [name for name, module in model.named_modules() if OUTPUT_PROJECTION.search(name)]

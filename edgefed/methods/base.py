@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -12,12 +12,14 @@ from torch import nn
 
 from edgefed.errors import EdgefedError
 from edgefed.registry import Registry
+from edgefed.settings import Configurable
 from edgefed.types import AdapterSpec, State
 
 if TYPE_CHECKING:
     from edgefed.config import RunConfig
 
 METHODS: Registry[Method] = Registry("method")
+SPEC_FIELDS = frozenset(field.name for field in fields(AdapterSpec))
 
 # Tensors that a server sends once, before round 1, so that every client starts from the same point
 # (FeDeRA's SVD factors and residuals). Keys are method-defined.
@@ -33,7 +35,7 @@ class LowRankPair:
     scale: float
 
 
-class Method(ABC):
+class Method(Configurable, ABC):
     """A fine-tuning method. Its trainable parameters are exactly what clients communicate."""
 
     name: ClassVar[str]
@@ -60,8 +62,8 @@ class Method(ABC):
     multitask: ClassVar[bool] = False
 
     def check(self, config: RunConfig) -> None:
-        """Refuse, in one line, a run configuration this method cannot train; a method with settings of
-        its own checks them here too."""
+        """Refuse, in one line, a run configuration this method cannot train (its own settings check
+        themselves when it is built)."""
         if config.profiles and self.task != "classification":
             raise EdgefedError(
                 f"--profiles plans fine-tuning runs; {self.name} pre-trains and takes no device profiles yet"
@@ -71,6 +73,21 @@ class Method(ABC):
                 f"--tasks trains a label-scoring model through an adapter; {self.name} cannot "
                 "(use lora or federa)"
             )
+
+    @property
+    def trains_in_turns(self) -> bool:
+        """Whether a round's sampled clients must train one after another (one shared server part)."""
+        return False
+
+    def adapter_spec(self, head_modules: tuple[str, ...], peft_task_type: str | None) -> AdapterSpec:
+        """What shapes the adapted model: this method's settings where they name a field of the spec
+        (rank, alpha, target modules, freeze), the spec's defaults elsewhere; `head_modules` train as
+        the model's head and peft calls the model `peft_task_type`."""
+        shaping = {name: value for name, value in self.settings.values().items() if name in SPEC_FIELDS}
+        return AdapterSpec(head_modules=head_modules, peft_task_type=peft_task_type, **shaping)
+
+    def accelerate(self, model: nn.Module) -> None:
+        """Route the adapted model's layers through edgefed's kernels where the method has them."""
 
     def prepare_global(self, model: nn.Module, spec: AdapterSpec) -> tuple[nn.Module, SetupState]:
         """Server side, once: adapt the global model and return what clients need to match it."""

@@ -89,6 +89,7 @@ from edgefed.methods.base import (
     load_trainable_state,
     trainable_state,
 )
+from edgefed.methods.settings import BottleneckSettings
 
 STATE_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter.json"
@@ -329,6 +330,7 @@ def _early_exit_model(model: nn.Module, num_labels: int, widths: EarlyExitWidths
 class EarlyExitAdapters(Method):
     name = "ee-adapter"
     default_lr = 2e-3
+    settings_type = BottleneckSettings
     own_head_prefix = "exits"
     adapters_see_all_tokens = False  # the adapters attend over one state per block
     backward_through_blocks = EarlyExitModel.modulation

@@ -18,14 +18,13 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from edgefed.errors import EdgefedError
 from edgefed.methods.base import METHODS, AdapterSpec, SetupState
 from edgefed.methods.pretraining import MaskedLMPretraining
+from edgefed.methods.settings import FreezeSettings, frozen_set
 
 if TYPE_CHECKING:
-    from edgefed.config import RunConfig
+    pass
 
-LAYER_RANGE = re.compile(r"layers:(\d+)(?:-(\d+))?")
 LAYER_NAME = re.compile(r"\.layer\.(\d+)\.")
 
 
@@ -40,10 +39,7 @@ class FDAPT(MaskedLMPretraining):
 @METHODS.register("ffdapt")
 class FFDAPT(MaskedLMPretraining):
     name = "ffdapt"
-
-    def check(self, config: RunConfig) -> None:
-        super().check(config)
-        frozen_set(config.freeze)
+    settings_type = FreezeSettings
 
     def adapt(self, model: nn.Module, spec: AdapterSpec, setup: SetupState) -> nn.Module:
         frozen_set(spec.freeze, model.config.num_hidden_layers)  # fits this model?
@@ -55,28 +51,3 @@ class FFDAPT(MaskedLMPretraining):
             return False
         layer = LAYER_NAME.search(name)
         return layer is None or int(layer.group(1)) not in layers
-
-
-def frozen_set(items: tuple[str, ...], num_layers: int | None = None) -> tuple[bool, set[int]]:
-    """(embeddings frozen, frozen encoder layers) from `embeddings`, `layers:<i>` and `layers:<i>-<j>`;
-    with `num_layers`, checked against a model of that depth."""
-    embeddings, layers = False, set()
-    for item in items:
-        match = LAYER_RANGE.fullmatch(item)
-        if item == "embeddings":
-            embeddings = True
-        elif match:
-            first, last = int(match.group(1)), int(match.group(2) or match.group(1))
-            if first > last or (num_layers is not None and last >= num_layers):
-                raise EdgefedError(
-                    f"freeze '{item}': not a range of this model's layers (0-{(num_layers or 1) - 1})"
-                )
-            layers.update(range(first, last + 1))
-        else:
-            raise EdgefedError(
-                f"freeze '{item}': expected embeddings, layers:<i> or layers:<i>-<j> "
-                "(e.g. embeddings,layers:0)"
-            )
-    if embeddings and num_layers is not None and len(layers) == num_layers:
-        raise EdgefedError("freeze leaves only the MLM head to train; unfreeze at least one layer")
-    return embeddings, layers

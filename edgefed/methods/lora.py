@@ -11,6 +11,7 @@ from torch import nn
 
 from edgefed.errors import EdgefedError
 from edgefed.methods.base import METHODS, AdapterSpec, LowRankPair, Method, SetupState
+from edgefed.methods.settings import LowRankSettings
 
 ADAPTER_NAME = "default"
 
@@ -20,6 +21,11 @@ class LoRA(Method):
     name = "lora"
     default_lr = 3e-3
     multitask = True
+    settings_type = LowRankSettings
+
+    def accelerate(self, model: nn.Module) -> None:
+        if self.settings.fused_kernels:
+            use_fused_kernels(model)
 
     def lora_config(self, spec: AdapterSpec) -> LoraConfig:
         return LoraConfig(

@@ -7,7 +7,7 @@ import torch
 
 from edgefed.codecs import Codec, make_codec
 from edgefed.errors import EdgefedError
-from edgefed.methods.fedbert.method import SPLIT_CODECS
+from edgefed.methods.settings import SPLIT_CODECS
 from edgefed.wire.framing import WireError, encoded_from_message
 from edgefed.wire.v1 import federation_pb2 as pb
 

@@ -22,6 +22,7 @@ from edgefed.data.splits import load_train
 from edgefed.errors import EdgefedError
 from edgefed.families import FAMILIES, ModelFamily
 from edgefed.registry import Registry
+from edgefed.settings import Configurable
 from edgefed.types import Evaluation
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class DataSettings:
     unlabeled_pool: int = 256
 
 
-class Task(ABC):
+class Task(Configurable, ABC):
     """A task on one data set (a folder or a file) split across clients by `partition`; the multi-task
     task overrides how data is read and shared out."""
 

@@ -14,6 +14,7 @@ import torch
 
 from edgefed.client import FederatedClient, worker_for
 from edgefed.codecs import Codec, make_codec
+from edgefed.components import data_settings
 from edgefed.devices.planner import Plan
 from edgefed.methods.base import SetupState
 from edgefed.runtimes import RUNTIMES
@@ -50,7 +51,7 @@ class InProcess:
             name: RUNTIMES.create(name).trainer(worker.runtime_build(setup.tokenizer, run.run_dir / name))
             for name in dict.fromkeys(config.client_runtime)
         }
-        settings = config.data_settings()
+        settings = data_settings(config)
         clients = []
         for index, shard in enumerate(setup.shards):
             plan = setup.fleet.plan(index)
@@ -60,7 +61,9 @@ class InProcess:
             if run.split is not None:
                 servicer = run.split.servicer
                 stub = InProcessSplitStub(servicer)
-                remote_body = RemoteBody(stub, servicer.run_id, config.split_codec, client_name(index))
+                remote_body = RemoteBody(
+                    stub, servicer.run_id, setup.method.settings.split_codec, client_name(index)
+                )
             scope = setup.fleet.scope(plan) if plan else None
             trainer = trainers[config.client_runtime[index % len(config.client_runtime)]]
             clients.append(worker.client(index, examples, plan, scope, remote_body, run.on_step, trainer))

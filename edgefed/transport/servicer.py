@@ -31,11 +31,11 @@ import torch
 
 from edgefed.client import worker_for
 from edgefed.codecs import make_codec
+from edgefed.components import method_of
 from edgefed.config import RunConfig, ServerSettings, client_config, config_text
 from edgefed.devices.fleet import FleetPlans
 from edgefed.devices.planner import plan_text
 from edgefed.errors import EdgefedError
-from edgefed.methods import METHODS
 from edgefed.runtimes import RUNTIMES, Runtime
 from edgefed.scope import Scope
 from edgefed.setup import RunSetup
@@ -166,9 +166,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             self.condition,
             self.log,
         )
-        # FedBERT's sequential strategy: one body, so the sampled clients train one after another.
-        turns = METHODS.create(config.method).splits_model and config.split_strategy == "sequential"
-        self.rounds = RoundBook(turns, self.condition, self.log)
+        self.rounds = RoundBook(method_of(config).trains_in_turns, self.condition, self.log)
         self.streams = StreamGuard(idle_s=stream_idle_s, log=self.log)
         self.split_port = 0  # the Split service's port (FedBERT), set by the transport serving it
         self._files_lock, self._runtime_files = threading.Lock(), {}  # runtime -> its devices' files

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from edgefed.client import build_worker
-from edgefed.config import config_from_text
+from edgefed.components import config_from_text, data_settings, task_of
 from edgefed.devices.fleet import scope_of_plan
 from edgefed.devices.planner import plan_from_text
 from edgefed.errors import EdgefedError
@@ -31,7 +31,7 @@ class TorchDevice:
     def build(self, joined: pb.JoinReply) -> None:
         link = self.link
         config = config_from_text(joined.config_toml, f"{link.server} (the run's configuration)")
-        task = config.task()
+        task = task_of(config)
         model_path = resolve_model_path(link.model or config.model)
         base, new_modules = task.load_model(model_path, joined.num_labels)
         mine = model_fingerprint(base, new_modules)
@@ -45,7 +45,7 @@ class TorchDevice:
             task.client_data(link.data),
             load_tokenizer(model_path),
             plan.seq_len if plan else config.max_seq_len,
-            config.data_settings(),
+            data_settings(config),
         )
         link.declare(len(examples))
         expected = Expected(link.run_id, 0, None, link.client_id)
@@ -58,7 +58,7 @@ class TorchDevice:
             remote_body = RemoteBody(
                 split_channel(f"{host}:{joined.split_port}", link.tls),
                 link.run_id,
-                config.split_codec,
+                worker.method.settings.split_codec,
                 link.client_id,
                 metadata=link.metadata,
             )

@@ -1,5 +1,5 @@
-"""FedBERT: federated split-learning pre-training (the method, and its cut of a BERT model)."""
+"""FedBERT: federated split-learning pre-training (the method; its server-side body in edgefed/split)."""
 
-from edgefed.methods.fedbert.method import SPLIT_STRATEGIES, FedBERT
+from edgefed.methods.fedbert.method import FedBERT
 
-__all__ = ["SPLIT_STRATEGIES", "FedBERT"]
+__all__ = ["FedBERT"]

@@ -24,31 +24,28 @@ from edgefed.errors import EdgefedError
 from edgefed.methods.base import METHODS, AdapterSpec, SetupState
 from edgefed.methods.fedbert.bert import BertMaskedLMClient, UnattachedBody
 from edgefed.methods.pretraining import MaskedLMPretraining
+from edgefed.methods.settings import SplitSettings
 
 if TYPE_CHECKING:
     from edgefed.config import RunConfig
-
-SPLIT_STRATEGIES = ("sequential", "parallel")
-# How the activations and gradients travel (edgefed/split/wire.py): fp32 (exact), fp16, bf16 or int8.
-SPLIT_CODECS = ("none", "fp16", "bf16", "int8")
 
 
 @METHODS.register("fedbert")
 class FedBERT(MaskedLMPretraining):
     name = "fedbert"
     splits_model = True
+    settings_type = SplitSettings
 
     def check(self, config: RunConfig) -> None:
         super().check(config)
-        if config.split_codec not in SPLIT_CODECS:
-            raise EdgefedError(f"split codec '{config.split_codec}' is not one of: {', '.join(SPLIT_CODECS)}")
-        if config.split_strategy not in SPLIT_STRATEGIES:
-            choices = ", ".join(SPLIT_STRATEGIES)
-            raise EdgefedError(f"unknown split-strategy '{config.split_strategy}'; choose one of: {choices}")
         if config.transport == "flower":
             raise EdgefedError(
                 f"{self.name} trains its body over edgefed's Split service, which Flower does not carry"
             )
+
+    @property
+    def trains_in_turns(self) -> bool:
+        return self.settings.split_strategy == "sequential"  # one body, so clients take turns on it
 
     def is_trainable(self, name: str, spec: AdapterSpec) -> bool:
         return ".encoder." not in f".{name}"  # the body trains on the server, over the Split stream
