@@ -3,22 +3,19 @@
 import dataclasses
 import filecmp
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgefed.codecs import encode_state, make_codec
 from edgefed.codecs.base import to_bytes
 from edgefed.types import Pieces
-from edgefed.wire.framing import (
-    ChunkView,
-    Expected,
-    WireError,
-    parse_encoded,
-    parse_state,
-    reassemble,
-)
+from edgefed.wire.framing import ALIGN, FRAMING, ChunkView, Expected, WireError, reassemble, tensor_message
 from edgefed.wire.generate import ROOT, generate
-from edgefed.wire.sending import chunk_stream, serialize_state
+from edgefed.wire.reader import PayloadReader, parse_encoded, parse_state
+from edgefed.wire.sending import ALIGNED_FROM, chunk_stream, serialize_state
 from edgefed.wire.v1 import federation_pb2 as pb
 
 
@@ -69,23 +66,80 @@ def test_a_state_survives_chunking_with_every_codec(spec):
         assert torch.equal(decoded[name], reference[name])
 
 
+def cut_anywhere(payload: bytes, chunk_bytes: int) -> list[pb.Chunk]:
+    """Chunks of `chunk_bytes` each, cut wherever that falls (edgefed's sender cuts at multiples of
+    ALIGN; a receiver must not rely on it)."""
+    count = -(-len(payload) // chunk_bytes)
+    return [
+        pb.Chunk(
+            run_id="run-1", round=3, client_id="c0", index=index, last=index == count - 1, framing=FRAMING,
+            data=payload[index * chunk_bytes : (index + 1) * chunk_bytes],
+            **({"payload_bytes": len(payload), "num_examples": 42} if index == 0 else {}),
+        )
+        for index in range(count)
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize("chunk_bytes", [997, 1001, 1003])
 def test_received_tensors_stay_in_their_chunks_and_are_checked_across_chunk_edges(chunk_bytes):
     codec, values = make_codec("none"), state()
-    raws = [chunk.SerializeToString() for chunk in stream(values, codec, chunk_bytes)]
-    payload, _ = reassemble(map(ChunkView, raws), expected_for(values))
-    encoded, _ = parse_encoded(payload, codec, expected_for(values))
+    payload = serialize_state(encode_state(codec, values))
+    raws = [chunk.SerializeToString() for chunk in cut_anywhere(payload, chunk_bytes)]
+    received, _ = reassemble(map(ChunkView, raws), expected_for(values))
+    encoded, _ = parse_encoded(received, codec, expected_for(values))
     lora = next(tensor for tensor in encoded if tensor.name == "lora_A")
     assert isinstance(lora.data, Pieces) and len(lora.data.parts) > 1
     assert all(any(part.obj is raw for raw in raws) for part in lora.data.parts)  # views, not copies
-    assert torch.equal(parse_state(payload, codec, expected_for(values))["lora_A"], values["lora_A"])
+    assert torch.equal(parse_state(received, codec, expected_for(values))["lora_A"], values["lora_A"])
 
     # A NaN in the value that a chunk edge splits in two is found.
-    start = serialize_state(encode_state(codec, values)).find(to_bytes(values["lora_A"]))
+    start = payload.find(to_bytes(values["lora_A"]))
     edge = next(k * chunk_bytes for k in range(1, 20) if (k * chunk_bytes - start) % 4)
     poisoned = {**values, "lora_A": values["lora_A"].clone()}
     poisoned["lora_A"].view(-1)[(edge - start) // 4] = float("nan")
-    refused(stream(poisoned, codec, chunk_bytes), expected_for(values), "NaN or Inf")
+    poisoned_payload = serialize_state(encode_state(codec, poisoned))
+    refused(cut_anywhere(poisoned_payload, chunk_bytes), expected_for(values), "NaN or Inf")
+
+
+@pytest.mark.parametrize("spec", ["none", "fp16", "int8", "int4", "topk:0.1"])
+@pytest.mark.parametrize("chunk_bytes", [1024, 1100, 4096])
+def test_values_lie_aligned_in_the_received_messages(spec, chunk_bytes):
+    """Framing 2: every bytes field of ALIGNED_FROM bytes or more starts a multiple of ALIGN bytes into
+    the payload, and into the very message gRPC hands the receiver, whatever the names, shapes and
+    chunk size; smaller fields travel unpadded."""
+    codec = make_codec(spec)
+    values = {f"{'x' * k}.w": torch.randn(k * 3037 + 1) for k in range(1, 8)}  # odd names and lengths
+    payload = serialize_state(encode_state(codec, values))
+    raws = [chunk.SerializeToString() for chunk in chunk_stream(payload, "run-1", 3, "c0", chunk_bytes)]
+    views = [ChunkView(raw) for raw in raws]
+    received, _ = reassemble(views, expected_for(values, client_id="c0"))
+    encoded, _ = parse_encoded(received, codec, expected_for(values))
+    fields = [f for tensor in encoded for f in (tensor.data, tensor.scales, tensor.indices)]
+    long = [part for f in fields if len(f) >= ALIGNED_FROM for part in Pieces.of(f)]
+    assert long and all(offset_in(part, part.obj) % ALIGN == 0 for part in long)
+    assert all(offset_in(view.data, raw) % ALIGN == 0 for view, raw in zip(views, raws, strict=True))
+    assert parse_state(received, codec, expected_for(values)).keys() == values.keys()
+
+
+def test_small_fields_travel_unpadded():
+    small = encode_state(make_codec("int8"), {f"layer{k}.lora_A": torch.randn(4, 64) for k in range(6)})
+    payload = serialize_state(small)
+    assert len(payload) == pb.StatePayload(tensors=[tensor_message(t) for t in small]).ByteSize()
+
+
+def offset_in(view: memoryview, whole: bytes) -> int:
+    """Where `view` starts inside the bytes object it views."""
+    return np.frombuffer(view, np.uint8).ctypes.data - np.frombuffer(whole, np.uint8).ctypes.data
+
+
+def test_a_chunk_of_another_framing_is_refused():
+    values = state()
+    chunks = stream(values, make_codec("none"))
+    for framing in (0, 1, 3):
+        chunks[0].framing = framing
+        refused(
+            chunks, expected_for(values), f"a chunk of framing {framing or 1}; this edgefed reads framing 2"
+        )
 
 
 def test_default_chunks_are_at_most_one_mebibyte():
@@ -174,3 +228,78 @@ def test_corrupt_codec_fields_are_a_wire_error():
     encoded = [dataclasses.replace(item, scales=item.scales[:-4]) for item in encode_state(codec, values)]
     chunks = list(chunk_stream(serialize_state(encoded), "run-1", 3, "c0"))
     refused(chunks, expected_for(values), "scales holds", codec=codec)
+
+
+def read_streaming(raws: list[bytes], codec, expected: Expected):
+    """As a server reads a push: each tensor's data checked chunk by chunk as it arrives."""
+    reader = PayloadReader(codec, expected)
+    payload, _ = reassemble(map(ChunkView, raws), expected, reader.feed)
+    return reader.finish(payload)
+
+
+def read_whole(raws: list[bytes], codec, expected: Expected):
+    payload, _ = reassemble(map(ChunkView, raws), expected)
+    return PayloadReader(codec, expected).finish(payload)
+
+
+def verdict(read, raws, codec, expected):
+    try:
+        encoded, decoded = read(raws, codec, expected)
+    except WireError:
+        return "refused"
+
+    def joined(field):
+        return bytes(Pieces(Pieces.of(field)).join())
+
+    return [(t.name, *map(joined, (t.data, t.scales, t.indices))) for t in encoded], sorted(decoded)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    spec=st.sampled_from(["none", "int8", "topk:0.1"]),
+    chunk_bytes=st.sampled_from([1024, 1100, 997]),
+    position=st.integers(0, 10**6),
+    noise=st.binary(min_size=1, max_size=6),
+    how=st.sampled_from(["flip", "cut", "insert", "none"]),
+)
+def test_checking_data_as_it_streams_in_agrees_with_checking_it_whole(
+    spec, chunk_bytes, position, noise, how
+):
+    """The streaming checks only move work earlier: for any stream, mutated or not, they accept what
+    reading the whole payload accepts, with the same tensors, and refuse what it refuses."""
+    codec, values = (
+        make_codec(spec),
+        {"a.w": torch.randn(700), "b.w": torch.randn(3, 50), "c": torch.randn(1)},
+    )
+    payload = serialize_state(encode_state(codec, values))
+    if chunk_bytes % ALIGN:
+        chunks = cut_anywhere(payload, chunk_bytes)
+    else:
+        chunks = list(chunk_stream(payload, "run-1", 3, "c0", chunk_bytes, num_examples=42))
+    raws = [chunk.SerializeToString() for chunk in chunks]
+    which = position % len(raws)
+    at = position % len(raws[which])
+    raws[which] = {
+        "flip": raws[which][:at] + bytes(b ^ 0x5A for b in noise) + raws[which][at + len(noise) :],
+        "cut": raws[which][:at],
+        "insert": raws[which][:at] + noise + raws[which][at:],
+        "none": raws[which],
+    }[how]
+    expected = expected_for(values)
+    whole = verdict(read_whole, raws, codec, expected)
+    assert verdict(read_streaming, raws, codec, expected) == whole
+    if how == "none":
+        assert whole != "refused"
+
+
+def test_a_nan_is_found_in_data_checked_as_it_streams_in():
+    values = {"w": torch.randn(5000)}
+    values["w"][4321] = float("nan")
+    payload = serialize_state(encode_state(make_codec("none"), values))
+    raws = [
+        chunk.SerializeToString() for chunk in chunk_stream(payload, "run-1", 3, "c0", 1024, num_examples=1)
+    ]
+    reader = PayloadReader(make_codec("none"), expected_for(values))
+    with pytest.raises(WireError, match="tensor w: NaN or Inf values"):
+        reassemble(map(ChunkView, raws), expected_for(values), reader.feed)
+    assert reader.arriving is not None and reader.arriving.done > reader.arriving.data[0]  # it streamed

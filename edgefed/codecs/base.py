@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
@@ -19,6 +18,7 @@ from edgefed.kernels import dequantize_blockwise
 from edgefed.registry import Registry
 from edgefed.settings import Configurable
 from edgefed.types import EncodedTensor, Pieces, State
+from edgefed.values import NUMPY_FLOATS, square_sum, whole_values
 
 CODECS: Registry[Codec] = Registry("codec")
 DTYPES = {
@@ -65,7 +65,11 @@ class Codec(Configurable, ABC):
         if self.lossless:
             dtype = dtype_of(encoded)
             data = expect_length(encoded, "data", encoded.numel * dtype.itemsize)
-            return sum(_squares(values) for values in _values(data, dtype)), None
+            if encoded.dtype in NUMPY_FLOATS:  # read in place, as the bytes arrived
+                return sum(
+                    square_sum(part, encoded.dtype) for part in whole_values(data, dtype.itemsize)
+                ), None
+            return sum(_squares(_read_only(part, dtype)) for part in whole_values(data, dtype.itemsize)), None
         value = self.decode(encoded)
         return _squares(value.reshape(-1)), value
 
@@ -138,23 +142,6 @@ def _squares(values: torch.Tensor) -> float:
     if math.isinf(square_sum) and bool(torch.isfinite(flat).all()):
         square_sum = float(flat.double().square().sum())  # finite, but squares beyond float32
     return square_sum
-
-
-def _values(data: bytes | memoryview | Pieces, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    """The values in `data`, as tensors over each piece (read only: never written to); a value split
-    between two pieces is copied whole."""
-    carry = b""
-    for part in Pieces.of(data):
-        if carry:
-            split = dtype.itemsize - len(carry)
-            carry, part = carry + bytes(part[:split]), part[split:]
-            if len(carry) == dtype.itemsize:
-                yield torch.frombuffer(bytearray(carry), dtype=dtype)
-                carry = b""
-        whole = len(part) // dtype.itemsize * dtype.itemsize
-        if whole:
-            yield _read_only(part[:whole], dtype)
-        carry += bytes(part[whole:])
 
 
 def _read_only(part: bytes | memoryview, dtype: torch.dtype) -> torch.Tensor:

@@ -14,7 +14,8 @@ from edgefed.client import EncodedUpdate
 from edgefed.codecs import Codec
 from edgefed.errors import EdgefedError
 from edgefed.types import State
-from edgefed.wire.framing import Expected, PayloadReader, WireError
+from edgefed.wire.framing import Expected, WireError
+from edgefed.wire.reader import PayloadReader
 from edgefed.wire.sending import state_payload_of
 from edgefed.wire.v1 import federation_pb2 as pb
 

@@ -1,9 +1,10 @@
 """States and files on the wire as numpy arrays, for a device without torch.
 
-The wire format is edgefed's (edgefed/wire/framing.py), read and checked by the same `PayloadReader`;
-only the codec differs: `ArrayCodec` is the lossless `none` codec over numpy, with the finiteness and
-norm checks the torch codec makes. Files (the runtime's artifacts, its tokenizer and manifest) travel
-as uint8 tensors named by file, so they are checked (CRC32C, names, sizes) as any state is.
+The wire format is edgefed's (edgefed/wire/framing.py), read and checked by the same `PayloadReader`
+(edgefed/wire/reader.py); only the codec differs: `ArrayCodec` is the lossless `none` codec over
+numpy, with the finiteness and norm checks the torch codec makes. Files (the runtime's artifacts, its
+tokenizer and manifest) travel as uint8 tensors named by file, so they are checked (CRC32C, names,
+sizes) as any state is.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from edgefed.types import EncodedTensor, Pieces
-from edgefed.wire.framing import Expected, Received, parse_state
+from edgefed.wire.framing import Expected, Received
+from edgefed.wire.reader import parse_state
 from edgefed.wire.sending import serialize_state
 
 DTYPES = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}

@@ -20,7 +20,8 @@ from edgefed.codecs import Codec, EncodedDelta, encode_state, make_codec
 from edgefed.devices.planner import Plan
 from edgefed.scope import Scope
 from edgefed.types import ClientUpdate, EncodedTensor, RoundResult, State
-from edgefed.wire.framing import Expected, PayloadReader, WireError, reassemble
+from edgefed.wire.framing import Expected, WireError, reassemble
+from edgefed.wire.reader import PayloadReader
 from edgefed.wire.sending import serialize_state
 from edgefed.wire.v1 import federation_pb2 as pb
 

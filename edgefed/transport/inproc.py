@@ -32,7 +32,8 @@ from edgefed.transport.base import (
     state_payload,
 )
 from edgefed.types import State, client_name
-from edgefed.wire.framing import Expected, parse_state, reassemble, wire_size
+from edgefed.wire.framing import Expected, reassemble, wire_size
+from edgefed.wire.reader import parse_state
 from edgefed.wire.sending import chunk_stream
 
 

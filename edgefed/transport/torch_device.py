@@ -17,7 +17,8 @@ from edgefed.models import default_device, load_tokenizer, model_fingerprint, re
 from edgefed.split import RemoteBody, split_channel
 from edgefed.transport.base import LOSSLESS, state_shapes
 from edgefed.wire.device import DeviceLink
-from edgefed.wire.framing import Expected, Received, parse_state
+from edgefed.wire.framing import Expected, Received
+from edgefed.wire.reader import parse_state
 from edgefed.wire.sending import EncodedUpdate
 from edgefed.wire.v1 import federation_pb2 as pb
 

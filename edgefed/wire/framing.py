@@ -13,6 +13,13 @@ bytes gRPC handed over (`ChunkView`), the payload is the sequence of those views
 tensor's bytes fields are views into it, `Pieces` of several where a field spans chunks
 (`split_fields`), read without protobuf, which copies every bytes field it parses. The checks read
 the pieces in place; a tensor is joined into one buffer (the one copy it costs) when it is first read.
+
+Framing 2 (`FRAMING`) puts the values where the checks read them fastest: in a payload every bytes
+field of a tensor of 4 KiB or more starts at a multiple of `ALIGN` bytes (padding fields before them,
+written by wire/sending.py), every chunk but the last carries a multiple of `ALIGN` bytes, and a chunk's data
+starts at a multiple of `ALIGN` bytes into its message, so the values lie aligned in the very bytes
+gRPC received (memory from malloc, at least 16-byte aligned). A chunk of any other framing is
+refused with a clear error: framing 1 left values wherever the headers put them.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from edgefed.types import EncodedTensor, Pieces
 from edgefed.wire.v1 import federation_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
+FRAMING = 2  # Chunk.framing: values aligned to ALIGN bytes (see above)
+ALIGN = 64  # a cache line, and a multiple of every dtype's size and of SIMD loads' alignment
 MAX_PAYLOAD_BYTES = 256 << 20
 # gRPC frames every message with a 1-byte compression flag and a 4-byte length.
 GRPC_PREFIX_BYTES = 5
@@ -150,13 +159,22 @@ class Received:
 
     def pieces(self, start: int, end: int) -> tuple[memoryview, ...]:
         """The bytes [start, end) as views, one per chunk they lie in."""
-        out, index = [], bisect.bisect_right(self.starts, start) - 1
+        index = bisect.bisect_right(self.starts, start) - 1
+        base = self.starts[index] if index >= 0 else 0
+        if index >= 0 and end <= base + len(self.parts[index]):  # within one chunk: most fields
+            return (self.parts[index][start - base : end - base],) if start < end else ()
+        out = []
         while start < end:
             part, base = self.parts[index], self.starts[index]
             stop = min(end, base + len(part))
             out.append(part[start - base : stop - base])
             start, index = stop, index + 1
         return tuple(out)
+
+    def part_at(self, position: int) -> tuple[memoryview, int]:
+        """The chunk that holds byte `position`, and where it starts."""
+        index = bisect.bisect_right(self.starts, position) - 1
+        return self.parts[index], self.starts[index]
 
     def read(self, start: int, end: int) -> memoryview:
         """The bytes [start, end): a view where they lie in one chunk, else a copy (for small fields)."""
@@ -175,9 +193,15 @@ HEADER_BYTES = 20
 def field_at(buffer: Received, position: int, limit: int) -> tuple[int, int, int, int] | None:
     """The field that starts at `position` — (number, wire type, value start, end) — or None when it
     does not end by `limit` (its bytes have not all arrived)."""
-    head = buffer.read(position, min(position + HEADER_BYTES, limit))
-    key = _varint(head, 0, len(head))
-    if key is None:
+    return parse_field(buffer.read(position, min(position + HEADER_BYTES, limit)), position, limit)
+
+
+def parse_field(head: memoryview, position: int, limit: float = math.inf) -> tuple[int, int, int, int] | None:
+    """`field_at` of the field at `position` whose first bytes are `head` (its header, or all there is
+    up to `limit`): None when its header or its end lies past them."""
+    if head and head[0] < 0x80:  # a one-byte key: every field edgefed writes but a Chunk's data
+        key = (head[0], 1)
+    elif (key := _varint(head, 0, len(head))) is None:
         return None
     (number, wire), value = divmod(key[0], 8), key[1]
     if number == 0:
@@ -196,28 +220,92 @@ def field_at(buffer: Received, position: int, limit: int) -> tuple[int, int, int
 
 
 def split_fields(
-    buffer: Received, start: int, end: int, wanted: frozenset[int]
+    buffer: Received, start: int, end: int, wanted: frozenset[int], padding: frozenset[int] = frozenset()
 ) -> tuple[bytes, dict[int, memoryview | Pieces]]:
     """The `wanted` bytes fields of the message at [start, end) as views into `buffer`, and the rest of
-    its fields serialised (small: parse it with protobuf). A wanted field that appears twice is refused."""
+    its fields serialised (small: parse it with protobuf), the `padding` fields left out. A wanted
+    field that appears twice is refused."""
+    part, base = buffer.part_at(start) if start < end else (EMPTY, 0)
+    if end <= base + len(part):  # within one chunk: most messages, every Chunk
+        return split_view(part, start - base, end - base, wanted, padding)
     rest, found = [], {}
     while start < end:
-        field = field_at(buffer, start, end)
+        if not base <= start < base + len(part):
+            part, base = buffer.part_at(start)
+        head_end = min(start + HEADER_BYTES, end)
+        inside = head_end <= base + len(part)
+        head = part[start - base : head_end - base] if inside else buffer.read(start, head_end)
+        field = parse_field(head, start, end)
         if field is None:
             raise WireError("a message cut short")
         number, wire, value, stop = field
-        if number not in wanted:
-            rest.append(buffer.read(start, stop))
+        within = stop <= base + len(part)
+        if number in padding:
+            pass
+        elif number not in wanted:
+            rest.append(part[start - base : stop - base] if within else buffer.read(start, stop))
         elif wire != LENGTH_DELIMITED or number in found:
             raise WireError(f"field {number} is malformed or repeated")
         else:
-            found[number] = buffer.field(value, stop)
+            found[number] = part[value - base : stop - base] if within else buffer.field(value, stop)
         start = stop
     return b"".join(rest), found
 
 
-CHUNK_DATA = 6  # pb.Chunk.data
-TENSOR_BYTES = frozenset({5, 6, 7})  # pb.Tensor.data, .scales, .indices
+def split_view(
+    view: memoryview, start: int, end: int, wanted: frozenset[int], padding: frozenset[int] = frozenset()
+) -> tuple[bytes, dict[int, memoryview | Pieces]]:
+    """`split_fields` of a message that lies in one view, in one loop: what a server does for every
+    chunk and most tensors, so it calls nothing per field but for long varints."""
+    runs, found = [], {}
+    run = -1  # where the current run of fields for protobuf began (-1: none open)
+    position = start
+    while position < end:
+        field_start = position
+        if view[position] < 0x80:
+            key, position = view[position], position + 1
+        elif (parsed := _varint(view, position, end)) is not None:
+            key, position = parsed
+        else:
+            raise WireError("a message cut short")
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise WireError("a field numbered 0")
+        if wire in (VARINT, LENGTH_DELIMITED):
+            if position < end and view[position] < 0x80:
+                length, position = view[position], position + 1
+            elif (parsed := _varint(view, position, end)) is not None:
+                length, position = parsed
+            else:
+                raise WireError("a message cut short")
+            value = position
+            position += length if wire == LENGTH_DELIMITED else 0
+        elif wire in (FIXED64, FIXED32):
+            value, position = position, position + (8 if wire == FIXED64 else 4)
+        else:
+            raise WireError(f"a field of wire type {wire}, which edgefed never sends")
+        if position > end:
+            raise WireError("a message cut short")
+        if number in wanted or number in padding:
+            if run >= 0:
+                runs.append(view[run:field_start])
+                run = -1
+            if number in wanted:
+                if wire != LENGTH_DELIMITED or number in found:
+                    raise WireError(f"field {number} is malformed or repeated")
+                found[number] = view[value:position]
+        elif run < 0:
+            run = field_start
+    if run >= 0:
+        runs.append(view[run:end])
+    return b"".join(runs), found
+
+
+CHUNK_DATA = 17  # pb.Chunk.data
+CHUNK_PADDING = frozenset({16})  # pb.Chunk.data_align
+CHUNK_FIELDS = frozenset({CHUNK_DATA})
+TENSOR_BYTES = frozenset({11, 13, 15})  # pb.Tensor.data, .scales, .indices
+TENSOR_PADDING = frozenset({10, 12, 14})  # the *_align fields before them
 STATE_TENSORS = 1  # pb.StatePayload.tensors
 EMPTY = memoryview(b"")
 
@@ -230,7 +318,7 @@ class ChunkView:
 
     def __init__(self, raw: bytes) -> None:
         try:
-            rest, found = split_fields(Received((memoryview(raw),)), 0, len(raw), frozenset({CHUNK_DATA}))
+            rest, found = split_view(memoryview(raw), 0, len(raw), CHUNK_FIELDS, CHUNK_PADDING)
             self.header = pb.Chunk.FromString(rest)
         except (WireError, DecodeError) as error:
             raise WireError(f"a message that is not a Chunk ({error or 'undecodable'})") from None
@@ -254,6 +342,11 @@ def reassemble(
     bytes are in (a PayloadReader checks what it can while the rest is on the wire)."""
     payload, first, total, count = Received(), None, 0, 0
     for chunk in chunks:
+        if chunk.framing != FRAMING:
+            raise WireError(
+                f"a chunk of framing {chunk.framing or 1}; this edgefed reads framing {FRAMING} (values "
+                f"aligned to {ALIGN} bytes): run the same edgefed version on both ends"
+            )
         if chunk.index != count:
             raise WireError(f"chunk {chunk.index} arrived where chunk {count} was due")
         if chunk.run_id != expected.run_id:
@@ -277,108 +370,3 @@ def reassemble(
                 raise WireError(f"stream ended after {len(payload)} of the {total} bytes it announced")
             return payload, first
     raise WireError(f"stream ended after {count} chunks without its last one (truncated)")
-
-
-def parse_state(
-    payload: bytes | memoryview | Received, codec: CheckingCodec, expected: Expected
-) -> dict[str, Any]:
-    """Decode and check every tensor; returns them as the codec decodes them (torch tensors on the CPU in
-    their own dtypes, or numpy arrays)."""
-    encoded, decoded = parse_encoded(payload, codec, expected)
-    return {item.name: decoded[item.name] if item.name in decoded else codec.decode(item) for item in encoded}
-
-
-class PayloadReader:
-    """Reads and checks a serialised StatePayload, as its bytes arrive or whole: each tensor is parsed
-    (its bytes fields left as views into the payload) and checked — CRC32C, name, shape, dtype, codec,
-    finite values — as soon as its last byte is in, while later chunks are still on the wire; `finish`
-    checks the whole (every expected name once, none missing, the norm bound)."""
-
-    def __init__(self, codec: CheckingCodec, expected: Expected) -> None:
-        self.codec, self.expected = codec, expected
-        self.position = 0  # where the next unread top-level field starts
-        self.tensors: list[EncodedTensor] = []
-        self.decoded: dict[str, Any] = {}  # tensors the checks had to decode, by name
-        self.unknown: list[str] = []
-        self.names: set[str] = set()
-        self.squares = 0.0
-
-    def feed(self, buffer: Received, filled: int) -> None:
-        """Read every tensor that lies within the first `filled` bytes and has not been read."""
-        while (field := self._next(buffer, filled)) is not None:
-            _, _, value, end = field
-            self._check(self._tensor(buffer, value, end))
-            self.position = end
-
-    def finish(self, payload: bytes | memoryview | Received) -> tuple[list[EncodedTensor], dict[str, Any]]:
-        """The checked tensors, still encoded, and those the checks decoded; WireError when any is wrong."""
-        if not isinstance(payload, Received):
-            payload = Received((memoryview(payload),))
-        self.feed(payload, len(payload))
-        if self.position != len(payload):
-            raise WireError("payload is not a StatePayload message (cut short)")
-        if self.expected.shapes is not None and self.names != set(self.expected.shapes):
-            missing = sorted(set(self.expected.shapes) - self.names)
-            raise WireError(
-                f"tensors do not match the model: unknown {sorted(self.unknown)[:3]}, missing {missing[:3]}"
-            )
-        norm, bound = math.sqrt(self.squares), self.expected.max_norm
-        if bound is not None and norm > bound:
-            raise WireError(f"update norm {norm:.4g} over the bound {bound:.4g}")
-        return self.tensors, self.decoded
-
-    def _next(self, buffer: Received, filled: int) -> tuple[int, int, int, int] | None:
-        try:
-            field = field_at(buffer, self.position, filled)
-        except WireError as error:
-            raise WireError(f"payload is not a StatePayload message ({error})") from None
-        if field is not None and (field[0] != STATE_TENSORS or field[1] != LENGTH_DELIMITED):
-            raise WireError(f"payload is not a StatePayload message (field {field[0]} at the top level)")
-        return field
-
-    @staticmethod
-    def _tensor(buffer: Received, start: int, end: int) -> EncodedTensor:
-        try:
-            rest, found = split_fields(buffer, start, end, TENSOR_BYTES)
-            header = pb.Tensor.FromString(rest)
-        except (WireError, DecodeError) as error:
-            raise WireError(f"payload is not a StatePayload message ({error or 'undecodable'})") from None
-        return checked_tensor(header, *(found.get(number, EMPTY) for number in sorted(TENSOR_BYTES)))
-
-    def _check(self, encoded: EncodedTensor) -> None:
-        if encoded.name in self.names:
-            raise WireError("a tensor name appears twice")
-        self.names.add(encoded.name)
-        shapes = self.expected.shapes
-        if shapes is not None and encoded.name not in shapes:
-            self.unknown.append(encoded.name)  # reported with the missing ones, in `finish`
-            return
-        shape, dtype = shapes[encoded.name] if shapes is not None else (encoded.shape, encoded.dtype)
-        if encoded.shape != tuple(shape) or encoded.dtype != dtype:
-            raise WireError(
-                f"tensor {encoded.name}: {encoded.dtype}{list(encoded.shape)} where "
-                f"{dtype}{list(shape)} is expected"
-            )
-        if encoded.codec != self.codec.spec:
-            raise WireError(
-                f"tensor {encoded.name}: codec '{encoded.codec}', this run uses '{self.codec.spec}'"
-            )
-        try:
-            square_sum, value = self.codec.square_sum(encoded)
-        except ValueError as error:
-            raise WireError(str(error)) from None
-        if not math.isfinite(square_sum):
-            raise WireError(f"tensor {encoded.name}: NaN or Inf values")
-        self.squares += square_sum
-        self.tensors.append(encoded)
-        if value is not None:
-            self.decoded[encoded.name] = value
-
-
-def parse_encoded(
-    payload: bytes | memoryview | Received, codec: CheckingCodec, expected: Expected
-) -> tuple[list[EncodedTensor], dict[str, Any]]:
-    """Check every tensor (names, shapes, dtypes, codec, CRC32C, finite values, the norm bound) and
-    return them still encoded: a server aggregates quantised deltas without decoding them. The second
-    value holds the tensors the checks had to decode (those without a quantised form), by name."""
-    return PayloadReader(codec, expected).finish(payload)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n edgefed/wire/v1/federation.proto\x12\nedgefed.v1\"\x88\x01\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0e\n\x06scales\x18\x06 \x01(\x0c\x12\x0f\n\x07indices\x18\x07 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\t \x01(\x07J\x04\x08\x08\x10\t\"3\n\x0cStatePayload\x12#\n\x07tensors\x18\x01 \x03(\x0b\x32\x12.edgefed.v1.Tensor\"\x8d\x02\n\x05\x43hunk\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x05\x12\x0c\n\x04last\x18\x05 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x14\n\x0cnum_examples\x18\x08 \x01(\x03\x12\x12\n\ntrain_loss\x18\t \x01(\x01\x12\r\n\x05steps\x18\n \x01(\x05\x12\x0f\n\x07train_s\x18\x0b \x01(\x01\x12\x12\n\x05score\x18\x0c \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rpayload_bytes\x18\r \x01(\x03\x12\x15\n\x08\x65nergy_j\x18\x0e \x01(\x01H\x01\x88\x01\x01\x42\x08\n\x06_scoreB\x0b\n\t_energy_jJ\x04\x08\x07\x10\x08\"X\n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x0f\n\x07runtime\x18\x04 \x01(\t\"\xc7\x01\n\tJoinReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_toml\x18\x02 \x01(\t\x12\x14\n\x0c\x63lient_index\x18\x03 \x01(\x05\x12\x12\n\nnum_labels\x18\x04 \x01(\x05\x12\x14\n\x0chead_modules\x18\x05 \x03(\t\x12\x13\n\x0bheartbeat_s\x18\x06 \x01(\x01\x12\x19\n\x11model_fingerprint\x18\x07 \x01(\t\x12\x11\n\tplan_toml\x18\x08 \x01(\t\x12\x12\n\nsplit_port\x18\t \x01(\x05\"@\n\x0c\x46\x65tchRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x11\n\tclient_id\x18\x03 \x01(\t\"\x1c\n\tPushReply\x12\x0f\n\x07message\x18\x01 \x01(\t\"5\n\x10HeartbeatRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\"\x8f\x01\n\x0eHeartbeatReply\x12\x31\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32!.edgefed.v1.HeartbeatReply.Action\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x12\n\ndeadline_s\x18\x03 \x01(\x01\"\'\n\x06\x41\x63tion\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\"\x9e\x02\n\x0cSplitMessage\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12+\n\x04kind\x18\x05 \x01(\x0e\x32\x1d.edgefed.v1.SplitMessage.Kind\x12\"\n\x06tensor\x18\x06 \x01(\x0b\x32\x12.edgefed.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x07 \x01(\x0b\x32\x12.edgefed.v1.Tensor\"Q\n\x04Kind\x12\x0f\n\x0b\x41\x43TIVATIONS\x10\x00\x12\x0f\n\x0b\x42ODY_OUTPUT\x10\x01\x12\x13\n\x0fOUTPUT_GRADIENT\x10\x02\x12\x12\n\x0eINPUT_GRADIENT\x10\x03\x32\xff\x02\n\nFederation\x12\x36\n\x04Join\x12\x17.edgefed.v1.JoinRequest\x1a\x15.edgefed.v1.JoinReply\x12;\n\nFetchSetup\x12\x18.edgefed.v1.FetchRequest\x1a\x11.edgefed.v1.Chunk0\x01\x12=\n\x0c\x46\x65tchRuntime\x12\x18.edgefed.v1.FetchRequest\x1a\x11.edgefed.v1.Chunk0\x01\x12<\n\x0b\x46\x65tchGlobal\x12\x18.edgefed.v1.FetchRequest\x1a\x11.edgefed.v1.Chunk0\x01\x12\x38\n\nPushUpdate\x12\x11.edgefed.v1.Chunk\x1a\x15.edgefed.v1.PushReply(\x01\x12\x45\n\tHeartbeat\x12\x1c.edgefed.v1.HeartbeatRequest\x1a\x1a.edgefed.v1.HeartbeatReply2K\n\x05Split\x12\x42\n\x08\x45xchange\x12\x18.edgefed.v1.SplitMessage\x1a\x18.edgefed.v1.SplitMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n edgefed/wire/v1/federation.proto\x12\nedgefed.v1\"\xdb\x01\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x0e\n\x06\x63rc32c\x18\t \x01(\x07\x12\x12\n\ndata_align\x18\n \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x0b \x01(\x0c\x12\x14\n\x0cscales_align\x18\x0c \x01(\x0c\x12\x0e\n\x06scales\x18\r \x01(\x0c\x12\x15\n\rindices_align\x18\x0e \x01(\x0c\x12\x0f\n\x07indices\x18\x0f \x01(\x0cJ\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07J\x04\x08\x07\x10\x08J\x04\x08\x08\x10\t\"3\n\x0cStatePayload\x12#\n\x07tensors\x18\x01 \x03(\x0b\x32\x12.edgefed.v1.Tensor\"\xb8\x02\n\x05\x43hunk\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x05\x12\x0c\n\x04last\x18\x05 \x01(\x08\x12\x14\n\x0cnum_examples\x18\x08 \x01(\x03\x12\x12\n\ntrain_loss\x18\t \x01(\x01\x12\r\n\x05steps\x18\n \x01(\x05\x12\x0f\n\x07train_s\x18\x0b \x01(\x01\x12\x12\n\x05score\x18\x0c \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rpayload_bytes\x18\r \x01(\x03\x12\x15\n\x08\x65nergy_j\x18\x0e \x01(\x01H\x01\x88\x01\x01\x12\x0f\n\x07\x66raming\x18\x0f \x01(\x05\x12\x12\n\ndata_align\x18\x10 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x11 \x01(\x0c\x42\x08\n\x06_scoreB\x0b\n\t_energy_jJ\x04\x08\x06\x10\x07J\x04\x08\x07\x10\x08\"X\n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x0f\n\x07runtime\x18\x04 \x01(\t\"\xc7\x01\n\tJoinReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_toml\x18\x02 \x01(\t\x12\x14\n\x0c\x63lient_index\x18\x03 \x01(\x05\x12\x12\n\nnum_labels\x18\x04 \x01(\x05\x12\x14\n\x0chead_modules\x18\x05 \x03(\t\x12\x13\n\x0bheartbeat_s\x18\x06 \x01(\x01\x12\x19\n\x11model_fingerprint\x18\x07 \x01(\t\x12\x11\n\tplan_toml\x18\x08 \x01(\t\x12\x12\n\nsplit_port\x18\t \x01(\x05\"@\n\x0c\x46\x65tchRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x11\n\tclient_id\x18\x03 \x01(\t\"\x1c\n\tPushReply\x12\x0f\n\x07message\x18\x01 \x01(\t\"5\n\x10HeartbeatRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\"\x8f\x01\n\x0eHeartbeatReply\x12\x31\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32!.edgefed.v1.HeartbeatReply.Action\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x12\n\ndeadline_s\x18\x03 \x01(\x01\"\'\n\x06\x41\x63tion\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\"\x9e\x02\n\x0cSplitMessage\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12+\n\x04kind\x18\x05 \x01(\x0e\x32\x1d.edgefed.v1.SplitMessage.Kind\x12\"\n\x06tensor\x18\x06 \x01(\x0b\x32\x12.edgefed.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x07 \x01(\x0b\x32\x12.edgefed.v1.Tensor\"Q\n\x04Kind\x12\x0f\n\x0b\x41\x43TIVATIONS\x10\x00\x12\x0f\n\x0b\x42ODY_OUTPUT\x10\x01\x12\x13\n\x0fOUTPUT_GRADIENT\x10\x02\x12\x12\n\x0eINPUT_GRADIENT\x10\x03\x32\xff\x02\n\nFederation\x12\x36\n\x04Join\x12\x17.edgefed.v1.JoinRequest\x1a\x15.edgefed.v1.JoinReply\x12;\n\nFetchSetup\x12\x18.edgefed.v1.FetchRequest\x1a\x11.edgefed.v1.Chunk0\x01\x12=\n\x0c\x46\x65tchRuntime\x12\x18.edgefed.v1.FetchRequest\x1a\x11.edgefed.v1.Chunk0\x01\x12<\n\x0b\x46\x65tchGlobal\x12\x18.edgefed.v1.FetchRequest\x1a\x11.edgefed.v1.Chunk0\x01\x12\x38\n\nPushUpdate\x12\x11.edgefed.v1.Chunk\x1a\x15.edgefed.v1.PushReply(\x01\x12\x45\n\tHeartbeat\x12\x1c.edgefed.v1.HeartbeatRequest\x1a\x1a.edgefed.v1.HeartbeatReply2K\n\x05Split\x12\x42\n\x08\x45xchange\x12\x18.edgefed.v1.SplitMessage\x1a\x18.edgefed.v1.SplitMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,31 +32,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgefed.wire.v1.federation_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENSOR']._serialized_start=49
-  _globals['_TENSOR']._serialized_end=185
-  _globals['_STATEPAYLOAD']._serialized_start=187
-  _globals['_STATEPAYLOAD']._serialized_end=238
-  _globals['_CHUNK']._serialized_start=241
-  _globals['_CHUNK']._serialized_end=510
-  _globals['_JOINREQUEST']._serialized_start=512
-  _globals['_JOINREQUEST']._serialized_end=600
-  _globals['_JOINREPLY']._serialized_start=603
-  _globals['_JOINREPLY']._serialized_end=802
-  _globals['_FETCHREQUEST']._serialized_start=804
-  _globals['_FETCHREQUEST']._serialized_end=868
-  _globals['_PUSHREPLY']._serialized_start=870
-  _globals['_PUSHREPLY']._serialized_end=898
-  _globals['_HEARTBEATREQUEST']._serialized_start=900
-  _globals['_HEARTBEATREQUEST']._serialized_end=953
-  _globals['_HEARTBEATREPLY']._serialized_start=956
-  _globals['_HEARTBEATREPLY']._serialized_end=1099
-  _globals['_HEARTBEATREPLY_ACTION']._serialized_start=1060
-  _globals['_HEARTBEATREPLY_ACTION']._serialized_end=1099
-  _globals['_SPLITMESSAGE']._serialized_start=1102
-  _globals['_SPLITMESSAGE']._serialized_end=1388
-  _globals['_SPLITMESSAGE_KIND']._serialized_start=1307
-  _globals['_SPLITMESSAGE_KIND']._serialized_end=1388
-  _globals['_FEDERATION']._serialized_start=1391
-  _globals['_FEDERATION']._serialized_end=1774
-  _globals['_SPLIT']._serialized_start=1776
-  _globals['_SPLIT']._serialized_end=1851
+  _globals['_TENSOR']._serialized_end=268
+  _globals['_STATEPAYLOAD']._serialized_start=270
+  _globals['_STATEPAYLOAD']._serialized_end=321
+  _globals['_CHUNK']._serialized_start=324
+  _globals['_CHUNK']._serialized_end=636
+  _globals['_JOINREQUEST']._serialized_start=638
+  _globals['_JOINREQUEST']._serialized_end=726
+  _globals['_JOINREPLY']._serialized_start=729
+  _globals['_JOINREPLY']._serialized_end=928
+  _globals['_FETCHREQUEST']._serialized_start=930
+  _globals['_FETCHREQUEST']._serialized_end=994
+  _globals['_PUSHREPLY']._serialized_start=996
+  _globals['_PUSHREPLY']._serialized_end=1024
+  _globals['_HEARTBEATREQUEST']._serialized_start=1026
+  _globals['_HEARTBEATREQUEST']._serialized_end=1079
+  _globals['_HEARTBEATREPLY']._serialized_start=1082
+  _globals['_HEARTBEATREPLY']._serialized_end=1225
+  _globals['_HEARTBEATREPLY_ACTION']._serialized_start=1186
+  _globals['_HEARTBEATREPLY_ACTION']._serialized_end=1225
+  _globals['_SPLITMESSAGE']._serialized_start=1228
+  _globals['_SPLITMESSAGE']._serialized_end=1514
+  _globals['_SPLITMESSAGE_KIND']._serialized_start=1433
+  _globals['_SPLITMESSAGE_KIND']._serialized_end=1514
+  _globals['_FEDERATION']._serialized_start=1517
+  _globals['_FEDERATION']._serialized_end=1900
+  _globals['_SPLIT']._serialized_start=1902
+  _globals['_SPLIT']._serialized_end=1977
 # @@protoc_insertion_point(module_scope)
