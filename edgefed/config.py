@@ -17,7 +17,16 @@ from typing import Any
 from edgefed.aggregators.settings import AGGREGATOR_SETTINGS
 from edgefed.errors import EdgefedError
 from edgefed.methods.settings import METHOD_SETTINGS
-from edgefed.settings import Settings, check_positive, coerce, key_of, option
+from edgefed.settings import (
+    MAX_CLIENTS,
+    MAX_COUNT,
+    Settings,
+    check_at_most,
+    check_positive,
+    coerce,
+    key_of,
+    option,
+)
 from edgefed.toml_io import parse_toml, toml_scalar
 from edgefed.wire.framing import CHUNK_BYTES
 from edgefed.wire.streams import STREAM_IDLE_S
@@ -153,7 +162,7 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
-class ServerSettings:
+class ServerSettings(Settings):
     """How `edgefed server` serves a run: settings of the server process, not of what the run computes
     (so not in config.toml); its flags are built from these fields as the run's are from RunConfig's."""
 
@@ -162,6 +171,16 @@ class ServerSettings:
         STREAM_IDLE_S, "cancel a client's stream that moves no message for this long"
     )
     split_port: int = option(0, "port of FedBERT's Split service, on the --address host (0: any free port)")
+
+    def check(self) -> None:
+        check_positive(heartbeat_s=self.heartbeat_s, stream_idle_s=self.stream_idle_s)
+        check_at_most(3600, heartbeat_s=self.heartbeat_s)
+        if self.stream_idle_s < 1:  # its watcher wakes every quarter of it: less would spin a core
+            raise EdgefedError(f"stream-idle-s must be at least 1 second, got {self.stream_idle_s}")
+        if not 0 <= self.split_port <= 65535:
+            raise EdgefedError(
+                f"split-port must be a port from 0 to 65535 (0: any free port), got {self.split_port}"
+            )
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -253,6 +272,8 @@ def read_config_file(path: str) -> dict[str, Any]:
             return config_values(handle.read().decode("utf-8"), path)
     except FileNotFoundError:
         raise EdgefedError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as error:  # a folder, no permission, not UTF-8 text
+        raise EdgefedError(f"{path}: cannot read it as a config file ({error})") from None
 
 
 def config_values(text: str, origin: str) -> dict[str, Any]:
@@ -312,6 +333,17 @@ def check_run(config: RunConfig) -> None:
         pseudo_weight=config.pseudo_weight,
         energy_temperature=config.energy_temperature,
     )
+    check_at_most(MAX_CLIENTS, clients=config.clients, min_clients=config.min_clients)
+    check_at_most(
+        MAX_COUNT,
+        rounds=config.rounds,
+        local_steps=config.local_steps,
+        local_epochs=config.local_epochs,
+        batch_size=config.batch_size,
+        shots=config.shots,
+        unlabeled_pool=config.unlabeled_pool,
+    )
+    check_at_most(7 * 24 * 3600, round_deadline_s=config.round_deadline_s, budget_s=config.budget_s)
     if config.transport not in TRANSPORTS:
         raise EdgefedError(f"unknown transport '{config.transport}'; choose one of: {', '.join(TRANSPORTS)}")
     if config.min_clients is not None and config.min_clients > config.clients:

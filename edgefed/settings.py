@@ -10,11 +10,17 @@ Nothing here imports torch: the command line builds its flags from these classes
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from edgefed.errors import EdgefedError
+
+# The most clients (and fleet devices) a run takes: beyond it a typo, not a fleet (and memory for it).
+MAX_CLIENTS = 100_000
+# The most of any count a run repeats (rounds, local steps): beyond it a typo that would never end.
+MAX_COUNT = 1_000_000
 
 
 def option(default: Any, help: str, metavar: str | None = None, example: str | None = None) -> Any:
@@ -50,6 +56,8 @@ def coerce(name: str, kind: Any, value: Any, example: str | None = None) -> Any:
     if float in kinds:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise EdgefedError(f"{key_of(name)}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # NaN passes every comparison's `else`: refused here, once
+            raise EdgefedError(f"{key_of(name)}: expected a finite number, got {value!r}")
         return float(value)
     if not isinstance(value, str):
         raise EdgefedError(f"{key_of(name)}: expected a string, got {value!r}")
@@ -57,10 +65,17 @@ def coerce(name: str, kind: Any, value: Any, example: str | None = None) -> Any:
 
 
 def check_positive(**values: float | None) -> None:
-    """Refuse any of `values` that is given and not positive, naming its key."""
+    """Refuse any of `values` that is given and not a positive finite number, naming its key."""
     for name, value in values.items():
-        if value is not None and value <= 0:
+        if value is not None and not 0 < value < math.inf:
             raise EdgefedError(f"{key_of(name)} must be positive, got {value}")
+
+
+def check_at_most(limit: float, **values: float | None) -> None:
+    """Refuse any of `values` that is given and over `limit`, naming its key."""
+    for name, value in values.items():
+        if value is not None and value > limit:
+            raise EdgefedError(f"{key_of(name)} must be at most {limit:,}, got {value:,}")
 
 
 @dataclass(frozen=True)

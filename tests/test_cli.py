@@ -154,3 +154,35 @@ def test_help_and_version():
 def test_bad_federation_options(tmp_path, args, expected, edgefed_here):
     write(tmp_path / "tokens.txt", "client-0 0123456789abcdef0123\nclient-1 short\n")
     assert_one_clear_line(edgefed_here(*args), expected)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--address", "127.0.0.1"], "address '127.0.0.1': expected HOST:PORT"),
+        (["--address", "127.0.0.1:99999"], "with a port from 0 to 65535"),
+        (["--address", "127.0.0.1:0", "--heartbeat-s", "nan"], "heartbeat-s must be positive, got nan"),
+        (["--address", "127.0.0.1:0", "--heartbeat-s", "0"], "heartbeat-s must be positive"),
+        (["--address", "127.0.0.1:0", "--heartbeat-s", "-1"], "heartbeat-s must be positive"),
+        (["--address", "127.0.0.1:0", "--stream-idle-s", "0"], "stream-idle-s must be positive"),
+        (["--address", "127.0.0.1:0", "--stream-idle-s", "0.01"], "stream-idle-s must be at least 1"),
+        (["--address", "127.0.0.1:0", "--split-port", "70000"], "split-port must be a port"),
+    ],
+)
+def test_bad_server_settings_are_one_line(flags, expected, edgefed_here, tmp_path):
+    """Each refused before anything listens: no spinning watcher, no server on :443 or a wrapped port."""
+    result = edgefed_here("server", *flags, "--out", str(tmp_path / "run"))
+    assert_one_clear_line(result, expected)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_token_file_others_can_read_gets_a_warning(tmp_path, capsys):
+    from edgefed.transport.auth import TokenBook
+
+    path = tmp_path / "tokens"
+    TokenBook.generate(["client-0"]).write(path)
+    TokenBook.read(path)
+    assert "readable by other users" not in capsys.readouterr().err
+    path.chmod(0o644)
+    TokenBook.read(path)
+    assert "edgefed: warning: " in capsys.readouterr().err

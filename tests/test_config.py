@@ -84,6 +84,16 @@ def test_local_epochs_replace_local_steps_layer_by_layer(tmp_path):
             "method bitfit and aggregator fedavg take no rank",
         ),
         ("trim-fraction = 0.1\n", "trim-fraction is a setting of aggregator trimmed-mean"),
+        # NaN and Inf pass `<= 0` and every bound they meet: no float setting takes them.
+        ("max-update-norm = nan\n", "max-update-norm: expected a finite number, got nan"),
+        ("lr = nan\n", "lr: expected a finite number"),
+        ("round-deadline-s = inf\n", "round-deadline-s: expected a finite number"),
+        ("max-client-share = nan\n", "max-client-share: expected a finite number"),
+        ("local-steps = 100000000000000000000\n", "local-steps must be at most 1,000,000"),
+        ("clients = 1000000\n", "clients must be at most 100,000"),
+        ("round-deadline-s = 1e9\n", "round-deadline-s must be at most 604,800"),
+        ('profiles = "99999999999×raspberry-pi-5-8gb"\n', "count must be at least 1 and at most 100,000"),
+        ('profiles = "60000×raspberry-pi-5-8gb+60000×raspberry-pi-5-8gb"\n', "at most 100,000"),
     ],
 )
 def test_bad_config_values_are_named(tmp_path, text, message):
@@ -145,3 +155,11 @@ def test_the_command_line_builds_its_flags_without_torch():
     """Every component's settings are flags of `edgefed run`, declared in modules that import no torch."""
     code = "import sys, edgefed.cli; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("content", [None, b"rounds = 3\n\xff\xfe\n"])
+def test_a_config_file_that_cannot_be_read_is_one_line(tmp_path, content):
+    path = tmp_path / "run.toml"
+    path.mkdir() if content is None else path.write_bytes(content)
+    with pytest.raises(EdgefedError, match="cannot read it as a config file"):
+        resolve_config(str(path), {})

@@ -10,6 +10,7 @@ import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -367,8 +368,17 @@ def test_client_strings_are_escaped_and_cut_short_in_the_log():
         assert any("evil\\nedgefed: round 1" in line for line in federation.log)
 
 
-def test_the_join_reply_says_nothing_of_the_servers_paths():
-    config = RunConfig(clients=3, data="/srv/secret/place/sst2", model="all-MiniLM-L6-v2")
+@pytest.mark.parametrize(
+    "paths",
+    [
+        {"data": "/srv/secret/place/sst2"},
+        {"tasks": ("/srv/secret/mr", "/srv/secret/trec"), "eval_tasks": ("/srv/secret/cr",)},
+        {"out": "/srv/secret/runs/a"},
+    ],
+)
+def test_the_join_reply_says_nothing_of_the_servers_paths(paths):
+    """Every setting that names a file or folder: the client learns its name, never where it lies."""
+    config = RunConfig(clients=3, **paths)
     description = RunDescription(RUN_ID, config, 2, ("classifier",), "f" * 64, state_payload({}))
     servicer = FederationServicer(description, TOKENS, log=lambda line: None)
     transport = GrpcTransport(servicer, "127.0.0.1:0", 1, 30.0)
@@ -376,7 +386,10 @@ def test_the_join_reply_says_nothing_of_the_servers_paths():
         with grpc.insecure_channel(transport.address) as channel:
             request = pb.JoinRequest(client_id="client-0")
             reply = pb_grpc.FederationStub(channel).Join(request, metadata=auth("client-0"))
-        assert "/srv/secret" not in reply.config_toml and 'data = "sst2"' in reply.config_toml
+        assert "/srv" not in reply.config_toml
+        for key, value in paths.items():
+            names = [Path(path).name for path in ((value,) if isinstance(value, str) else value)]
+            assert key == "out" or all(f'"{name}"' in reply.config_toml for name in names)
     finally:
         transport.close()
 

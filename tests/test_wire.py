@@ -303,3 +303,10 @@ def test_a_nan_is_found_in_data_checked_as_it_streams_in():
     with pytest.raises(WireError, match="tensor w: NaN or Inf values"):
         reassemble(map(ChunkView, raws), expected_for(values), reader.feed)
     assert reader.arriving is not None and reader.arriving.done > reader.arriving.data[0]  # it streamed
+
+
+def test_a_nan_norm_bound_holds_every_update_back():
+    """NaN compares false with everything: a bound of NaN must refuse, not wave through."""
+    values = state()
+    chunks = stream(values, make_codec("none"))
+    refused(chunks, expected_for(values, max_norm=float("nan")), "over the bound nan")

@@ -156,9 +156,10 @@ def run_config(args: dict[str, Any], resume: bool):
 def server_command(args: dict[str, Any]) -> int:
     from edgefed.federation.runner import serve
     from edgefed.transport.auth import TokenBook
-    from edgefed.wire.channels import ServerTls
+    from edgefed.wire.channels import ServerTls, check_address
 
     address, tokens = args.pop("address"), args.pop("tokens", None)
+    check_address(address)
     cert, key, client_ca = (args.pop(name, None) for name in ("tls_cert", "tls_key", "tls_client_ca"))
     settings, resume = server_settings(args), args.pop("resume", False)
     if (cert is None) != (key is None):

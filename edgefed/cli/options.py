@@ -60,7 +60,9 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
 
 def server_settings(args: dict[str, Any]) -> ServerSettings:
     """The ServerSettings of parsed arguments (taking their fields out of `args`)."""
-    return ServerSettings(**{field.name: args.pop(field.name) for field in fields(ServerSettings)})
+    settings = ServerSettings(**{field.name: args.pop(field.name) for field in fields(ServerSettings)})
+    settings.check()
+    return settings
 
 
 def add_run_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgefed.errors import EdgefedError
+from edgefed.settings import MAX_CLIENTS
 from edgefed.shipped import read_shipped, shipped_names
 from edgefed.toml_io import parse_toml, toml_key, toml_scalar
 
@@ -218,11 +219,15 @@ def parse_fleet(entries: Iterable[str]) -> tuple[str, ...]:
                     f"fleet entry '{entry}': expected COUNT×PROFILE[@EXIT], e.g. {FLEET_EXAMPLE}"
                 )
             count, name, exit_depth = match.groups()
-            if count is not None and int(count) < 1:
-                raise EdgefedError(f"fleet entry '{entry}': a device count must be at least 1")
+            if count is not None and not 1 <= int(count) <= MAX_CLIENTS:
+                raise EdgefedError(
+                    f"fleet entry '{entry}': a device count must be at least 1 and at most {MAX_CLIENTS:,}"
+                )
             if exit_depth is not None and (not exit_depth.isdigit() or int(exit_depth) < 1):
                 raise EdgefedError(f"fleet entry '{entry}': @EXIT is a number of blocks, at least 1")
             devices += [name if exit_depth is None else f"{name}@{int(exit_depth)}"] * int(count or 1)
+            if len(devices) > MAX_CLIENTS:
+                raise EdgefedError(f"a fleet of {len(devices):,} devices; at most {MAX_CLIENTS:,}")
     return tuple(devices)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class TokenBook:
         pairs = []
         try:
             lines = Path(path).read_text(encoding="utf-8").splitlines()
+            shared = Path(path).stat().st_mode & 0o077
         except (OSError, UnicodeDecodeError) as error:
             raise EdgefedError(f"{path}: cannot read the token file ({error})") from None
         for number, line in enumerate(lines, start=1):
@@ -51,6 +53,8 @@ class TokenBook:
             pairs.append((fields[0], fields[1]))
         if not pairs:
             raise EdgefedError(f"{path}: the token file lists no clients")
+        if shared:
+            print(f"edgefed: warning: {path} is readable by other users; chmod 600 it", file=sys.stderr)
         return cls(pairs)
 
     @classmethod

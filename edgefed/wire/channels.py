@@ -72,6 +72,17 @@ def open_channel(address: str, tls: ClientTls | None, max_message_bytes: int) ->
     return grpc.secure_channel(address, credentials, options=options)
 
 
+def check_address(address: str) -> None:
+    """HOST:PORT, with a port from 0 to 65535 (0: any free port); one clear line otherwise (gRPC would
+    listen on :443 for a bare host and wrap a port over 65535)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise EdgefedError(
+            f"address '{address}': expected HOST:PORT with a port from 0 to 65535 (0: any free port), "
+            "e.g. 0.0.0.0:50051"
+        )
+
+
 def start_server(
     services: Sequence[Callable[[grpc.Server], None]],
     address: str,
@@ -85,6 +96,7 @@ def start_server(
 ) -> tuple[grpc.Server, int]:
     """Serve `services` (each adds its servicer to the server) on `address` (port 0: any free port),
     over TLS when `tls` is given; returns the started server and its port."""
+    check_address(address)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix=thread_prefix),
         interceptors=list(interceptors),

@@ -116,7 +116,7 @@ class PayloadReader:
                 f"tensors do not match the model: unknown {sorted(self.unknown)[:3]}, missing {missing[:3]}"
             )
         norm, bound = math.sqrt(self.squares), self.expected.max_norm
-        if bound is not None and norm > bound:
+        if bound is not None and not norm <= bound:  # a NaN bound holds nothing back: refuse
             raise WireError(f"update norm {norm:.4g} over the bound {bound:.4g}")
         return self.tensors, self.decoded
 
