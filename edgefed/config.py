@@ -370,15 +370,18 @@ def write_config(config: RunConfig, path: Path) -> None:
 
 
 def client_config(config: RunConfig) -> RunConfig:
-    """The run's configuration as a joining client gets it: the server's data files are named, not
-    located (a client reads its own data; where the server keeps its copy is nothing it needs). The
-    model stays as the run names it: a client without `--model` loads it from there."""
+    """The run's configuration as a joining client gets it: the server's files are named, not located
+    (a client reads its own data and model; where the server keeps its copies is nothing a client may
+    learn). A packaged model's name stays as it is; a model folder goes by its folder's name, which a
+    client finds in its working folder or is given with `--model` (the weights' fingerprint, sent
+    with it, says whether it is the same model)."""
 
     def name(path: str) -> str:
         return Path(path).name
 
     return dataclasses.replace(
         config,
+        model=name(config.model),
         data=None if config.data is None else name(config.data),
         tasks=tuple(map(name, config.tasks)),
         eval_tasks=tuple(map(name, config.eval_tasks)),

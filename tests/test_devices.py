@@ -103,6 +103,7 @@ def test_a_served_fleet_puts_each_announced_device_in_its_slot_and_sends_its_pla
             start=1,
         ):
             client = [sys.executable, "-m", "edgefed", "client", "--server", address, "--data", str(shard)]
+            client += ["--model", str(tiny_model_dir)]
             client += ["--name", name, "--profile", profile, "--threads", "1", "--retry-s", "60"]
             log = (tmp_path / f"{name}.log").open("wb")
             clients.append((subprocess.Popen(client, stdout=log, stderr=subprocess.STDOUT), log))

@@ -261,6 +261,8 @@ def test_a_device_client_reports_measured_energy_and_one_without_sensors_the_sim
                 str(shards[index]),
             ]
             command += [
+                "--model",
+                str(tiny_model_dir),
                 "--name",
                 f"client-{index}",
                 "--profile",

@@ -372,6 +372,7 @@ def test_client_strings_are_escaped_and_cut_short_in_the_log():
     "paths",
     [
         {"data": "/srv/secret/place/sst2"},
+        {"model": "/srv/secret/models/minilm"},
         {"tasks": ("/srv/secret/mr", "/srv/secret/trec"), "eval_tasks": ("/srv/secret/cr",)},
         {"out": "/srv/secret/runs/a"},
     ],

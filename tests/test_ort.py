@@ -288,6 +288,7 @@ def serve_with_clients(model_dir: Path, data_dir: Path, folder: Path, method: st
         for index, runtime in enumerate(runtimes):
             client = ["client", "--server", address, "--data", str(data_dir), "--name", f"client-{index}"]
             client += ["--runtime", runtime, "--threads", "1", "--retry-s", "60"]
+            client += ["--model", str(model_dir)] if runtime != "ort" else []  # the server names no path
             script = (BLOCKER if runtime == "ort" else "") + launch.format(argv=client)
             processes.append(
                 subprocess.Popen(

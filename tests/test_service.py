@@ -120,7 +120,9 @@ def test_a_service_client_waits_for_its_server_trains_and_stops_on_sigterm(
     config = resolve_config(None, {"model": str(tiny_model_dir), "data": str(small_data_dir), "clients": 1})
     shard = write_shards(*task_shards(config), tmp_path)[0]
     address = f"127.0.0.1:{free_port()}"
-    (tmp_path / "client.toml").write_text(f'data = "{shard}"\nthreads = 1\nretry-s = "forever"\n')
+    (tmp_path / "client.toml").write_text(
+        f'data = "{shard}"\nmodel = "{tiny_model_dir}"\nthreads = 1\nretry-s = "forever"\n'
+    )
     env = {
         **os.environ,
         "EDGEFED_CONFIG": str(tmp_path / "client.toml"),

@@ -208,6 +208,7 @@ def test_a_killed_server_resumes_and_its_clients_carry_on(tmp_path, tiny_model_d
 
     def client_command(name: str, shard: Path) -> list[str]:
         flags = {"--server": address, "--data": shard, "--name": name, "--threads": 1, "--retry-s": 60}
+        flags["--model"] = tiny_model_dir  # the server names its model folder, never where it lies
         return [sys.executable, "-m", "edgefed", "client", *(str(x) for pair in flags.items() for x in pair)]
 
     clients = [

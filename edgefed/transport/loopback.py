@@ -27,6 +27,7 @@ from edgefed.config import RunConfig
 from edgefed.devices.fleet import FleetPlans
 from edgefed.devices.profiles import device_entry
 from edgefed.errors import EdgefedError, report_errors
+from edgefed.models import resolve_model_path
 from edgefed.setup import RunSetup
 from edgefed.split import SplitBodyServicer
 from edgefed.tasks import Task
@@ -107,6 +108,7 @@ class LoopbackFleet(GrpcTransport):
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([CLIENT_MODULE])
         fleet = self.servicer.clients.fleet
+        model = str(resolve_model_path(config.model))  # its own: the Join reply names no server path
         for index, (name, data) in enumerate(zip(names, shard_files, strict=True)):
             log_path = log_dir / f"{name}.log"
             # Each client announces its device, as `edgefed client --profile` on the device does.
@@ -115,7 +117,17 @@ class LoopbackFleet(GrpcTransport):
             runtime = config.client_runtime[index % len(config.client_runtime)]
             process = context.Process(
                 target=client_process,
-                args=(self.address, str(data), name, token, threads, str(log_path), profile, runtime),
+                args=(
+                    self.address,
+                    str(data),
+                    name,
+                    token,
+                    threads,
+                    str(log_path),
+                    profile,
+                    runtime,
+                    model,
+                ),
                 name=name,
             )
             process.start()
@@ -149,9 +161,10 @@ def client_process(
     log_path: str,
     profile: str = "",
     runtime: str = "torch",
+    model: str | None = None,
 ) -> None:
-    """A client process: `edgefed client --profile PROFILE --runtime RUNTIME` for one shard, writing to
-    its log."""
+    """A client process: `edgefed client --profile PROFILE --runtime RUNTIME --model MODEL` for one
+    shard, writing to its log (its server's own model: the Join reply names no server path)."""
     from edgefed.transport.grpc_client import GrpcClient
 
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -162,7 +175,9 @@ def client_process(
     sys.stderr.reconfigure(line_buffering=True)
 
     def train() -> int:
-        GrpcClient(server, data, name, token=token, profile=profile, runtime=runtime, threads=threads).run()
+        GrpcClient(
+            server, data, name, token=token, profile=profile, model=model, runtime=runtime, threads=threads
+        ).run()
         return 0
 
     sys.exit(report_errors(train))
