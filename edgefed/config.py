@@ -120,7 +120,9 @@ class RunConfig:
     )
     round_deadline_s: float = option(600.0, "a sampled client that has not pushed by then is dropped")
     max_update_norm: float | None = option(
-        None, "refuse client updates with a larger L2 norm (default: no bound)"
+        None,
+        "refuse client updates with a larger L2 norm (default: √(values sent) × 10, a per-value RMS of "
+        "10: far above a fine-tuning step, far below overflow)",
     )
     max_client_examples: int = option(
         1_000_000, "refuse a client that declares more training examples (they weigh its update)"

@@ -436,3 +436,25 @@ def test_a_file_written_atomically_is_whole_or_untouched(tmp_path):
     with pytest.raises(UnicodeEncodeError):
         write_text_atomic(path, "new, then a lone surrogate \udc80 the encoder refuses\n")
     assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_without_a_configured_bound_a_huge_finite_update_is_refused():
+    """Safe by default: a run without --max-update-norm still bounds every update (a per-value RMS of
+    DEFAULT_UPDATE_RMS), so one client's finite 1e30 update never reaches the aggregate."""
+    from edgefed.codecs import encode_state, make_codec
+    from edgefed.transport.base import DEFAULT_UPDATE_RMS, receive_update, update_bound
+    from edgefed.wire.framing import Expected, WireError
+    from edgefed.wire.sending import EncodedUpdate, serialize_state
+
+    shapes = {"w": ((64, 16), "float32")}
+    assert update_bound(None, shapes) == DEFAULT_UPDATE_RMS * 32 and update_bound(5.0, shapes) == 5.0
+    codec = make_codec("none")
+    expected = Expected(RUN_ID, 1, shapes, "client-0", max_norm=update_bound(None, shapes))
+
+    def pushed(delta):
+        update = EncodedUpdate(serialize_state(encode_state(codec, {"w": delta})), 10, 0.5, 5, 1.0)
+        return receive_update(update.chunks(RUN_ID, 1, "client-0"), expected, codec, 0, torch.device("cpu"))
+
+    assert pushed(0.01 * torch.randn(64, 16)).num_examples == 10
+    with pytest.raises(WireError, match=r"update norm 3.2e\+31 over the bound 320"):
+        pushed(torch.full((64, 16), 1e30))

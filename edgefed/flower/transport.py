@@ -24,6 +24,7 @@ from edgefed.transport.base import (
     Transport,
     checked_update,
     max_update_bytes,
+    update_bound,
 )
 from edgefed.types import RoundResult, State
 from edgefed.wire.framing import Expected, WireError
@@ -101,12 +102,13 @@ class FlowerTransport(Transport):
             self.set_up.add(slot)
             plan = self.side.fleet.plan(slot)
             scope = self.side.fleet.scope(plan) if plan else states.full_scope()
+            shapes = states.up_shapes(scope)
             expected = Expected(
                 self.run_id,
                 round_number,
-                states.up_shapes(scope),
+                shapes,
                 max_bytes=max_update_bytes(global_state),
-                max_norm=config.max_update_norm,
+                max_norm=update_bound(config.max_update_norm, shapes),
             )
             try:
                 tensors, report = checked_reply(reply.content, self.codec, expected)

@@ -91,6 +91,21 @@ def state_payload(state: State) -> bytes:
     return serialize_state(encode_state(LOSSLESS, state))
 
 
+# A client's update is refused beyond a per-value RMS of this much when the run sets no
+# --max-update-norm: far above a fine-tuning step (Adam moves a value by about lr per step: 5 steps at
+# 3e-3 is 0.015), far below values that overflow the model's arithmetic (one client's finite 1e30
+# update made the evaluation loss NaN).
+DEFAULT_UPDATE_RMS = 10.0
+
+
+def update_bound(configured: float | None, shapes: dict[str, tuple[tuple[int, ...], str]]) -> float:
+    """The L2 bound on an update of tensors so shaped: `--max-update-norm`, else
+    DEFAULT_UPDATE_RMS × √(values it sends). Always a bound: there is no unbounded default."""
+    if configured is not None:
+        return configured
+    return DEFAULT_UPDATE_RMS * math.sqrt(max(1, sum(math.prod(shape) for shape, _ in shapes.values())))
+
+
 def state_shapes(state: State) -> dict[str, tuple[tuple[int, ...], str]]:
     return {name: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in state.items()}
 

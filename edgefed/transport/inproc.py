@@ -30,6 +30,7 @@ from edgefed.transport.base import (
     max_update_bytes,
     receive_update,
     state_payload,
+    update_bound,
 )
 from edgefed.types import State, client_name
 from edgefed.wire.framing import Expected, reassemble, wire_size
@@ -128,13 +129,14 @@ class InProcessTransport(Transport):
             )
             chunks = list(update.chunks(self.run_id, round_number, name, self.chunk_bytes))
             up += sum(map(wire_size, chunks))
+            shapes = states.up_shapes(scope)
             expected = Expected(
                 self.run_id,
                 round_number,
-                states.up_shapes(scope),
+                shapes,
                 name,
                 max_bytes=max_update_bytes(global_state),
-                max_norm=self.max_update_norm,
+                max_norm=update_bound(self.max_update_norm, shapes),
             )
             result.updates.append(receive_update(chunks, expected, self.codec, index, self.device))
             result.bytes_down += down

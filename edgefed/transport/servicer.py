@@ -40,7 +40,7 @@ from edgefed.runtimes import RUNTIMES, Runtime
 from edgefed.scope import Scope
 from edgefed.setup import RunSetup
 from edgefed.transport.auth import TokenBook
-from edgefed.transport.base import Roster, receive_update, state_payload
+from edgefed.transport.base import Roster, receive_update, state_payload, update_bound
 from edgefed.transport.clients import MISSED_HEARTBEATS, ClientBook, Code, Refusal
 from edgefed.transport.rounds import RoundBook
 from edgefed.types import RoundResult, State
@@ -272,13 +272,14 @@ class FederationServicer(pb_grpc.FederationServicer):
         with self.condition:
             current = self.rounds.round_for(slot, first.round)
             declared = self.clients.examples.get(slot)
+            shapes = current.states.up_shapes(self._scope(slot))
             expected = Expected(
                 self.run.run_id,
                 current.number,
-                current.states.up_shapes(self._scope(slot)),
+                shapes,
                 client_id=first.client_id,
                 max_bytes=current.max_bytes,
-                max_norm=self.run.config.max_update_norm,
+                max_norm=update_bound(self.run.config.max_update_norm, shapes),
             )
         if declared is None:
             raise Refusal(
