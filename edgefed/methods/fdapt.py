@@ -14,16 +14,12 @@ through layer 0: on a 6-layer model that is the order of the paper's 12.1 % savi
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 from torch import nn
 
 from edgefed.methods.base import METHODS, AdapterSpec, SetupState
 from edgefed.methods.pretraining import MaskedLMPretraining
 from edgefed.methods.settings import FreezeSettings, frozen_set
-
-if TYPE_CHECKING:
-    pass
 
 LAYER_NAME = re.compile(r"\.layer\.(\d+)\.")
 

@@ -228,26 +228,18 @@ def split_fields(
     part, base = buffer.part_at(start) if start < end else (EMPTY, 0)
     if end <= base + len(part):  # within one chunk: most messages, every Chunk
         return split_view(part, start - base, end - base, wanted, padding)
-    rest, found = [], {}
+    rest, found = [], {}  # a message across chunks (a large tensor): a few fields, read one by one
     while start < end:
-        if not base <= start < base + len(part):
-            part, base = buffer.part_at(start)
-        head_end = min(start + HEADER_BYTES, end)
-        inside = head_end <= base + len(part)
-        head = part[start - base : head_end - base] if inside else buffer.read(start, head_end)
-        field = parse_field(head, start, end)
+        field = field_at(buffer, start, end)
         if field is None:
             raise WireError("a message cut short")
         number, wire, value, stop = field
-        within = stop <= base + len(part)
-        if number in padding:
-            pass
-        elif number not in wanted:
-            rest.append(part[start - base : stop - base] if within else buffer.read(start, stop))
-        elif wire != LENGTH_DELIMITED or number in found:
-            raise WireError(f"field {number} is malformed or repeated")
-        else:
-            found[number] = part[value - base : stop - base] if within else buffer.field(value, stop)
+        if number in wanted:
+            if wire != LENGTH_DELIMITED or number in found:
+                raise WireError(f"field {number} is malformed or repeated")
+            found[number] = buffer.field(value, stop)
+        elif number not in padding:
+            rest.append(buffer.read(start, stop))
         start = stop
     return b"".join(rest), found
 

@@ -50,6 +50,7 @@ class Arriving:
     data: tuple[int, int] | None = None  # where its data's bytes lie, once that field is reached
     unusual: bool = False  # fields out of edgefed's order: the tensor is read whole when complete
     floats: str | None = None  # the dtype whose squares are summed as they come (lossless floats)
+    itemsize: int = 1  # of `floats`: data is checked in whole values
     done: int = 0  # data's bytes before this one are in `crc` (and `squares`)
     crc: int = 0
     squares: float = 0.0
@@ -140,9 +141,8 @@ class PayloadReader:
                 return
         except (WireError, DecodeError):
             return
-        step = NUMPY_FLOATS[arriving.floats]().itemsize if arriving.floats else 1
         for piece in buffer.pieces(arriving.done, min(arriving.data[1], filled)):
-            whole = len(piece) - len(piece) % step
+            whole = len(piece) - len(piece) % arriving.itemsize
             if whole:
                 arriving.crc = crc32c.crc32c(piece[:whole], arriving.crc)
                 if arriving.floats:
@@ -172,7 +172,8 @@ class PayloadReader:
                 arriving.data, arriving.done = (value, stop), value
                 header = pb.Tensor.FromString(b"".join(arriving.header))
                 lossless = getattr(self.codec, "lossless", False) and header.codec == self.codec.spec
-                arriving.floats = header.dtype if lossless and header.dtype in NUMPY_FLOATS else None
+                if lossless and header.dtype in NUMPY_FLOATS:
+                    arriving.floats, arriving.itemsize = header.dtype, NUMPY_FLOATS[header.dtype]().itemsize
                 return True
             if stop > filled:
                 return False
@@ -234,7 +235,7 @@ class PayloadReader:
             )
         try:
             if streamed and arriving.floats:  # lossless floats: their squares, mostly summed already
-                itemsize = NUMPY_FLOATS[arriving.floats]().itemsize
+                itemsize = arriving.itemsize
                 if len(encoded.data) != encoded.numel * itemsize:
                     raise ValueError(
                         f"tensor {encoded.name}: data holds {len(encoded.data)} bytes, "
