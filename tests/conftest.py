@@ -35,15 +35,16 @@ def federation():
 
 @pytest.fixture
 def crash_after_round(monkeypatch):
-    """`crash_after_round(n)`: the next run dies (as on Ctrl-C) right after writing round n's checkpoint;
-    `monkeypatch.undo()` lets the one after it resume."""
+    """`crash_after_round(n)`: the next run dies (as on Ctrl-C) right after writing round n's checkpoint,
+    or with `saved=False` right before it; `monkeypatch.undo()` lets the one after it resume."""
     from edgefed.federation import policy
 
     save = policy.save_checkpoint
 
-    def arm(round_number: int) -> None:
+    def arm(round_number: int, saved: bool = True) -> None:
         def save_then_die(run_dir, checkpoint):
-            save(run_dir, checkpoint)
+            if saved or checkpoint.round != round_number:
+                save(run_dir, checkpoint)
             if checkpoint.round == round_number:
                 raise KeyboardInterrupt
 

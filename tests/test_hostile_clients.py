@@ -28,10 +28,11 @@ from edgefed.transport import grpc_client
 from edgefed.transport.base import Transport, state_payload
 from edgefed.transport.grpc_client import CHANNEL_MESSAGE_BYTES, GrpcClient
 from edgefed.transport.grpc_server import GrpcTransport
-from edgefed.transport.servicer import FederationServicer, RunDescription
+from edgefed.transport.clients import MISSED_HEARTBEATS
+from edgefed.transport.servicer import FederationServicer, RunDescription, RuntimeOffer
 from edgefed.types import ClientUpdate, Evaluation, RoundResult
 from edgefed.wire.channels import ClientTls, ServerTls, open_channel, start_server
-from edgefed.wire.framing import wire_size
+from edgefed.wire.framing import Expected, reassemble, wire_size
 from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
 from tests.federation_harness import (
@@ -189,13 +190,9 @@ class Recorded:
 
     def __init__(self) -> None:
         self.rounds = []
-        self.checkpointed: list[int] = []
 
-    def record(self, metrics) -> None:
+    def keep(self, metrics, global_state) -> None:
         self.rounds.append(metrics)
-
-    def checkpoint(self, metrics, global_state) -> None:
-        self.checkpointed.append(metrics.round)
 
     def should_stop(self, metrics) -> bool:
         return False
@@ -232,7 +229,7 @@ def test_no_client_outweighs_its_share_and_a_rerun_round_keeps_its_bytes():
     )
     state = server.run(1, policy)
     assert state["weight"].item() == pytest.approx(0.5 * 100 + 0.25 + 0.25)  # the liar weighs half, not all
-    assert policy.checkpointed == [1], "only the round that completed is checkpointed"
+    assert [m.round for m in policy.rounds] == [0, 1], "only the round that completed is kept"
     last = policy.rounds[-1]
     assert (last.bytes_up, last.bytes_down) == (160, 390), (
         "the discarded attempt's bytes crossed the wire too"
@@ -265,7 +262,8 @@ def test_unauthenticated_senders_cost_the_server_no_memory(tmp_path):
             from edgefed.split import BodySlot, SplitBodyServicer
             from edgefed.transport.auth import TokenBook
             from edgefed.transport.grpc_server import GrpcTransport
-            from edgefed.transport.servicer import FederationServicer, RunDescription
+            from edgefed.transport.clients import MISSED_HEARTBEATS
+from edgefed.transport.servicer import FederationServicer, RunDescription, RuntimeOffer
             run = RunDescription("run", RunConfig(method="fedbert", clients=2), 0, ("cls",), "f", b"")
             tokens = TokenBook([("client-0", "token-of-client-0"), ("client-1", "token-of-client-1")])
             federation = FederationServicer(run, tokens, log=lambda line: None)
@@ -458,3 +456,50 @@ def test_without_a_configured_bound_a_huge_finite_update_is_refused():
     assert pushed(0.01 * torch.randn(64, 16)).num_examples == 10
     with pytest.raises(WireError, match=r"update norm 3.2e\+31 over the bound 320"):
         pushed(torch.full((64, 16), 1e30))
+
+
+def test_setup_calls_hold_no_worker_while_a_runtimes_files_are_made():
+    """20 FetchRuntime calls while the files take seconds to make: each is told at once to come back
+    (once the first is queued, a worker each used to wait for the build, and 14 workers starved the
+    heartbeats); the files are made once and then streamed to all; no honest client counts as gone."""
+    made, build_s = [], 3.0
+
+    def slow_files() -> bytes:
+        made.append(time.monotonic())
+        time.sleep(build_s)
+        return b"runtime files " * 1000
+
+    offers = {"torch": RuntimeOffer(), "slow": RuntimeOffer(slow_files)}
+    with serve_federation(runtimes=offers) as federation:
+        for client in CLIENTS:
+            federation.join(client, runtime="slow")
+
+        def fetch(client: str) -> bytes | grpc.StatusCode:
+            request = pb.FetchRequest(run_id=RUN_ID, client_id=client)
+            try:
+                chunks = list(federation.stub.FetchRuntime(request, metadata=auth(client), timeout=30))
+            except grpc.RpcError as error:
+                return error.code()
+            received = reassemble(chunks, Expected(RUN_ID, 0, None, client, 1 << 20))[0]
+            return b"".join(received.parts)
+
+        gone_after_s = MISSED_HEARTBEATS * HEARTBEAT_S  # a client unheard this long counts as gone
+        with ThreadPoolExecutor(20) as pool:
+            asked = [pool.submit(fetch, CLIENTS[i % len(CLIENTS)]) for i in range(20)]
+            answered_s = []
+            while not made or time.monotonic() < made[0] + build_s / 2:  # heartbeats during the build
+                started = time.monotonic()
+                federation.stub.Heartbeat(
+                    pb.HeartbeatRequest(run_id=RUN_ID, client_id="client-1"),
+                    metadata=auth("client-1"),
+                    timeout=gone_after_s,
+                )
+                answered_s.append(time.monotonic() - started)
+                time.sleep(HEARTBEAT_S / 4)
+            answers = [call.result(timeout=build_s) for call in asked]
+        assert len(answered_s) >= 5 and all(answer == Code.UNAVAILABLE for answer in answers)
+        assert any("making the slow runtime's files" in line for line in federation.log)
+        deadline = time.monotonic() + 4 * build_s
+        while (payload := fetch("client-2")) == Code.UNAVAILABLE and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(made) == 1 and payload == b"runtime files " * 1000

@@ -170,6 +170,32 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_result(
     assert rows_of(resumed)[3]["bytes_down"] > rows_of(uninterrupted)[3]["bytes_down"]
 
 
+@pytest.mark.parametrize(
+    ("round_number", "saved"), [(0, False), (0, True), (2, False)], ids=["before-any", "after-0", "before-2"]
+)
+def test_a_run_killed_at_any_checkpoint_resumes_with_metrics_no_further_than_it(
+    round_number, saved, tmp_path, tiny_model_dir, small_data_dir, monkeypatch, crash_after_round
+):
+    """Killed before its first checkpoint (round 0, the starting model), just after it, or just before
+    round 2's: metrics.jsonl on disk never holds a round the checkpoint does not, and `--resume` ends
+    where the uninterrupted run ends."""
+    uninterrupted, resumed = tmp_path / "whole", tmp_path / "resumed"
+    argv = ["run", "--transport", "inproc"]
+    assert main([*argv, *run_args(tiny_model_dir, small_data_dir, uninterrupted)]) == 0
+    crash_after_round(round_number, saved)
+    assert main([*argv, *run_args(tiny_model_dir, small_data_dir, resumed)]) == 130
+    kept = round_number if saved else round_number - 1
+    on_disk = rows_of(resumed) if (resumed / "metrics.jsonl").exists() else []
+    assert [row["round"] for row in on_disk] == list(range(len(on_disk)))
+    if kept < 0:
+        assert not (resumed / "checkpoint").exists() and not on_disk
+    else:
+        assert load_checkpoint(resumed).round == kept and len(on_disk) <= kept + 1
+    monkeypatch.undo()
+    assert main(["run", "--out", str(resumed), "--resume"]) == 0
+    assert_same_run(uninterrupted, resumed, exact_keys=("round", "clients", "dropped", "accuracy"))
+
+
 def task_shards(config) -> tuple:
     """The run's task and its clients' shards, as the server draws them."""
     task, settings = task_of(config), data_settings(config)

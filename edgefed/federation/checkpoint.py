@@ -1,7 +1,8 @@
 """The server's checkpoint, written after every completed round so a killed server resumes exactly.
 
 `checkpoint/` in the run directory holds the round, the run id, the clients (slots and declared
-example counts), the global trainable state, the aggregator's state and the RNG states. It is
+example counts), the global trainable state, the aggregator's state, the RNG states and the rounds'
+metrics (metrics.jsonl up to that round, so they never run ahead of the state). It is
 written to a temporary folder and swapped in with a rename (edgefed/federation/atomic.py), so a kill
 at any moment leaves the previous round's checkpoint whole.
 """
@@ -23,6 +24,7 @@ from edgefed.transport.base import Roster
 from edgefed.types import State
 
 DIRNAME = "checkpoint"
+METRICS = "metrics.jsonl"
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Checkpoint:
     rng: dict = field(default_factory=dict)
     sim_s: float | None = None  # the simulated device clock up to that round (fleets with profiles)
     server_state: State = field(default_factory=dict)  # what only the server trains (FedBERT's body)
+    metrics_jsonl: str = ""  # metrics.jsonl up to `round`
 
 
 def rng_state() -> dict:
@@ -81,18 +84,26 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:
         "rng": checkpoint.rng,
     }
     (staging / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    (staging / METRICS).write_text(checkpoint.metrics_jsonl, encoding="utf-8")
     replace_dir(staging, final)
 
 
+def checkpoint_folder(run_dir: Path) -> Path | None:
+    """The run's checkpoint folder (None: the run stopped before its first one)."""
+    for folder in (run_dir / DIRNAME, run_dir / f"{DIRNAME}.old"):  # .old: killed between the two renames
+        if (folder / "meta.json").is_file():
+            return folder
+    return None
+
+
 def load_checkpoint(run_dir: Path) -> Checkpoint:
-    folder = run_dir / DIRNAME
-    if not (folder / "meta.json").is_file() and (run_dir / f"{DIRNAME}.old" / "meta.json").is_file():
-        folder = run_dir / f"{DIRNAME}.old"  # killed between the two renames
-    if not (folder / "meta.json").is_file():
+    folder = checkpoint_folder(run_dir)
+    if folder is None:
         raise EdgefedError(f"{run_dir}: no checkpoint to resume from (a run writes one after each round)")
     try:
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         tensors = load_file(folder / "state.safetensors")
+        metrics_jsonl = (folder / METRICS).read_text(encoding="utf-8")
     except (OSError, ValueError) as error:
         raise EdgefedError(f"{folder}: unreadable checkpoint ({error})") from None
     return Checkpoint(
@@ -107,4 +118,5 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         rng=meta["rng"],
         sim_s=meta.get("sim_s"),
         server_state={k.removeprefix("server."): v for k, v in tensors.items() if k.startswith("server.")},
+        metrics_jsonl=metrics_jsonl,
     )

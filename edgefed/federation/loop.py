@@ -1,4 +1,5 @@
-"""The server's round loop: sample, send, fit, receive, aggregate, evaluate, record, checkpoint, stop.
+"""The server's round loop: sample, send, fit, receive, aggregate, evaluate, keep (checkpoint and
+metrics together), stop.
 
 `FederatedServer.run` is the whole of a round, top to bottom. What happens around it (where the
 metrics go, when a checkpoint is written, when the run is done) is the `RoundPolicy` it is given;
@@ -29,11 +30,9 @@ Evaluator = Callable[[nn.Module], Evaluation]
 class RoundPolicy(Protocol):
     """What a run does with each completed round."""
 
-    def record(self, metrics: RoundMetrics) -> None:
-        """Keep the round's metrics (metrics.jsonl, the console table)."""
-
-    def checkpoint(self, metrics: RoundMetrics, global_state: State) -> None:
-        """Save what a resumed run needs after this round."""
+    def keep(self, metrics: RoundMetrics, global_state: State) -> None:
+        """Keep a completed round: what a resumed run needs after it (its checkpoint) and its metrics
+        (metrics.jsonl, the console table), on disk together, so neither runs ahead of the other."""
 
     def should_stop(self, metrics: RoundMetrics) -> bool:
         """Whether the run is done after this round (e.g. its target reached)."""
@@ -41,9 +40,10 @@ class RoundPolicy(Protocol):
 
 @dataclass(frozen=True)
 class StartingPoint:
-    """Where the loop starts: round 1 of a fresh run, or the round after a checkpoint."""
+    """Where the loop starts: round 0 (the starting model, evaluated) of a fresh run, or the round
+    after a checkpoint."""
 
-    first_round: int = 1
+    first_round: int = 0
     wall_s: float = 0.0  # training wall clock before this process
     sim_s: float = 0.0  # the simulated device clock before this process
 
@@ -86,8 +86,8 @@ class FederatedServer:
         return sorted(int(client) for client in rng.choice(np.array(available), size=size, replace=False))
 
     def run(self, rounds: int, policy: RoundPolicy, start: StartingPoint = StartingPoint()) -> State:
-        """Run rounds `start.first_round`..`rounds` (round 0, the starting model, is evaluated on a fresh
-        run), or fewer: the run ends after the first round the policy says should stop it.
+        """Run rounds `start.first_round`..`rounds` (round 0 evaluates the starting model), or fewer: the
+        run ends after the first round the policy says should stop it.
 
         A round that gets fewer than min(min-clients, sampled) updates by its deadline is discarded
         and run again: the global state only ever moves by a round with enough clients in it.
@@ -97,12 +97,12 @@ class FederatedServer:
         global_state = trainable_state(self.model)
         round_number = start.first_round
         discarded = RoundResult([])  # the traffic of attempts at this round that were run again
-        if round_number == 1:
+        if round_number == 0:
             metrics = self._metrics(0, self.evaluator(self.model), RoundResult([]), started, started, sim_s)
             metrics.plans = self._joined()
-            policy.record(metrics)
-            if policy.should_stop(metrics):  # the starting model is already good enough
-                round_number = rounds + 1
+            policy.keep(metrics, global_state)
+            # The starting model may already be good enough.
+            round_number = rounds + 1 if policy.should_stop(metrics) else 1
         while round_number <= rounds:
             clients = self.sample(round_number, self.transport.wait_for_clients())
             # A `deadline` fleet's server gives up on the clients whose device cannot finish in time.
@@ -134,8 +134,7 @@ class FederatedServer:
                 round_number, evaluation, result, round_start, started, sim_s, simulated, aggregate_s
             )
             metrics.plans = self._joined()
-            policy.record(metrics)
-            policy.checkpoint(metrics, global_state)
+            policy.keep(metrics, global_state)
             if policy.should_stop(metrics):
                 break
             round_number += 1

@@ -1,20 +1,22 @@
-"""What `edgefed run` does with each completed round: record it, checkpoint it, and stop at the target."""
+"""What `edgefed run` does with each completed round: keep it (checkpoint and metrics.jsonl, then the
+console line), and stop at the target."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from edgefed.aggregators import Aggregator
+from edgefed.federation.atomic import write_text_atomic
 from edgefed.federation.checkpoint import Checkpoint, rng_state, save_checkpoint
-from edgefed.federation.recorder import Recorder
+from edgefed.federation.recorder import Recorder, metrics_text
 from edgefed.split import SplitSide
 from edgefed.transport.base import Transport
 from edgefed.types import RoundMetrics, State
 
 
 class RunPolicy:
-    """metrics.jsonl and the console table; after every round a checkpoint from which a killed server
-    resumes exactly; and, with `stop_at`, the end of the run at the first round that reaches it."""
+    """After every round a checkpoint from which a killed server resumes exactly, metrics.jsonl and the
+    console table; and, with `stop_at`, the end of the run at the first round that reaches it."""
 
     def __init__(
         self,
@@ -34,10 +36,11 @@ class RunPolicy:
         self.split = split
         self.stop_at = stop_at
 
-    def record(self, metrics: RoundMetrics) -> None:
-        self.recorder.record(metrics)
-
-    def checkpoint(self, metrics: RoundMetrics, global_state: State) -> None:
+    def keep(self, metrics: RoundMetrics, global_state: State) -> None:
+        """The checkpoint holds metrics.jsonl as of its round, swapped in with it; the run directory's
+        copy follows. A kill between the two leaves that copy a round behind, never ahead: a resumed
+        run starts from the checkpoint's."""
+        jsonl = metrics_text([*self.recorder.rounds, metrics])
         save_checkpoint(
             self.run_dir,
             Checkpoint(
@@ -50,8 +53,11 @@ class RunPolicy:
                 rng_state(),
                 metrics.sim_s,
                 self.split.trainer.state_dict() if self.split else {},
+                jsonl,
             ),
         )
+        write_text_atomic(self.run_dir / "metrics.jsonl", jsonl)
+        self.recorder.record(metrics)
 
     def should_stop(self, metrics: RoundMetrics) -> bool:
         return self.stop_at is not None and metrics.accuracy >= self.stop_at

@@ -1,4 +1,5 @@
-"""Per-round metrics as rounds complete: metrics.jsonl, and the console table."""
+"""Per-round metrics as rounds complete: the console table, and the text of metrics.jsonl (written with
+the checkpoint, edgefed/federation/policy.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgefed.families import CurveMetrics
-from edgefed.federation.atomic import write_text_atomic
 from edgefed.types import RoundMetrics
 
 MB = 1e6
@@ -26,9 +26,14 @@ def header(metrics: CurveMetrics) -> str:
 
 
 def read_metrics(path: Path) -> list[RoundMetrics]:
-    """The rounds of a metrics.jsonl, up to a line cut short (a run killed while writing it)."""
+    """The rounds of a metrics.jsonl."""
+    return parse_metrics(path.read_text(encoding="utf-8"))
+
+
+def parse_metrics(text: str) -> list[RoundMetrics]:
+    """The rounds of metrics.jsonl's text, up to a line cut short."""
     rounds = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             rounds.append(RoundMetrics.from_json(json.loads(line)))
         except json.JSONDecodeError:
@@ -36,32 +41,28 @@ def read_metrics(path: Path) -> list[RoundMetrics]:
     return rounds
 
 
+def metrics_text(rounds: list[RoundMetrics]) -> str:
+    """metrics.jsonl: a line per round."""
+    return "".join(json.dumps(metrics.to_json()) + "\n" for metrics in rounds)
+
+
 class Recorder:
     def __init__(
-        self,
-        run_dir: Path,
-        echo: Callable[[str], None],
-        resume_after: int | None,
-        metrics: CurveMetrics,
+        self, echo: Callable[[str], None], metrics: CurveMetrics, rounds: list[RoundMetrics] | None = None
     ) -> None:
-        """`resume_after`: keep the recorded rounds up to that one (a resumed run's checkpoint) and go on."""
-        self.metrics_path = run_dir / "metrics.jsonl"
+        """`rounds`: those a resumed run kept (its checkpoint's); the run goes on after them."""
         self.echo = echo
         self.header = header(metrics)
-        self.rounds: list[RoundMetrics] = []
-        if resume_after is not None:  # rounds after the checkpoint are run again
-            self.rounds = [m for m in read_metrics(self.metrics_path) if m.round <= resume_after]
-            write_text_atomic(self.metrics_path, "".join(json.dumps(m.to_json()) + "\n" for m in self.rounds))
+        self.rounds: list[RoundMetrics] = list(rounds or [])
 
     def record(self, metrics: RoundMetrics) -> None:
+        """Keep a round's metrics and print its line of the console table."""
         simulated = metrics.sim_s is not None
         if not self.rounds:
             if simulated:
                 self.echo(f"({SIM_NOTE})")
             self.echo(self.header + (f"  {'sim s*':>8}" if simulated else ""))
         self.rounds.append(metrics)
-        with self.metrics_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(metrics.to_json()) + "\n")
         train_loss = "-" if metrics.train_loss is None else f"{metrics.train_loss:.4f}"
         self.echo(
             f"{metrics.round:>5}  {metrics.accuracy:>8.4f}  {metrics.loss:>9.4f}  {train_loss:>10}  "

@@ -21,11 +21,11 @@ from edgefed.components import aggregator_of, config_from_text
 from edgefed.config import RunConfig, ServerSettings, write_config
 from edgefed.devices.clock import SimulatedClock
 from edgefed.errors import EdgefedError
-from edgefed.federation.checkpoint import Checkpoint, load_checkpoint, restore_rng
+from edgefed.federation.checkpoint import Checkpoint, checkpoint_folder, load_checkpoint, restore_rng
 from edgefed.federation.loop import FederatedServer, StartingPoint
 from edgefed.federation.policy import RunPolicy
 from edgefed.federation.progress import StepProgress
-from edgefed.federation.recorder import Recorder
+from edgefed.federation.recorder import Recorder, parse_metrics
 from edgefed.federation.report import finish_run
 from edgefed.methods import count_trainable, load_trainable_state
 from edgefed.setup import RunSetup, prepare
@@ -77,7 +77,13 @@ def federate(config: RunConfig, transports: TransportMaker, echo: Echo, resume: 
     setup = prepare(config)
     config = setup.config  # with the method's learning rate and absolute data paths, as recorded
     aggregator = aggregator_of(config)
-    checkpoint = load_checkpoint(run_dir) if resume else None
+    checkpoint = None
+    if resume and checkpoint_folder(run_dir) is not None:
+        checkpoint = load_checkpoint(run_dir)
+    elif resume:
+        echo(
+            f"edgefed: {run_dir} has no checkpoint (the run stopped before round 0 was kept); starting afresh"
+        )
     if checkpoint is None:
         run_id = uuid.uuid4().hex[:16]
         run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves no directory behind
@@ -110,10 +116,7 @@ def federate(config: RunConfig, transports: TransportMaker, echo: Echo, resume: 
         config.max_client_share,
     )
     recorder = Recorder(
-        run_dir,
-        log,
-        resume_after=checkpoint.round if checkpoint else None,
-        metrics=setup.task.model_family.metrics,
+        log, setup.task.model_family.metrics, parse_metrics(checkpoint.metrics_jsonl) if checkpoint else None
     )
     stop_at = config.target_accuracy if config.stop_at_target else None
     policy = RunPolicy(recorder, run_dir, run_id, aggregator, transport, split, stop_at)
@@ -194,6 +197,8 @@ def choose_run_dir(config: RunConfig, resume: bool = False) -> Path:
     if resume:
         if config.out is None:
             raise EdgefedError("--resume needs --out DIR, the directory of the run to resume")
+        if not (Path(config.out) / "config.toml").is_file():
+            raise EdgefedError(f"{config.out}: no run to resume there (it has no config.toml)")
         return Path(config.out)
     if config.out is not None:
         run_dir = Path(config.out)
