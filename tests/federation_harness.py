@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from edgefed.config import RunConfig
 from edgefed.transport.auth import TokenBook, bearer_metadata
 from edgefed.transport.base import RoundResult, state_payload
 from edgefed.transport.grpc_server import GrpcTransport
-from edgefed.transport.servicer import FederationServicer, RunDescription
+from edgefed.transport.servicer import FederationServicer, RunDescription, RuntimeOffer
 from edgefed.wire.sending import chunk_stream, serialize_state
 from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
@@ -60,8 +61,8 @@ class Federation:
     stub: pb_grpc.FederationStub
     log: list[str]
 
-    def join(self, client: str, num_examples: int = EXAMPLES) -> pb.JoinReply:
-        request = pb.JoinRequest(client_id=client, num_examples=num_examples)
+    def join(self, client: str, num_examples: int = EXAMPLES, runtime: str = "") -> pb.JoinReply:
+        request = pb.JoinRequest(client_id=client, num_examples=num_examples, runtime=runtime)
         return self.stub.Join(request, metadata=auth(client))
 
     def beat(self, client: str) -> pb.HeartbeatReply:
@@ -99,11 +100,16 @@ def refusal(call) -> grpc.RpcError:
 
 
 @contextmanager
-def serve_federation(tokens: TokenBook | None = TOKENS, **servicer_options) -> Iterator[Federation]:
-    """A Federation server for 3 clients on loopback, with a stub to call it."""
+def serve_federation(
+    tokens: TokenBook | None = TOKENS, runtimes: Mapping[str, RuntimeOffer] | None = None, **servicer_options
+) -> Iterator[Federation]:
+    """A Federation server for 3 clients on loopback, with a stub to call it. `runtimes`: what it
+    offers the clients' runtimes (default: torch, which fetches no files)."""
     config = RunConfig(clients=3, codec="none", max_update_norm=MAX_NORM, chunk_bytes=1024, min_clients=1)
     setup = {"encoder.query.residual_sha256": torch.arange(32, dtype=torch.uint8)}
     description = RunDescription(RUN_ID, config, 2, ("classifier",), "f" * 64, state_payload(setup))
+    if runtimes is not None:
+        description = dataclasses.replace(description, runtimes=runtimes)
     log: list[str] = []
     servicer = FederationServicer(
         description, tokens, heartbeat_s=HEARTBEAT_S, log=log.append, **servicer_options

@@ -26,9 +26,9 @@ from edgefed.federation.loop import FederatedServer
 from edgefed.federation.runner import serve
 from edgefed.transport import grpc_client
 from edgefed.transport.base import Transport, state_payload
+from edgefed.transport.clients import MISSED_HEARTBEATS
 from edgefed.transport.grpc_client import CHANNEL_MESSAGE_BYTES, GrpcClient
 from edgefed.transport.grpc_server import GrpcTransport
-from edgefed.transport.clients import MISSED_HEARTBEATS
 from edgefed.transport.servicer import FederationServicer, RunDescription, RuntimeOffer
 from edgefed.types import ClientUpdate, Evaluation, RoundResult
 from edgefed.wire.channels import ClientTls, ServerTls, open_channel, start_server

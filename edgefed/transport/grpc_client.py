@@ -27,6 +27,7 @@ from edgefed.transport.auth import bearer_metadata
 from edgefed.wire.channels import MESSAGE_HEADROOM, ClientTls, is_loopback, open_channel
 from edgefed.wire.device import DeviceRuntime
 from edgefed.wire.framing import MAX_PAYLOAD_BYTES, Expected, Received, reassemble
+from edgefed.wire.text import printable
 from edgefed.wire.v1 import federation_pb2 as pb
 from edgefed.wire.v1 import federation_pb2_grpc as pb_grpc
 
@@ -195,8 +196,8 @@ class GrpcClient:
                     if failing_since is None:
                         how_long = "forever" if math.isinf(self.retry_s) else f"for up to {self.retry_s:g} s"
                         self.echo(
-                            f"edgefed: {self.client_id}: server {self.server} {error.code().name}; "
-                            f"trying again with backoff {how_long}"
+                            f"edgefed: {self.client_id}: server {self.server} {error.code().name} "
+                            f"({printable(error.details() or '')}); trying again with backoff {how_long}"
                         )
                     failing_since = failing_since or time.monotonic()
                     if time.monotonic() - failing_since > self.retry_s:

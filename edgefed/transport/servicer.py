@@ -2,10 +2,11 @@
 
 Clients poll `Heartbeat` (also from a background thread while they train). When a round opens for
 them they `FetchGlobal`, train, and `PushUpdate`; a device whose runtime needs files of its own
-fetches them once (`FetchRuntime`). Every pushed stream is reassembled and checked (edgefed/wire)
-before it can touch the round; a bad one is refused with a status and a message for the sender, and
-the server carries on. Who the clients are lives in the roster (clients.py), what the round waits for
-in the round book (rounds.py); both raise `Refusal`, which becomes the caller's status here.
+fetches them once (`FetchRuntime`; they are made in a thread of their own, never in a server worker).
+Every pushed stream is reassembled and checked (edgefed/wire) before it can touch the round; a bad
+one is refused with a status and a message for the sender, and the server carries on. Who the
+clients are lives in the roster (clients.py), what the round waits for in the round book
+(rounds.py); both raise `Refusal`, which becomes the caller's status here.
 
 One client cannot stall, steer or flood the server: it holds at most two streams at a time and a
 stream that moves nothing for `stream_idle_s` is cancelled (edgefed/wire/streams.py); its example
@@ -112,6 +113,45 @@ def runtime_files(setup: RunSetup, runtime: Runtime, folder: Path) -> bytes:
     return runtime.setup_files(worker.runtime_build(setup.tokenizer, folder))
 
 
+class RuntimeFiles:
+    """One runtime's setup files, made once, in a thread of their own, when the first device asks.
+    Until they are ready every asking device is told to come back (UNAVAILABLE, which a client retries
+    with backoff), so no number of FetchRuntime calls holds the server's workers while they are made."""
+
+    def __init__(self, runtime: str, make: Callable[[], bytes], log: Callable[[str], None]) -> None:
+        self.runtime, self._make, self._log = runtime, make, log
+        self._lock = threading.Lock()
+        self._payload: bytes | None = None
+        self._refusal: Refusal | None = None
+        self._making = False
+
+    def payload(self) -> bytes:
+        """The files, or a Refusal: UNAVAILABLE while they are being made, else why they cannot be."""
+        with self._lock:
+            if self._payload is not None:
+                return self._payload
+            if self._refusal is not None:  # a fresh exception per call: each gets its own traceback
+                raise Refusal(self._refusal.code, self._refusal.message)
+            if not self._making:
+                self._making = True
+                self._log(f"edgefed: making the {self.runtime} runtime's files for its devices")
+                threading.Thread(target=self._made, name=f"{self.runtime}-files", daemon=True).start()
+        raise Refusal(Code.UNAVAILABLE, f"the {self.runtime} runtime's files are being made; ask again")
+
+    def _made(self) -> None:
+        try:
+            payload, refusal = self._make(), None
+        except EdgefedError as error:
+            payload, refusal = None, Refusal(Code.FAILED_PRECONDITION, f"runtime {self.runtime}: {error}")
+        except Exception as error:  # a thread's error is otherwise lost, and its devices would ask forever
+            payload = None
+            refusal = Refusal(Code.INTERNAL, f"runtime {self.runtime}: its files were not made ({error!r})")
+        if refusal is not None:
+            self._log(f"edgefed: {refusal.message}")
+        with self._lock:
+            self._payload, self._refusal, self._making = payload, refusal, False
+
+
 def refusing(method):
     """An RPC whose roster and round book checks raise `Refusal`: the caller gets its status."""
     if inspect.isgeneratorfunction(method):
@@ -169,7 +209,11 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.rounds = RoundBook(method_of(config).trains_in_turns, self.condition, self.log)
         self.streams = StreamGuard(idle_s=stream_idle_s, log=self.log)
         self.split_port = 0  # the Split service's port (FedBERT), set by the transport serving it
-        self._files_lock, self._runtime_files = threading.Lock(), {}  # runtime -> its devices' files
+        self.runtime_files = {
+            name: RuntimeFiles(name, offer.files, self.log)
+            for name, offer in run.runtimes.items()
+            if offer.files is not None
+        }
         self.finished = False
 
     # -- RPCs ------------------------------------------------------------------------------------
@@ -219,20 +263,12 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     @refusing
     def FetchRuntime(self, request: pb.FetchRequest, context) -> Iterator[pb.Chunk]:
-        """The files of the runtime the client joined with, made once, by the first device that asks."""
+        """The files of the runtime the client joined with, once made (see `RuntimeFiles`)."""
         slot = self._slot(request.client_id, request.run_id, context)
         runtime = self.clients.runtime_of.get(slot, DEFAULT_RUNTIME)
-        offer = self.run.runtimes[runtime]
-        if offer.files is None:
+        if runtime not in self.runtime_files:
             raise Refusal(Code.FAILED_PRECONDITION, f"runtime {runtime}: its devices fetch no files")
-        with self._files_lock:  # the others wait for the first
-            if runtime not in self._runtime_files:
-                self.log(f"edgefed: making the {runtime} runtime's files for its devices")
-                try:
-                    self._runtime_files[runtime] = offer.files()
-                except EdgefedError as error:
-                    raise Refusal(Code.FAILED_PRECONDITION, f"runtime {runtime}: {error}") from None
-        payload = self._runtime_files[runtime]
+        payload = self.runtime_files[runtime].payload()
         with self.streams.admit(self.caller(context), "FetchRuntime", context) as stream:
             yield from stream.follow(self._stream_down(payload, 0, slot, request.client_id))
 
