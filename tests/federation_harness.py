@@ -60,18 +60,29 @@ class Federation:
     channel: grpc.Channel
     stub: pb_grpc.FederationStub
     log: list[str]
+    sessions: dict[str, str] = dataclasses.field(default_factory=dict)  # without a token file
 
     def join(self, client: str, num_examples: int = EXAMPLES, runtime: str = "") -> pb.JoinReply:
         request = pb.JoinRequest(client_id=client, num_examples=num_examples, runtime=runtime)
-        return self.stub.Join(request, metadata=auth(client))
+        reply = self.stub.Join(request, metadata=self.auth(client))
+        if reply.session_token:
+            self.sessions[client] = reply.session_token
+        return reply
+
+    def auth(self, client: str) -> tuple[tuple[str, str], ...]:
+        """The client's metadata: its line of TOKENS, or the session token its Join was given."""
+        if self.servicer.clients.tokens is not None:
+            return auth(client)
+        return bearer_metadata(self.sessions.get(client))
 
     def beat(self, client: str) -> pb.HeartbeatReply:
         return self.stub.Heartbeat(
-            pb.HeartbeatRequest(run_id=RUN_ID, client_id=client), metadata=auth(client)
+            pb.HeartbeatRequest(run_id=RUN_ID, client_id=client), metadata=self.auth(client)
         )
 
     def push(self, chunks, client="client-0", metadata=None) -> pb.PushReply:
-        return self.stub.PushUpdate(iter(chunks), metadata=auth(client) if metadata is None else metadata)
+        metadata = self.auth(client) if metadata is None else metadata
+        return self.stub.PushUpdate(iter(chunks), metadata=metadata)
 
     def open_round(self, number: int, sampled: list[int]) -> Future:
         """Run the transport's round in a thread, as the FederatedServer would; the future gets its result."""

@@ -167,6 +167,7 @@ def test_bad_federation_options(tmp_path, args, expected, edgefed_here):
         (["--address", "127.0.0.1:0", "--stream-idle-s", "0"], "stream-idle-s must be positive"),
         (["--address", "127.0.0.1:0", "--stream-idle-s", "0.01"], "stream-idle-s must be at least 1"),
         (["--address", "127.0.0.1:0", "--split-port", "70000"], "split-port must be a port"),
+        (["--address", "0.0.0.0:0", "--data", "nowhere"], "0.0.0.0:0 without --tokens would let anyone"),
     ],
 )
 def test_bad_server_settings_are_one_line(flags, expected, edgefed_here, tmp_path):

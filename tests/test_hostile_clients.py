@@ -22,6 +22,7 @@ from edgefed.aggregators.base import bounded_shares
 from edgefed.config import RunConfig
 from edgefed.errors import EdgefedError
 from edgefed.federation.atomic import write_text_atomic
+from edgefed.federation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from edgefed.federation.loop import FederatedServer
 from edgefed.federation.runner import serve
 from edgefed.transport import grpc_client
@@ -29,6 +30,7 @@ from edgefed.transport.base import Transport, state_payload
 from edgefed.transport.clients import MISSED_HEARTBEATS
 from edgefed.transport.grpc_client import CHANNEL_MESSAGE_BYTES, GrpcClient
 from edgefed.transport.grpc_server import GrpcTransport
+from edgefed.transport.refusals import LINES_PER_WINDOW as REFUSAL_LINES
 from edgefed.transport.servicer import FederationServicer, RunDescription, RuntimeOffer
 from edgefed.types import ClientUpdate, Evaluation, RoundResult
 from edgefed.wire.channels import ClientTls, ServerTls, open_channel, start_server
@@ -61,7 +63,7 @@ def silent_push(federation, client: str, stop: threading.Event) -> grpc.Future:
         stop.wait()
         yield from ()
 
-    return federation.stub.PushUpdate.future(nothing(), metadata=auth(client))
+    return federation.stub.PushUpdate.future(nothing(), metadata=federation.auth(client))
 
 
 @pytest.mark.parametrize("tokens", [TOKENS, None], ids=["tokens", "open"])
@@ -78,7 +80,7 @@ def test_silent_streams_of_one_client_leave_the_others_served_and_are_cancelled(
                 assert (
                     federation.stub.Heartbeat(
                         pb.HeartbeatRequest(run_id=RUN_ID, client_id="client-1"),
-                        metadata=auth("client-1"),
+                        metadata=federation.auth("client-1"),
                         timeout=2,
                     ).action
                     == pb.HeartbeatReply.TRAIN
@@ -262,8 +264,7 @@ def test_unauthenticated_senders_cost_the_server_no_memory(tmp_path):
             from edgefed.split import BodySlot, SplitBodyServicer
             from edgefed.transport.auth import TokenBook
             from edgefed.transport.grpc_server import GrpcTransport
-            from edgefed.transport.clients import MISSED_HEARTBEATS
-from edgefed.transport.servicer import FederationServicer, RunDescription, RuntimeOffer
+            from edgefed.transport.servicer import FederationServicer, RunDescription
             run = RunDescription("run", RunConfig(method="fedbert", clients=2), 0, ("cls",), "f", b"")
             tokens = TokenBook([("client-0", "token-of-client-0"), ("client-1", "token-of-client-1")])
             federation = FederationServicer(run, tokens, log=lambda line: None)
@@ -503,3 +504,71 @@ def test_setup_calls_hold_no_worker_while_a_runtimes_files_are_made():
         while (payload := fetch("client-2")) == Code.UNAVAILABLE and time.monotonic() < deadline:
             time.sleep(0.1)
         assert len(made) == 1 and payload == b"runtime files " * 1000
+
+
+def test_without_a_token_file_each_client_is_known_by_the_token_its_join_gave_it(tmp_path):
+    """A server without --tokens (loopback only) gives each client a session token at its first Join:
+    nobody else can rejoin or speak as it, its stream limit holds over any number of connections, and
+    a restarted server (from its checkpoint) still knows the token."""
+    with serve_federation(tokens=None, stream_idle_s=1.0) as federation:
+        for client in CLIENTS:
+            assert federation.join(client).session_token
+        assert not federation.join("client-0").session_token, "a rejoin keeps its token"
+        squatter = refusal(lambda: federation.stub.Join(pb.JoinRequest(client_id="client-0")))
+        assert squatter.code() == Code.UNAUTHENTICATED
+        beat = pb.HeartbeatRequest(run_id=RUN_ID, client_id="client-0")
+        assert refusal(lambda: federation.stub.Heartbeat(beat)).code() == Code.UNAUTHENTICATED
+        impostor = refusal(lambda: federation.stub.Heartbeat(beat, metadata=federation.auth("client-1")))
+        assert impostor.code() == Code.PERMISSION_DENIED
+        round_1 = federation.open_round(1, [0, 1])
+        stop, channels = threading.Event(), []
+
+        def nothing():
+            stop.wait()
+            yield from ()
+
+        try:
+            stalled = []
+            for _ in range(12):  # a connection each: once, each held its own two streams
+                channels.append(grpc.insecure_channel(federation.transport.address))
+                stub = pb_grpc.FederationStub(channels[-1])
+                stalled += [
+                    stub.PushUpdate.future(nothing(), metadata=federation.auth("client-0")) for _ in "ab"
+                ]
+            deadline = time.monotonic() + 5
+            while sum(call.done() for call in stalled) < len(stalled) - 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            refused = [call.exception().code() for call in stalled if call.done()]
+            assert refused == [Code.RESOURCE_EXHAUSTED] * (len(stalled) - 2)
+            federation.push(update_chunks(good_delta(), "client-1"), "client-1")
+        finally:
+            stop.set()
+            for channel in channels:
+                channel.close()
+        federation.push(update_chunks(good_delta(), "client-0"), "client-0")
+        assert sorted(update.client_id for update in round_1.result(timeout=10).updates) == [0, 1]
+        roster = federation.transport.roster()
+    save_checkpoint(tmp_path, Checkpoint(1, RUN_ID, {}, 0.0, clients=roster))
+    restarted = FederationServicer(federation.servicer.run, None, load_checkpoint(tmp_path).clients)
+    assert restarted.clients.owner(federation.auth("client-2")) == "client-2"
+
+
+def test_calls_without_a_token_do_not_crowd_out_the_clients():
+    """400 heartbeats without a token at once are refused before they are read, and none of them takes
+    the place of an honest client's call (a server-wide cap on calls in flight once did)."""
+    with serve_federation() as federation:
+        federation.join("client-1")
+        anonymous = pb.HeartbeatRequest(run_id=RUN_ID, client_id="client-1")
+        flood = [federation.stub.Heartbeat.future(anonymous) for _ in range(400)]
+        honest = [federation.beat("client-1").action for _ in range(20)]
+        assert honest == [pb.HeartbeatReply.WAIT] * 20
+        assert {call.exception().code() for call in flood} == {Code.UNAUTHENTICATED}
+
+
+def test_one_client_refused_over_and_over_writes_a_few_lines_of_log(federation):
+    federation.join("client-0")
+    wrong = pb.HeartbeatRequest(run_id="another-run", client_id="client-0")
+    for _ in range(200):
+        refusal(lambda: federation.stub.Heartbeat(wrong, metadata=auth("client-0")))
+    said = [line for line in federation.log if "wrong run id" in line]
+    assert len(said) == REFUSAL_LINES and "go unlogged" in said[-1]

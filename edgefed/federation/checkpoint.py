@@ -1,10 +1,11 @@
 """The server's checkpoint, written after every completed round so a killed server resumes exactly.
 
-`checkpoint/` in the run directory holds the round, the run id, the clients (slots and declared
-example counts), the global trainable state, the aggregator's state, the RNG states and the rounds'
-metrics (metrics.jsonl up to that round, so they never run ahead of the state). It is
-written to a temporary folder and swapped in with a rename (edgefed/federation/atomic.py), so a kill
-at any moment leaves the previous round's checkpoint whole.
+`checkpoint/` in the run directory holds the round, the run id, the clients (slots, declared example
+counts and session tokens' digests), the global trainable state, the aggregator's state, the RNG
+states and the rounds' metrics (metrics.jsonl up to that round, so they never run ahead of the
+state). It is written to a temporary folder and swapped in with a rename
+(edgefed/federation/atomic.py), so a kill at any moment leaves the previous round's checkpoint
+whole.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:
         "sim_s": checkpoint.sim_s,
         "clients": checkpoint.clients.slots,
         "examples": checkpoint.clients.examples,
+        "sessions": checkpoint.clients.sessions,
         "rng": checkpoint.rng,
     }
     (staging / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
@@ -114,7 +116,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         aggregator_state={
             k.removeprefix("aggregator."): v for k, v in tensors.items() if k.startswith("aggregator.")
         },
-        clients=Roster(meta["clients"], meta.get("examples", {})),
+        clients=Roster(meta["clients"], meta["examples"], meta["sessions"]),
         rng=meta["rng"],
         sim_s=meta.get("sim_s"),
         server_state={k.removeprefix("server."): v for k, v in tensors.items() if k.startswith("server.")},

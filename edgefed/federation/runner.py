@@ -62,7 +62,15 @@ def serve(
             f"the token file lists {len(tokens.clients)} clients, the run has {config.clients}"
         )
     if tokens is None and not is_loopback(address):
-        echo(f"edgefed: warning: serving {address} without --tokens: anyone who reaches it can join")
+        raise EdgefedError(
+            f"serving {address} without --tokens would let anyone who reaches it join and steer the run: "
+            "give --tokens FILE (one `client-id token` line per client), or serve on 127.0.0.1"
+        )
+    if tokens is None:
+        echo(
+            f"edgefed: warning: serving {address} without --tokens: any process on this machine can join "
+            "(each client gets a session token at its first Join)"
+        )
     if tokens is not None and tls is None and not is_loopback(address):
         echo(f"edgefed: warning: serving {address} without TLS: the clients' tokens travel in plaintext")
     served = Served(address, tokens, tls, settings or ServerSettings())

@@ -2,6 +2,10 @@
 
 The token file has one `client-id token` pair per line (`#` starts a comment). A client's line
 number is its slot: which shard it trains in a simulation, and where it returns after a restart.
+
+A server without a token file (on loopback only) gives each client a session token at its first
+Join (`SessionTokens`), so that its later calls, over any connection, are known to be its own: the
+per-client limits hold across connections, and nobody else can speak, or rejoin, as that client.
 """
 
 from __future__ import annotations
@@ -9,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import secrets
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -78,6 +83,39 @@ class TokenBook:
         return None if token is None else self.client_of(token)
 
 
+class SessionTokens:
+    """Tokens a server without a token file issues, one per client at its first Join. Only their
+    sha256 is kept (`digests`, which a checkpoint holds, so clients carry on after a restart)."""
+
+    def __init__(self, digests: Mapping[str, str] | None = None) -> None:
+        """`digests`: client id -> its token's sha256 in hex (a resumed run's)."""
+        self._owners = {bytes.fromhex(digest): client for client, digest in (digests or {}).items()}
+        self._clients = set(self._owners.values())
+        self._lock = threading.Lock()
+
+    def issue(self, client: str) -> str:
+        """A new client's token (once per client id)."""
+        token = secrets.token_urlsafe(24)
+        with self._lock:
+            if client in self._clients:
+                raise ValueError(f"{client} holds a session token already")
+            self._owners[token_key(token)] = client
+            self._clients.add(client)
+        return token
+
+    def has(self, client: str) -> bool:
+        return client in self._clients
+
+    def caller(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+        """The client whose token a call carries, or None."""
+        token = bearer_token(metadata)
+        return None if token is None else self._owners.get(token_key(token))
+
+    def digests(self) -> dict[str, str]:
+        with self._lock:
+            return {client: key.hex() for key, client in self._owners.items()}
+
+
 def token_key(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
@@ -94,17 +132,18 @@ def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Refuses, before any handler runs, every call of every service without a known token."""
+    """Refuses, before any handler runs, every call of every service without a known token, but for
+    the `open` methods (a session server's Join, which hands out the tokens)."""
 
-    def __init__(self, tokens: TokenBook) -> None:
-        self.tokens = tokens
+    def __init__(self, tokens: TokenBook | SessionTokens, open_methods: Collection[str] = ()) -> None:
+        self.tokens, self.open_methods = tokens, frozenset(open_methods)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         metadata = handler_call_details.invocation_metadata
-        if self.tokens.caller(metadata) is not None:
+        if handler_call_details.method in self.open_methods or self.tokens.caller(metadata) is not None:
             return handler
         message = "missing bearer token" if bearer_token(metadata) is None else "unknown bearer token"
         return _refusing(handler, message)

@@ -35,11 +35,13 @@ LOSSLESS = make_codec("none")
 
 @dataclass
 class Roster:
-    """The clients that joined a run: their slots, and the training examples each declared at Join;
-    checkpointed, so a client that comes back to a restarted server keeps both."""
+    """The clients that joined a run: their slots, the training examples each declared at Join and,
+    on a server without a token file, their session tokens' sha256; checkpointed, so a client that
+    comes back to a restarted server keeps all three."""
 
     slots: dict[str, int] = field(default_factory=dict)  # client id -> slot
     examples: dict[str, int] = field(default_factory=dict)  # client id -> declared examples
+    sessions: dict[str, str] = field(default_factory=dict)  # client id -> sha256 of its session token
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import grpc
 from edgefed.devices.fleet import FleetPlans
 from edgefed.devices.planner import Plan
 from edgefed.errors import EdgefedError
-from edgefed.transport.auth import TokenBook
+from edgefed.transport.auth import SessionTokens, TokenBook
 from edgefed.transport.base import Roster
 from edgefed.wire.text import printable
 
@@ -51,6 +51,8 @@ class ClientBook:
         self.max_examples, self.heartbeat_s = max_examples, heartbeat_s
         self.condition, self.log = condition, log
         roster = roster or Roster()
+        # Without a token file each client gets a token at its first Join (edgefed/transport/auth.py).
+        self.sessions = SessionTokens(roster.sessions) if tokens is None else None
         self.slots = dict(roster.slots)  # client id -> slot
         # slot -> the training examples its client declared at Join (its weight)
         self.examples = {self.slots[c]: n for c, n in roster.examples.items() if c in self.slots}
@@ -61,14 +63,28 @@ class ClientBook:
 
     # -- who calls -------------------------------------------------------------------------------
 
+    @property
+    def book(self) -> TokenBook | SessionTokens:
+        """The tokens calls are checked against: the token file's, or those issued at Join."""
+        return self.tokens if self.tokens is not None else self.sessions
+
     def owner(self, metadata: Sequence[tuple[str, str]]) -> str | None:
         """The client whose bearer token the call carries (None: no token, or an unknown one)."""
-        return self.tokens.caller(metadata) if self.tokens is not None else None
+        return self.book.caller(metadata)
+
+    def slot_of(self, owner: str) -> int:
+        """The slot of a token's owner (a token file's line, or the slot it joined; call under the
+        condition)."""
+        return self.tokens.slots[owner] if self.tokens is not None else self.slots[owner]
+
+    def check_joining(self, client_id: str, metadata: Sequence[tuple[str, str]]) -> None:
+        """A Join: with a token file, the client's own token; else a client id nobody holds yet, or
+        its own session token (a rejoin)."""
+        if self.sessions is None or self.sessions.has(client_id):
+            self.check_token(client_id, metadata)
 
     def check_token(self, client_id: str, metadata: Sequence[tuple[str, str]]) -> None:
-        if self.tokens is None:
-            return
-        owner = self.tokens.caller(metadata)
+        owner = self.book.caller(metadata)
         if owner is None:
             raise Refusal(Code.UNAUTHENTICATED, "missing or unknown bearer token")
         if owner != client_id:
@@ -89,9 +105,9 @@ class ClientBook:
 
     # -- joining ---------------------------------------------------------------------------------
 
-    def join(self, client_id: str, profile: str, runtime: str) -> tuple[int, Plan | None, bool]:
+    def join(self, client_id: str, profile: str, runtime: str) -> tuple[int, Plan | None, bool, str]:
         """Give the client its slot (its own again when it rejoins) and its plan; returns (slot, plan,
-        whether it had joined before)."""
+        whether it had joined before, its new session token or "")."""
         with self.condition:
             slot = self.slots.get(client_id)
             if slot is None:
@@ -111,7 +127,10 @@ class ClientBook:
             rejoined = slot in self.plans
             self.plans[slot] = plan
             self.runtime_of[slot] = runtime
-        return slot, plan, rejoined
+            # Issued only with a slot: tokens are as many as the run's clients, however many ids try.
+            fresh = self.sessions is not None and not self.sessions.has(client_id)
+            session = self.sessions.issue(client_id) if fresh else ""
+        return slot, plan, rejoined, session
 
     def _free_slot(self, client_id: str, profile: str) -> int:
         """A token's own slot, or the first free one (of the announced device's, in a fleet)."""
@@ -161,4 +180,4 @@ class ClientBook:
         """What a checkpoint keeps of the clients (call under the condition)."""
         names = {slot: client for client, slot in self.slots.items()}
         examples = {names[slot]: count for slot, count in self.examples.items() if slot in names}
-        return Roster(dict(self.slots), examples)
+        return Roster(dict(self.slots), examples, self.sessions.digests() if self.sessions else {})

@@ -106,6 +106,8 @@ class GrpcClient:
 
     def _serve(self) -> None:
         joined = self._call(self.stub.Join, self._join_request())
+        if joined.session_token:  # a server without a token file knows this client by it from now on
+            self.metadata = bearer_metadata(joined.session_token)
         self.run_id = joined.run_id
         # Live from Join: the server hears from it while it reads its data and builds its model.
         threading.Thread(target=self._keep_alive, args=(joined.heartbeat_s,), daemon=True).start()

@@ -14,7 +14,7 @@ from edgefed.split import SplitBodyServicer, serve_split_body
 from edgefed.transport.auth import BearerTokenInterceptor, TokenBook
 from edgefed.transport.base import Roster, RunContext, Transport
 from edgefed.transport.clients import MISSED_HEARTBEATS
-from edgefed.transport.servicer import FederationServicer, run_description, serve_federation
+from edgefed.transport.servicer import JOIN_METHOD, FederationServicer, run_description, serve_federation
 from edgefed.types import RoundResult, State
 from edgefed.wire.channels import MESSAGE_HEADROOM, ServerTls, start_server
 from edgefed.wire.memory import keep_freed_messages
@@ -41,8 +41,10 @@ class GrpcTransport(Transport):
         self.deadline_s = deadline_s
         self.watchdog = watchdog
         workers = 2 * servicer.clients.num_clients + 8
-        tokens = servicer.clients.tokens
-        interceptors = [BearerTokenInterceptor(tokens)] if tokens else []
+        clients = servicer.clients
+        # Without a token file, a Join is how a client gets its token (edgefed/transport/auth.py).
+        open_methods = () if clients.tokens is not None else (JOIN_METHOD,)
+        interceptors = [BearerTokenInterceptor(clients.book, open_methods)]
         message_bytes = servicer.run.config.chunk_bytes + MESSAGE_HEADROOM
         keep_freed_messages(message_bytes)  # updates are read in place, in their chunk messages
         self.server, port = start_server(
@@ -50,7 +52,9 @@ class GrpcTransport(Transport):
             address,
             max_message_bytes=message_bytes,
             workers=workers,
-            max_concurrent_rpcs=4 * workers,
+            # No server-wide cap on calls: one would let callers without a token (refused, but in
+            # flight) crowd out the clients' heartbeats. Streams are capped per client (StreamGuard).
+            max_concurrent_rpcs=None,
             tls=tls,
             interceptors=interceptors,
         )

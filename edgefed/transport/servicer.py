@@ -43,6 +43,7 @@ from edgefed.setup import RunSetup
 from edgefed.transport.auth import TokenBook
 from edgefed.transport.base import Roster, receive_update, state_payload, update_bound
 from edgefed.transport.clients import MISSED_HEARTBEATS, ClientBook, Code, Refusal
+from edgefed.transport.refusals import RefusalLog
 from edgefed.transport.rounds import RoundBook
 from edgefed.types import RoundResult, State
 from edgefed.wire.framing import ChunkView, Expected, WireError, wire_size
@@ -57,6 +58,10 @@ DEFAULT_RUNTIME = "torch"  # what a Join that names no runtime trains with (a cl
 SMALL_MESSAGE_BYTES = 4 << 10
 # Refusal messages (which quote what the client sent) are cut to this length in the log and the status.
 REFUSAL_CHARS = 400
+# Calls without a token that a handler answers (a session server's first Joins) at once: their own
+# small budget. Any other call without a token is refused before its request is read.
+TOKENLESS_CALLS = 4
+JOIN_METHOD = f"/{pb.DESCRIPTOR.services_by_name['Federation'].full_name}/Join"
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,11 @@ class RunDescription:
     setup_payload: bytes
     # The runtimes its devices may train with, by name.
     runtimes: Mapping[str, RuntimeOffer] = field(default_factory=lambda: {DEFAULT_RUNTIME: RuntimeOffer()})
+
+
+def peer_host(peer: str) -> str:
+    """A gRPC peer ("ipv4:10.0.0.7:51234", "ipv6:[::1]:51234") without its port."""
+    return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
 
 
 def run_description(setup: RunSetup, run_id: str, run_dir: Path) -> RunDescription:
@@ -208,6 +218,8 @@ class FederationServicer(pb_grpc.FederationServicer):
         )
         self.rounds = RoundBook(method_of(config).trains_in_turns, self.condition, self.log)
         self.streams = StreamGuard(idle_s=stream_idle_s, log=self.log)
+        self.refusals = RefusalLog(self.log)
+        self._tokenless = threading.BoundedSemaphore(TOKENLESS_CALLS)
         self.split_port = 0  # the Split service's port (FedBERT), set by the transport serving it
         self.runtime_files = {
             name: RuntimeFiles(name, offer.files, self.log)
@@ -220,8 +232,18 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     @refusing
     def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
+        if self.clients.owner(context.invocation_metadata()) is not None:
+            return self._join(request, context)
+        if not self._tokenless.acquire(blocking=False):
+            raise Refusal(Code.RESOURCE_EXHAUSTED, "too many calls without a token at once; try again")
+        try:
+            return self._join(request, context)
+        finally:
+            self._tokenless.release()
+
+    def _join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
         self._small(request, "Join")
-        self.clients.check_token(request.client_id, context.invocation_metadata())
+        self.clients.check_joining(request.client_id, context.invocation_metadata())
         if not request.client_id:
             context.abort(Code.INVALID_ARGUMENT, "a client id is required")
         runtime = request.runtime or DEFAULT_RUNTIME
@@ -231,7 +253,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             raise Refusal(Code.INVALID_ARGUMENT, f"unknown runtime '{runtime}'; this run takes {known}")
         if offer.refusal:
             raise Refusal(Code.FAILED_PRECONDITION, f"runtime {runtime}: {offer.refusal}")
-        slot, plan, rejoined = self.clients.join(request.client_id, request.profile, runtime)
+        slot, plan, rejoined, session_token = self.clients.join(request.client_id, request.profile, runtime)
         if request.num_examples:
             self.clients.declare(slot, request.num_examples)
         elif not rejoined:
@@ -253,6 +275,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             model_fingerprint=self.run.model_fingerprint,
             plan_toml=plan_text(plan) if plan else "",
             split_port=self.split_port,
+            session_token=session_token,
         )
 
     @refusing
@@ -284,13 +307,12 @@ class FederationServicer(pb_grpc.FederationServicer):
     @refusing
     def PushUpdate(self, request_iterator: Iterator[bytes], context) -> pb.PushReply:
         """The chunks arrive as their serialised bytes (see `serve_federation`) and are read as views."""
-        tokens = self.clients.tokens
-        if tokens is not None:  # the sender is known before it sends a byte: is its update due?
-            owner = tokens.caller(context.invocation_metadata())
-            if owner is None:
-                raise Refusal(Code.UNAUTHENTICATED, "missing or unknown bearer token")
-            with self.condition:
-                self.rounds.expecting(tokens.slots[owner])
+        # The sender is known by its token before it sends a byte: is its update due?
+        owner = self.clients.owner(context.invocation_metadata())
+        if owner is None:
+            raise Refusal(Code.UNAUTHENTICATED, "missing or unknown bearer token")
+        with self.condition:
+            self.rounds.expecting(self.clients.slot_of(owner))
         with self.streams.admit(self.caller(context), "PushUpdate", context) as stream:
             return self._receive_update(map(ChunkView, stream.follow(request_iterator)), context)
 
@@ -388,8 +410,9 @@ class FederationServicer(pb_grpc.FederationServicer):
     # -- checks ------------------------------------------------------------------------------------
 
     def caller(self, context) -> str:
-        """Who makes a call, for the per-client stream limit: its token's client, or its connection."""
-        return self.clients.owner(context.invocation_metadata()) or context.peer()
+        """Who makes a call, for the per-client limits: its token's client, else the host it calls
+        from (not its connection: a client has as many of those as it likes)."""
+        return self.clients.owner(context.invocation_metadata()) or peer_host(context.peer())
 
     def _slot(self, client_id: str, run_id: str, context) -> int:
         return self.clients.slot(client_id, run_id, self.run.run_id, context.invocation_metadata())
@@ -405,7 +428,7 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     def refuse(self, context, code: grpc.StatusCode, message: str):
         message = printable(message, REFUSAL_CHARS)
-        self.log(f"edgefed: refused: {message}")
+        self.refusals.refused(printable(self.caller(context)), message)
         context.abort(code, message)
 
     def log(self, message: str) -> None:
