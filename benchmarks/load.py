@@ -1,12 +1,20 @@
 """One `edgefed server` on loopback against a thousand clients heartbeating, then the same while one
-client holds stalled streams: heartbeat latency (p50, p99, max) and the server's resident memory.
+client misbehaves three ways: heartbeat latency (p50, p99, max) and the server's resident memory.
 
 The clients are asyncio coroutines on grpc.aio (little CPU each), one channel and one bearer token
 per client, every client joining and then heartbeating once per `--heartbeat-s`, as `edgefed client`
-does while it trains. The server is the real command on SST-2 (../shared/data/sst2), sized for one
-client more than join, so it keeps waiting and every call it answers is a Join or a Heartbeat.
-In the second phase client 0 also opens `--stalled` PushUpdate streams that send nothing and as many
-FetchSetup streams it never reads: what a hostile client, or a device whose link died, does.
+does while it trains. The server is the real command on SST-2 (../shared/data/sst2), sized for two
+clients more than the fleet, so that it keeps waiting until the last phase. The phases:
+
+1. heartbeats only;
+2. fleet client 0 opens `--stalled` PushUpdate streams that send nothing and as many FetchSetup
+   streams it never reads, with no round open: refused before anything is read;
+3. one more client, joined with the ort runtime, asks for its files 20 times at once while the
+   server makes them (ONNX Runtime training artifacts of the run's model), retrying while told
+   UNAVAILABLE, as `edgefed client --runtime ort` does;
+4. the last client joins, so the server opens round 1 with every client sampled, and that client
+   holds `--stalled` silent pushes and as many unread FetchGlobal streams inside the open round: what
+   a device whose link died mid-round does.
 
     python benchmarks/load.py [--clients 1000] [--seconds 20] [--out benchmarks/results/load.md]
 """
@@ -15,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import platform
 import random
@@ -51,14 +60,19 @@ def resident_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+EXTRA = 2  # the ort fetcher (phase 3) and the client that stalls inside round 1 (phase 4)
+FETCHES = 20
+
+
 def start_server(clients: int, heartbeat_s: float, folder: Path) -> tuple[subprocess.Popen, str, TokenBook]:
-    tokens = TokenBook.generate([f"load-{index:05d}" for index in range(clients + 1)])
+    tokens = TokenBook.generate([f"load-{index:05d}" for index in range(clients + EXTRA)])
     tokens.write(folder / "tokens.txt")
     port = free_port()
     command = [
         sys.executable, "-m", "edgefed", "server", "--address", f"127.0.0.1:{port}",
-        "--tokens", str(folder / "tokens.txt"), "--clients", str(clients + 1), "--partition", "iid",
+        "--tokens", str(folder / "tokens.txt"), "--clients", str(clients + EXTRA), "--partition", "iid",
         "--heartbeat-s", str(heartbeat_s), "--out", str(folder / "run"), "--data", str(SST2),
+        "--codec", "none",  # what the ort runtime's devices send
     ]  # fmt: skip
     log = (folder / "server.log").open("w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -103,13 +117,48 @@ class Fleet:
         return latencies, errors
 
 
-async def hold_stalled_streams(address: str, name: str, token: str, count: int, stop: asyncio.Event) -> dict:
-    """`count` silent PushUpdate and `count` unread FetchSetup streams of one client; how each ended."""
+async def joined_client(
+    stub: pb_grpc.FederationStub, name: str, metadata, heartbeat_s: float, stop: asyncio.Event, runtime=""
+) -> tuple[pb.JoinReply, asyncio.Task]:
+    """Join, and heartbeat until `stop` (so the server keeps the client) in a task of its own."""
+    request = pb.JoinRequest(client_id=name, num_examples=4, runtime=runtime)
+    joined = await stub.Join(request, metadata=metadata)
+
+    async def beat():
+        beat_request = pb.HeartbeatRequest(run_id=joined.run_id, client_id=name)
+        while not stop.is_set():
+            await stub.Heartbeat(beat_request, metadata=metadata, timeout=10)
+            await asyncio.sleep(heartbeat_s)
+
+    return joined, asyncio.create_task(beat())
+
+
+async def hold_stalled_streams(
+    address: str,
+    name: str,
+    token: str,
+    *,
+    count: int,
+    stop: asyncio.Event,
+    done: asyncio.Event,
+    heartbeat_s: float,
+    in_round: bool,
+) -> dict:
+    """`count` silent PushUpdate and `count` unread fetch streams of one client (FetchSetup; in a round,
+    FetchGlobal of it); how each ended. `in_round`: the client joins now, and its Join opens round 1."""
     metadata = bearer_metadata(token)
     outcomes: dict[str, int] = {}
     async with aio.insecure_channel(address) as channel:
         stub = pb_grpc.FederationStub(channel)
-        joined = await stub.Join(pb.JoinRequest(client_id=name, num_examples=4), metadata=metadata)
+        joined, beating = await joined_client(stub, name, metadata, heartbeat_s, stop)
+        round_number = 0
+        while in_round and round_number == 0:  # until the server has opened the round
+            beat = await stub.Heartbeat(
+                pb.HeartbeatRequest(run_id=joined.run_id, client_id=name), metadata=metadata
+            )
+            round_number = beat.round if beat.action == pb.HeartbeatReply.TRAIN else 0
+            await asyncio.sleep(0.1)
+        fetch = stub.FetchGlobal if in_round else stub.FetchSetup
 
         async def silent():
             await stop.wait()
@@ -124,7 +173,8 @@ async def hold_stalled_streams(address: str, name: str, token: str, count: int, 
                 return error.code().name
 
         async def unread_fetch():
-            call = stub.FetchSetup(pb.FetchRequest(run_id=joined.run_id, client_id=name), metadata=metadata)
+            request = pb.FetchRequest(run_id=joined.run_id, round=round_number, client_id=name)
+            call = fetch(request, metadata=metadata)
             try:
                 await call.read()  # one chunk, then never another
                 await stop.wait()
@@ -134,7 +184,46 @@ async def hold_stalled_streams(address: str, name: str, token: str, count: int, 
                 return error.code().name
 
         calls = [push() for _ in range(count)] + [unread_fetch() for _ in range(count)]
+        done.set()  # the phase waits for nothing more: these end when it does
         results = await asyncio.gather(*calls)
+        await beating
+    for result in results:
+        outcomes[result] = outcomes.get(result, 0) + 1
+    return outcomes
+
+
+async def fetch_runtime_files(
+    address: str, name: str, token: str, *, stop: asyncio.Event, done: asyncio.Event, heartbeat_s: float
+) -> dict:
+    """FETCHES FetchRuntime calls at once from one client joined with the ort runtime, each retried
+    while the server answers UNAVAILABLE (its files are being made); how each ended."""
+    metadata = bearer_metadata(token)
+    async with aio.insecure_channel(
+        address, options=[("grpc.max_receive_message_length", 64 << 20)]
+    ) as channel:
+        stub = pb_grpc.FederationStub(channel)
+        joined, beating = await joined_client(stub, name, metadata, heartbeat_s, stop, runtime="ort")
+        request = pb.FetchRequest(run_id=joined.run_id, client_id=name)
+        started = time.perf_counter()
+
+        async def fetch() -> str:
+            while True:
+                try:
+                    size = sum(
+                        [len(chunk.data) async for chunk in stub.FetchRuntime(request, metadata=metadata)]
+                    )
+                    return f"fetched {size / 1e6:.0f} MB"
+                except grpc.RpcError as error:
+                    if error.code() != grpc.StatusCode.UNAVAILABLE:
+                        return error.code().name
+                await asyncio.sleep(0.5)
+
+        results = await asyncio.gather(*(fetch() for _ in range(FETCHES)))
+        made_s = time.perf_counter() - started
+        done.set()
+        await stop.wait()
+        await beating
+    outcomes = {f"files made and sent in {made_s:.0f} s": 1}
     for result in results:
         outcomes[result] = outcomes.get(result, 0) + 1
     return outcomes
@@ -154,28 +243,46 @@ async def measure(args: argparse.Namespace, address: str, tokens: TokenBook, pid
     await asyncio.sleep(args.heartbeat_s * 3)  # every client has joined and beaten before recording
     joined_s = time.perf_counter() - started
     rows = []
-    for phase in ("heartbeats only", f"+ {args.stalled} silent pushes and {args.stalled} unread fetches"):
-        stalled_stop = asyncio.Event()
-        stalled = None
-        if phase != "heartbeats only":
-            name = fleet.names[0]
-            stalled = asyncio.create_task(
-                hold_stalled_streams(address, name, tokens.token_for(name), args.stalled, stalled_stop)
-            )
+    fetcher, staller = tokens.clients[args.clients], tokens.clients[args.clients + 1]
+    stalled = functools.partial(
+        hold_stalled_streams, address, count=args.stalled, heartbeat_s=args.heartbeat_s
+    )
+    first = fleet.names[0]
+    held = f"{args.stalled} silent pushes and {args.stalled} unread"
+    phases = {
+        "heartbeats only": None,
+        f"+ {held} FetchSetup, no round open": functools.partial(
+            stalled, first, tokens.token_for(first), in_round=False
+        ),
+        f"+ {FETCHES} FetchRuntime at once while the ort files are made": functools.partial(
+            fetch_runtime_files, address, fetcher, tokens.token_for(fetcher), heartbeat_s=args.heartbeat_s
+        ),
+        f"+ {held} FetchGlobal, inside round 1": functools.partial(
+            stalled, staller, tokens.token_for(staller), in_round=True
+        ),
+    }
+    for phase, disturb in phases.items():
+        phase_stop, done = asyncio.Event(), asyncio.Event()
+        disturbance = None
+        if disturb is not None:
+            disturbance = asyncio.create_task(disturb(stop=phase_stop, done=done))
             await asyncio.sleep(1.0)
         fleet.take()
         fleet.recording = True
-        rss = []
-        for _ in range(int(args.seconds)):
+        rss, recorded = [], 0
+        # A phase lasts --seconds, or as long as its disturbance takes to be done (the ort files made).
+        while recorded < args.seconds or (disturbance is not None and not done.is_set() and recorded < 900):
             await asyncio.sleep(1.0)
             rss.append(resident_mb(pid))
+            recorded += 1
         fleet.recording = False
         latencies, errors = fleet.take()
-        stalled_stop.set()
-        outcome = await stalled if stalled else {}
+        phase_stop.set()
+        outcome = await disturbance if disturbance else {}
         p50, p99, worst = percentiles(latencies)
         rows.append(
-            f"| {phase} | {len(latencies):,} | {p50:.1f} | {p99:.1f} | {worst:.1f} | {max(rss):.0f} | "
+            f"| {phase} | {recorded} | {len(latencies):,} | {p50:.1f} | {p99:.1f} | {worst:.1f} | "
+            f"{max(rss):.0f} | "
             f"{', '.join(f'{k} {v}' for k, v in sorted(errors.items())) or 'none'} | "
             f"{', '.join(f'{k} {v}' for k, v in sorted(outcome.items())) or '-'} |"
         )
@@ -184,11 +291,11 @@ async def measure(args: argparse.Namespace, address: str, tokens: TokenBook, pid
     await asyncio.gather(*tasks)
     return [
         f"{args.clients:,} clients, each joined and heartbeating every {args.heartbeat_s:g} s (recording "
-        f"starts {joined_s:.1f} s after they start); {args.seconds:g} s recorded per phase.",
+        f"starts {joined_s:.1f} s after they start); at least {args.seconds:g} s recorded per phase.",
         "",
-        "| phase | heartbeats | p50 ms | p99 ms | max ms | server RSS MB (peak) | heartbeat errors | "
-        "stalled streams ended |",
-        "|---|---:|---:|---:|---:|---:|---|---|",
+        "| phase | s | heartbeats | p50 ms | p99 ms | max ms | server RSS MB (peak) | heartbeat errors | "
+        "its calls ended |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
         *rows,
     ]
 
@@ -211,11 +318,12 @@ def main() -> None:
     command = "python benchmarks/load.py" + (f" --clients {args.clients}" if args.clients != 1000 else "")
     lines = [
         f"`{command}` on {platform.machine()} ({os.cpu_count()} cores; the server and the load generator "
-        f"share them), grpcio {grpc.__version__}. How the stalled streams ended: FAILED_PRECONDITION, a "
-        "push refused before anything is read (no round awaits that client's update); RESOURCE_EXHAUSTED, "
-        "over the two streams a client may hold; sent whole, a fetch the server finished (the setup "
-        "fits the connection's buffers) though the client never read past its first chunk; CANCELLED, "
-        "idle for the server's --stream-idle-s (30 s, longer than a phase).",
+        f"share them), grpcio {grpc.__version__}. How the misbehaving client's calls ended: "
+        "FAILED_PRECONDITION, a push refused before anything is read (no round awaits that client's "
+        "update); RESOURCE_EXHAUSTED, over the two streams a client may hold; sent whole, a fetch the "
+        "server finished (it fits the connection's buffers) though the client never read past its first "
+        "chunk; OK / CANCELLED, a stream held open until the phase ended; fetched, the ort files, after "
+        "UNAVAILABLE answers while they were made.",
         "",
         *table,
     ]

@@ -2,7 +2,7 @@
 
 from edgefed.client.federated import EncodedUpdate, FederatedClient
 from edgefed.client.training import LocalTrainer
-from edgefed.client.worker import Worker, build_worker, worker_for
+from edgefed.client.worker import Worker, build_worker, client_worker, worker_for
 from edgefed.data.rounds import local_steps
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "LocalTrainer",
     "Worker",
     "build_worker",
+    "client_worker",
     "local_steps",
     "worker_for",
 ]

@@ -19,7 +19,7 @@ from torch import nn
 from edgefed.client.federated import FederatedClient
 from edgefed.client.training import LocalTrainer
 from edgefed.codecs import make_codec
-from edgefed.components import adapter_spec, method_of
+from edgefed.components import adapter_spec, method_of, task_of
 from edgefed.config import RunConfig
 from edgefed.data import EncodedExamples
 from edgefed.data.fewshot import FewShotExamples
@@ -93,8 +93,15 @@ class Worker:
 
 def worker_for(setup: RunSetup, device: torch.device) -> Worker:
     """A worker built as a client builds it: from the pre-trained files and the server's setup state."""
-    base, _ = setup.task.load_model(resolve_model_path(setup.config.model), setup.num_labels)
-    return build_worker(setup.config, base, setup.spec.head_modules, device, setup.setup)
+    return client_worker(setup.config, setup.num_labels, setup.spec.head_modules, setup.setup, device)
+
+
+def client_worker(
+    config: RunConfig, num_labels: int, head_modules: tuple[str, ...], setup: SetupState, device: torch.device
+) -> Worker:
+    """`worker_for` from the parts of a setup a child process is given."""
+    base, _ = task_of(config).load_model(resolve_model_path(config.model), num_labels)
+    return build_worker(config, base, head_modules, device, setup)
 
 
 def build_worker(

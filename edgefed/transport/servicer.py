@@ -30,14 +30,13 @@ from pathlib import Path
 import grpc
 import torch
 
-from edgefed.client import worker_for
 from edgefed.codecs import make_codec
 from edgefed.components import method_of
 from edgefed.config import RunConfig, ServerSettings, client_config, config_text
 from edgefed.devices.fleet import FleetPlans
 from edgefed.devices.planner import plan_text
 from edgefed.errors import EdgefedError
-from edgefed.runtimes import RUNTIMES, Runtime
+from edgefed.runtimes import RUNTIMES
 from edgefed.scope import Scope
 from edgefed.setup import RunSetup
 from edgefed.transport.auth import TokenBook
@@ -45,6 +44,7 @@ from edgefed.transport.base import Roster, receive_update, state_payload, update
 from edgefed.transport.clients import MISSED_HEARTBEATS, ClientBook, Code, Refusal
 from edgefed.transport.refusals import RefusalLog
 from edgefed.transport.rounds import RoundBook
+from edgefed.transport.runtime_files import FilesRecipe, make_files
 from edgefed.types import RoundResult, State
 from edgefed.wire.framing import ChunkView, Expected, WireError, wire_size
 from edgefed.wire.sending import chunk_stream
@@ -95,16 +95,16 @@ def peer_host(peer: str) -> str:
 
 def run_description(setup: RunSetup, run_id: str, run_dir: Path) -> RunDescription:
     """What clients over gRPC learn of the run, with an offer for each runtime a device can train with:
-    its setup files (made in <run>/<runtime> when the first device asks), or why it cannot."""
+    its setup files (made in <run>/<runtime>, in a child process, when the first device asks), or why
+    it cannot."""
     offers = {}
     for name in RUNTIMES.device_names():
         runtime = RUNTIMES.create(name)
         refusal = runtime.refusal(setup.config, setup.method.task)
-        files = (
-            functools.partial(runtime_files, setup, runtime, run_dir / name)
-            if runtime.fetches_files
-            else None
+        recipe = FilesRecipe(
+            setup.config, setup.num_labels, setup.spec.head_modules, setup.setup, name, run_dir / name
         )
+        files = functools.partial(make_files, recipe) if runtime.fetches_files else None
         offers[name] = RuntimeOffer(refusal=refusal) if refusal else RuntimeOffer(files)
     return RunDescription(
         run_id,
@@ -117,16 +117,11 @@ def run_description(setup: RunSetup, run_id: str, run_dir: Path) -> RunDescripti
     )
 
 
-def runtime_files(setup: RunSetup, runtime: Runtime, folder: Path) -> bytes:
-    """A runtime's setup files, made from a worker built as a client builds it."""
-    worker = worker_for(setup, torch.device("cpu"))
-    return runtime.setup_files(worker.runtime_build(setup.tokenizer, folder))
-
-
 class RuntimeFiles:
-    """One runtime's setup files, made once, in a thread of their own, when the first device asks.
-    Until they are ready every asking device is told to come back (UNAVAILABLE, which a client retries
-    with backoff), so no number of FetchRuntime calls holds the server's workers while they are made."""
+    """One runtime's setup files, made once, when the first device asks, by a thread of their own (which
+    waits for the child process making them: edgefed/transport/runtime_files.py). Until they are ready
+    every asking device is told to come back (UNAVAILABLE, which a client retries with backoff), so no
+    number of FetchRuntime calls holds the server's workers while they are made."""
 
     def __init__(self, runtime: str, make: Callable[[], bytes], log: Callable[[str], None]) -> None:
         self.runtime, self._make, self._log = runtime, make, log
