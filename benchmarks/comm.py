@@ -41,6 +41,7 @@ from edgefed.codecs import encode_state, make_codec
 from edgefed.config import RunConfig
 from edgefed.methods import METHODS, AdapterSpec, trainable_state
 from edgefed.models import load_classifier, resolve_model_path
+from edgefed.transport.auth import bearer_metadata
 from edgefed.transport.base import state_payload
 from edgefed.transport.grpc_server import GrpcTransport
 from edgefed.transport.servicer import FederationServicer, RunDescription
@@ -134,9 +135,9 @@ def delta_update(total_mb: float) -> tuple[dict[str, torch.Tensor], EncodedUpdat
 
 
 def sender(total_mb: float, requests, replies, cpu: int | None = None) -> None:
-    """The client side, a process of its own (as a device is): for each (address, method, round) it
-    gets, it serialises that round's chunks beforehand, then times one call that streams them. With
-    `cpu`, it runs on that core alone (as `taskset` would pin it)."""
+    """The client side, a process of its own (as a device is): for each (address, method, round, its
+    metadata) it gets, it serialises that round's chunks beforehand, then times one call that streams
+    them. With `cpu`, it runs on that core alone (as `taskset` would pin it)."""
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     _, update = delta_update(total_mb)
@@ -144,12 +145,12 @@ def sender(total_mb: float, requests, replies, cpu: int | None = None) -> None:
     options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
     channels: dict[str, grpc.Channel] = {}
     while (request := requests.get()) is not None:
-        address, method, round_number = request
+        address, method, round_number, metadata = request
         chunks = [chunk.SerializeToString() for chunk in update.chunks(RUN_ID, round_number, "client-0")]
         channel = channels.setdefault(address, grpc.insecure_channel(address, options=options))
         call = channel.stream_unary(method)
         start = time.perf_counter()
-        call(iter(chunks))
+        call(iter(chunks), metadata=metadata)
         replies.put(time.perf_counter() - start)
 
 
@@ -185,6 +186,7 @@ def throughput(
     )
     servicer.clients.slots["client-0"] = 0
     servicer.clients.examples[0] = update.num_examples  # as its Join would declare
+    metadata = bearer_metadata(servicer.clients.sessions.issue("client-0"))  # as its Join would give
     transport = GrpcTransport(servicer, "127.0.0.1:0", min_clients=1, deadline_s=3600)
     limit = CHUNK_BYTES + MESSAGE_HEADROOM
     options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
@@ -200,11 +202,11 @@ def throughput(
     times: dict[str, list[float]] = {path: [] for path in PATHS}
     cpu: dict[str, list[float]] = {path: [] for path in PATHS}
 
-    def timed(path: str, address: str, method: str, round_number: int) -> None:
+    def timed(path: str, address: str, method: str, round_number: int, metadata=()) -> None:
         # CPU time (user + system) of this whole process: while a call is timed its main thread waits,
         # so what it uses is the receiving servers' threads (gRPC's own and the handlers').
         start = time.process_time()
-        requests.put((address, method, round_number))
+        requests.put((address, method, round_number, metadata))
         times[path].append(replies.get(timeout=600))
         cpu[path].append(time.process_time() - start)
 
@@ -215,7 +217,7 @@ def throughput(
             collector.start()
             while servicer.rounds.current is None:
                 time.sleep(0.001)
-            timed("edgefed", transport.address, "/edgefed.v1.Federation/PushUpdate", round_number)
+            timed("edgefed", transport.address, "/edgefed.v1.Federation/PushUpdate", round_number, metadata)
             collector.join()
             for path, method in SINK_PATHS.items():
                 timed(path, sink_address, f"/bench.Sink/{method}", 1)

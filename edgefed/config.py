@@ -240,7 +240,7 @@ def merged_values(file_path: str | None, flags: dict[str, Any]) -> dict[str, Any
     """The layers (defaults < preset < file < flags) merged, by field name; values not yet checked."""
     file_values = read_config_file(file_path) if file_path else {}
     preset = flags.get("preset") or file_values.get("preset") or "demo"
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:  # a TOML list or table is no name either
         raise EdgefedError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
     merged: dict[str, Any] = {}
     for layer, origin in (
@@ -274,7 +274,7 @@ def read_config_file(path: str) -> dict[str, Any]:
             return config_values(handle.read().decode("utf-8"), path)
     except FileNotFoundError:
         raise EdgefedError(f"{path}: no such config file") from None
-    except (OSError, UnicodeDecodeError) as error:  # a folder, no permission, not UTF-8 text
+    except (OSError, ValueError) as error:  # a folder, no permission, not UTF-8 text, a NUL in the path
         raise EdgefedError(f"{path}: cannot read it as a config file ({error})") from None
 
 
@@ -346,6 +346,8 @@ def check_run(config: RunConfig) -> None:
         unlabeled_pool=config.unlabeled_pool,
     )
     check_at_most(7 * 24 * 3600, round_deadline_s=config.round_deadline_s, budget_s=config.budget_s)
+    if config.seed < 0:  # numpy's generators take no negative seed
+        raise EdgefedError(f"seed must be 0 or positive, got {config.seed}")
     if config.transport not in TRANSPORTS:
         raise EdgefedError(f"unknown transport '{config.transport}'; choose one of: {', '.join(TRANSPORTS)}")
     if config.min_clients is not None and config.min_clients > config.clients:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import unicodedata
 from collections.abc import Callable
 
 
@@ -14,12 +15,20 @@ class EdgefedError(Exception):
 TORCH_STACK = ("torch", "transformers", "peft", "accelerate", "safetensors", "tqdm", "psutil")
 
 
+def one_line(text: str) -> str:
+    """`text` with its line breaks, control characters and unpaired surrogates escaped (`\\n`, `\\x00`,
+    `\\udcff`): a message that quotes a user's value stays one line, whatever the value holds."""
+    return "".join(
+        repr(char)[1:-1] if unicodedata.category(char) in ("Cc", "Cs", "Zl", "Zp") else char for char in text
+    )
+
+
 def report_errors(command: Callable[[], int]) -> int:
     """Run a command; an EdgefedError is one line on stderr and exit status 2, not a traceback."""
     try:
         return command()
     except EdgefedError as error:
-        print(f"edgefed: error: {error}", file=sys.stderr)
+        print(f"edgefed: error: {one_line(str(error))}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as error:
         if (error.name or "").split(".")[0] not in TORCH_STACK:

@@ -34,6 +34,30 @@ def key_of(name: str) -> str:
     return name.replace("_", "-")
 
 
+# TOML's integers are 64-bit: a run's config.toml records no larger one (nor reads it back elsewhere).
+MIN_INT, MAX_INT = -(2**63), 2**63 - 1
+
+
+def shown(value: Any) -> str:
+    """`value` as an error quotes it: its repr, or what it is where it has none (an integer past
+    `sys.get_int_max_str_digits` digits)."""
+    try:
+        return repr(value)
+    except ValueError:
+        return "a number too long to show"
+
+
+def check_text(name: str, text: str) -> None:
+    """Refuse text that no setting holds: a NUL (no path or name has one) or an unpaired surrogate (a
+    file name's non-UTF-8 bytes, which config.toml, UTF-8, cannot record)."""
+    if "\x00" in text:
+        raise EdgefedError(f"{key_of(name)}: a NUL character in {shown(text)}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EdgefedError(f"{key_of(name)}: {shown(text)} is not UTF-8 text") from None
+
+
 def coerce(name: str, kind: Any, value: Any, example: str | None = None) -> Any:
     """`value` checked against a field's type `kind` (TOML and flags both land here); a list field
     (`tuple[str, ...]`) also takes comma-separated text."""
@@ -42,25 +66,40 @@ def coerce(name: str, kind: Any, value: Any, example: str | None = None) -> Any:
     kinds = set(typing.get_args(kind)) or {kind}
     if typing.get_origin(kind) is tuple or any(typing.get_origin(k) is tuple for k in kinds):
         items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, list | tuple) or not all(isinstance(item, str) and item for item in items):
+        if not isinstance(items, list | tuple) or not all(
+            isinstance(item, str) and item.strip() for item in items
+        ):
             raise EdgefedError(f"{key_of(name)}: expected names like '{example}'")
+        for item in items:
+            check_text(name, item)
         return tuple(item.strip() for item in items)
     if bool in kinds:
         if not isinstance(value, bool):
-            raise EdgefedError(f"{key_of(name)}: expected true or false, got {value!r}")
+            raise EdgefedError(f"{key_of(name)}: expected true or false, got {shown(value)}")
         return value
     if int in kinds:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise EdgefedError(f"{key_of(name)}: expected an integer, got {value!r}")
+            raise EdgefedError(f"{key_of(name)}: expected an integer, got {shown(value)}")
+        if not MIN_INT <= value <= MAX_INT:
+            raise EdgefedError(
+                f"{key_of(name)}: expected an integer within TOML's 64-bit range, got {shown(value)}"
+            )
         return value
     if float in kinds:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise EdgefedError(f"{key_of(name)}: expected a number, got {value!r}")
-        if not math.isfinite(value):  # NaN passes every comparison's `else`: refused here, once
-            raise EdgefedError(f"{key_of(name)}: expected a finite number, got {value!r}")
-        return float(value)
+            raise EdgefedError(f"{key_of(name)}: expected a number, got {shown(value)}")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past the largest float
+            number = math.inf
+        if not math.isfinite(number):  # NaN passes every comparison's `else`: refused here, once
+            raise EdgefedError(f"{key_of(name)}: expected a finite number, got {shown(value)}")
+        return number
     if not isinstance(value, str):
-        raise EdgefedError(f"{key_of(name)}: expected a string, got {value!r}")
+        raise EdgefedError(f"{key_of(name)}: expected a string, got {shown(value)}")
+    if not value.strip():  # no name or path is blank: `--out ""` would be the working folder
+        raise EdgefedError(f"{key_of(name)}: expected a name or path, got {shown(value)}")
+    check_text(name, value)
     return value
 
 

@@ -23,6 +23,10 @@ def parse_toml(text: str, origin: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise EdgefedError(f"{origin}: invalid TOML ({error})") from None
+    except ValueError:  # an integer of more digits than int() converts (sys.get_int_max_str_digits)
+        raise EdgefedError(f"{origin}: invalid TOML (an integer too long to read)") from None
+    except RecursionError:
+        raise EdgefedError(f"{origin}: invalid TOML (arrays or tables nested too deeply)") from None
 
 
 def toml_key(key: str) -> str:

@@ -5,17 +5,25 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from edgefed import __version__
 from edgefed.cli.bench import add_bench_options, bench_command
 from edgefed.cli.client import add_client_options, client_command, read_bytes
 from edgefed.cli.options import add_config_option, add_run_options, add_server_options, server_settings
-from edgefed.errors import EdgefedError, report_errors
+from edgefed.errors import EdgefedError, one_line, report_errors
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage error stays one line whatever the arguments it quotes hold
+    (`unrecognized arguments: ...` quotes them as they are); its subcommands' parsers are its kind."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(one_line(message))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="edgefed",
         description="Federated fine-tuning of pre-trained transformer language models across edge devices.",
     )

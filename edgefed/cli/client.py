@@ -27,9 +27,14 @@ from edgefed.errors import EdgefedError
 from edgefed.runtimes import RUNTIMES
 from edgefed.toml_io import parse_toml
 from edgefed.transport.auth import TOKEN_ENV
+from edgefed.wire.channels import check_address
 
 ENV_PREFIX = "EDGEFED_"
 CONFIG_ENV = "EDGEFED_CONFIG"
+
+
+# More CPU threads than any device has: beyond it a typo (torch refuses 0 and overflows past 2**31).
+MAX_THREADS = 1024
 
 
 def retry_seconds(text: str) -> float:
@@ -52,6 +57,23 @@ def runtime_name(text: str) -> str:
     return text
 
 
+def thread_count(text: str) -> int:
+    """CPU threads: from 1 to MAX_THREADS."""
+    value = int(text)  # a ValueError names the text
+    if not 1 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"threads must be from 1 to {MAX_THREADS}, got {value}")
+    return value
+
+
+def server_address(text: str) -> str:
+    """HOST:PORT, checked as the server checks its own (a name gRPC cannot encode is no traceback)."""
+    try:
+        check_address(text)
+    except EdgefedError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str  # the flag without its dashes, the file's key; the variable is EDGEFED_<NAME>
@@ -71,7 +93,9 @@ class Setting:
 
 
 SETTINGS = (
-    Setting("server", "HOST:PORT of the edgefed server", metavar="HOST:PORT", required=True),
+    Setting(
+        "server", "HOST:PORT of the edgefed server", kind=server_address, metavar="HOST:PORT", required=True
+    ),
     Setting(
         "data",
         "TSV/CSV/JSONL file (pre-training: also .txt, one document per line), or a folder with train.* "
@@ -97,7 +121,7 @@ SETTINGS = (
     Setting("tls-ca", "PEM certificate(s) to trust: connect over TLS", metavar="FILE"),
     Setting("tls-cert", "PEM certificate of this client (mutual TLS)", metavar="FILE"),
     Setting("tls-key", "PEM private key of tls-cert", metavar="FILE"),
-    Setting("threads", "CPU threads for training (default: the runtime's)", kind=int),
+    Setting("threads", "CPU threads for training (default: the runtime's)", kind=thread_count),
     Setting(
         "runtime",
         "what trains on this device: torch, or ort (ONNX Runtime training artifacts the server makes; "
@@ -157,7 +181,7 @@ def client_settings(flags: dict[str, Any], environ: dict[str, str]) -> dict[str,
 def read_client_config(path: str) -> dict[str, Any]:
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
+    except (OSError, ValueError) as error:  # ValueError: not UTF-8, or a NUL in the path
         raise EdgefedError(f"{path}: {getattr(error, 'strerror', None) or 'not UTF-8 text'}") from None
     values = parse_toml(text, path)
     if "token" in values:
@@ -184,7 +208,7 @@ def read_token(path: str) -> str:
     try:
         mode = os.stat(path).st_mode
         token = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as error:
+    except (OSError, ValueError) as error:  # ValueError: not UTF-8, or a NUL in the path
         raise EdgefedError(f"token file {path}: {getattr(error, 'strerror', None) or 'not UTF-8'}") from None
     if not token or any(character.isspace() for character in token):
         raise EdgefedError(f"token file {path}: must hold one token and nothing else")
@@ -198,6 +222,8 @@ def read_bytes(path: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as error:
         raise EdgefedError(f"{path}: {error.strerror}") from None
+    except ValueError:  # a NUL in the path
+        raise EdgefedError(f"{path}: no such file") from None
 
 
 def client_command(args: dict[str, Any]) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from edgefed.errors import EdgefedError
@@ -21,7 +23,7 @@ def parse_partition(spec: str) -> tuple[str, float | None]:
             alpha = float(arg)
         except ValueError:
             alpha = -1.0
-        if alpha > 0:
+        if 0 < alpha < math.inf:
             return "dirichlet", alpha
         raise EdgefedError(f"partition '{spec}': dirichlet needs a positive alpha, e.g. dirichlet:0.5")
     raise EdgefedError(f"unknown partition '{spec}'; choose iid or dirichlet:<alpha>")

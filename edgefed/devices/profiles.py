@@ -213,17 +213,20 @@ def parse_fleet(entries: Iterable[str]) -> tuple[str, ...]:
     devices: list[str] = []
     for text in entries:
         for entry in filter(None, (part.strip() for part in re.split(r"[+,]", text))):
-            match = re.fullmatch(r"(?:(\d+)\s*[×xX*]\s*)?([^\s@×*]+)(?:@(\S+))?", entry)
+            match = re.fullmatch(r"(?:([0-9]+)\s*[×xX*]\s*)?([^\s@×*]+)(?:@(\S+))?", entry)
             if match is None:
                 raise EdgefedError(
                     f"fleet entry '{entry}': expected COUNT×PROFILE[@EXIT], e.g. {FLEET_EXAMPLE}"
                 )
             count, name, exit_depth = match.groups()
-            if count is not None and not 1 <= int(count) <= MAX_CLIENTS:
+            # Read as numbers only when short: int() refuses thousands of digits, and '²' is no digit.
+            if count is not None and not (len(count) <= 9 and 1 <= int(count) <= MAX_CLIENTS):
                 raise EdgefedError(
                     f"fleet entry '{entry}': a device count must be at least 1 and at most {MAX_CLIENTS:,}"
                 )
-            if exit_depth is not None and (not exit_depth.isdigit() or int(exit_depth) < 1):
+            if exit_depth is not None and not (
+                re.fullmatch(r"[0-9]{1,9}", exit_depth) and int(exit_depth) >= 1
+            ):
                 raise EdgefedError(f"fleet entry '{entry}': @EXIT is a number of blocks, at least 1")
             devices += [name if exit_depth is None else f"{name}@{int(exit_depth)}"] * int(count or 1)
             if len(devices) > MAX_CLIENTS:

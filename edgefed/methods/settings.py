@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 from edgefed.errors import EdgefedError
-from edgefed.settings import Settings, check_positive, option
+from edgefed.settings import MAX_COUNT, Settings, check_at_most, check_positive, option
 from edgefed.types import AdapterSpec
 
 LAYER_RANGE = re.compile(r"layers:(\d+)(?:-(\d+))?")
@@ -36,6 +36,7 @@ class LowRankSettings(Settings):
 
     def check(self) -> None:
         check_positive(rank=self.rank, alpha=self.alpha)
+        check_at_most(MAX_COUNT, rank=self.rank)
         if not self.target_modules:
             raise EdgefedError("target-modules: name at least one module to adapt (e.g. query,value)")
 
@@ -48,6 +49,7 @@ class BottleneckSettings(Settings):
 
     def check(self) -> None:
         check_positive(rank=self.rank)
+        check_at_most(MAX_COUNT, rank=self.rank)
 
 
 @dataclass(frozen=True)

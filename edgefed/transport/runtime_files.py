@@ -1,12 +1,14 @@
-"""A client runtime's setup files (ONNX Runtime training artifacts, edgefed/ort) made for a gRPC
-server in a child process. Making them holds the GIL for seconds at a time (the ONNX export): in the
-server's own process that stalled every call, heartbeats included (2.6 s measured with
-benchmarks/load.py), so it runs apart, at a lower priority, and the server's thread only waits."""
+"""A client runtime's setup files (ONNX Runtime training artifacts, edgefed/ort), made once for a
+gRPC server's devices, in a child process. Making them holds the GIL for seconds at a time (the ONNX
+export): in the server's own process that stalled every call, heartbeats included (2.6 s measured
+with benchmarks/load.py), so it runs apart, at a lower priority, and the server's thread only waits."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from edgefed.config import RunConfig
 from edgefed.errors import EdgefedError
 from edgefed.models import load_tokenizer, resolve_model_path
 from edgefed.runtimes import RUNTIMES
+from edgefed.transport.clients import Code, Refusal
 from edgefed.types import State
 
 NICENESS = 10  # the child yields the CPU to the server's calls
@@ -54,3 +57,43 @@ def made(recipe: FilesRecipe) -> bytes:
     worker = client_worker(config, recipe.num_labels, recipe.head_modules, recipe.setup, torch.device("cpu"))
     build = worker.runtime_build(load_tokenizer(resolve_model_path(config.model)), recipe.folder)
     return RUNTIMES.create(recipe.runtime).setup_files(build)
+
+
+class RuntimeFiles:
+    """One runtime's setup files, made once, when the first device asks, by a thread of their own (which
+    waits for the child process making them: edgefed/transport/runtime_files.py). Until they are ready
+    every asking device is told to come back (UNAVAILABLE, which a client retries with backoff), so no
+    number of FetchRuntime calls holds the server's workers while they are made."""
+
+    def __init__(self, runtime: str, make: Callable[[], bytes], log: Callable[[str], None]) -> None:
+        self.runtime, self._make, self._log = runtime, make, log
+        self._lock = threading.Lock()
+        self._payload: bytes | None = None
+        self._refusal: Refusal | None = None
+        self._making = False
+
+    def payload(self) -> bytes:
+        """The files, or a Refusal: UNAVAILABLE while they are being made, else why they cannot be."""
+        with self._lock:
+            if self._payload is not None:
+                return self._payload
+            if self._refusal is not None:  # a fresh exception per call: each gets its own traceback
+                raise Refusal(self._refusal.code, self._refusal.message)
+            if not self._making:
+                self._making = True
+                self._log(f"edgefed: making the {self.runtime} runtime's files for its devices")
+                threading.Thread(target=self._made, name=f"{self.runtime}-files", daemon=True).start()
+        raise Refusal(Code.UNAVAILABLE, f"the {self.runtime} runtime's files are being made; ask again")
+
+    def _made(self) -> None:
+        try:
+            payload, refusal = self._make(), None
+        except EdgefedError as error:
+            payload, refusal = None, Refusal(Code.FAILED_PRECONDITION, f"runtime {self.runtime}: {error}")
+        except Exception as error:  # a thread's error is otherwise lost, and its devices would ask forever
+            payload = None
+            refusal = Refusal(Code.INTERNAL, f"runtime {self.runtime}: its files were not made ({error!r})")
+        if refusal is not None:
+            self._log(f"edgefed: {refusal.message}")
+        with self._lock:
+            self._payload, self._refusal, self._making = payload, refusal, False

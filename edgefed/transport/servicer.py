@@ -35,7 +35,6 @@ from edgefed.components import method_of
 from edgefed.config import RunConfig, ServerSettings, client_config, config_text
 from edgefed.devices.fleet import FleetPlans
 from edgefed.devices.planner import plan_text
-from edgefed.errors import EdgefedError
 from edgefed.runtimes import RUNTIMES
 from edgefed.scope import Scope
 from edgefed.setup import RunSetup
@@ -44,7 +43,7 @@ from edgefed.transport.base import Roster, receive_update, state_payload, update
 from edgefed.transport.clients import MISSED_HEARTBEATS, ClientBook, Code, Refusal
 from edgefed.transport.refusals import RefusalLog
 from edgefed.transport.rounds import RoundBook
-from edgefed.transport.runtime_files import FilesRecipe, make_files
+from edgefed.transport.runtime_files import FilesRecipe, RuntimeFiles, make_files
 from edgefed.types import RoundResult, State
 from edgefed.wire.framing import ChunkView, Expected, WireError, wire_size
 from edgefed.wire.sending import chunk_stream
@@ -115,46 +114,6 @@ def run_description(setup: RunSetup, run_id: str, run_dir: Path) -> RunDescripti
         state_payload(setup.setup),
         offers,
     )
-
-
-class RuntimeFiles:
-    """One runtime's setup files, made once, when the first device asks, by a thread of their own (which
-    waits for the child process making them: edgefed/transport/runtime_files.py). Until they are ready
-    every asking device is told to come back (UNAVAILABLE, which a client retries with backoff), so no
-    number of FetchRuntime calls holds the server's workers while they are made."""
-
-    def __init__(self, runtime: str, make: Callable[[], bytes], log: Callable[[str], None]) -> None:
-        self.runtime, self._make, self._log = runtime, make, log
-        self._lock = threading.Lock()
-        self._payload: bytes | None = None
-        self._refusal: Refusal | None = None
-        self._making = False
-
-    def payload(self) -> bytes:
-        """The files, or a Refusal: UNAVAILABLE while they are being made, else why they cannot be."""
-        with self._lock:
-            if self._payload is not None:
-                return self._payload
-            if self._refusal is not None:  # a fresh exception per call: each gets its own traceback
-                raise Refusal(self._refusal.code, self._refusal.message)
-            if not self._making:
-                self._making = True
-                self._log(f"edgefed: making the {self.runtime} runtime's files for its devices")
-                threading.Thread(target=self._made, name=f"{self.runtime}-files", daemon=True).start()
-        raise Refusal(Code.UNAVAILABLE, f"the {self.runtime} runtime's files are being made; ask again")
-
-    def _made(self) -> None:
-        try:
-            payload, refusal = self._make(), None
-        except EdgefedError as error:
-            payload, refusal = None, Refusal(Code.FAILED_PRECONDITION, f"runtime {self.runtime}: {error}")
-        except Exception as error:  # a thread's error is otherwise lost, and its devices would ask forever
-            payload = None
-            refusal = Refusal(Code.INTERNAL, f"runtime {self.runtime}: its files were not made ({error!r})")
-        if refusal is not None:
-            self._log(f"edgefed: {refusal.message}")
-        with self._lock:
-            self._payload, self._refusal, self._making = payload, refusal, False
 
 
 def refusing(method):

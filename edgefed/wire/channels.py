@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -76,7 +77,13 @@ def check_address(address: str) -> None:
     """HOST:PORT, with a port from 0 to 65535 (0: any free port); one clear line otherwise (gRPC would
     listen on :443 for a bare host and wrap a port over 65535)."""
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    # A host of printable ASCII (gRPC cannot encode a non-UTF-8 name); a port of at most 5 ASCII digits
+    # (`isdigit` alone takes '²', and int() refuses 5,000 digits).
+    if (
+        not re.fullmatch(r"[!-~]+", host)
+        or not re.fullmatch(r"[0-9]{1,5}", port)
+        or not 0 <= int(port) <= 65535
+    ):
         raise EdgefedError(
             f"address '{address}': expected HOST:PORT with a port from 0 to 65535 (0: any free port), "
             "e.g. 0.0.0.0:50051"
@@ -89,7 +96,7 @@ def start_server(
     *,
     max_message_bytes: int,
     workers: int,
-    max_concurrent_rpcs: int,
+    max_concurrent_rpcs: int | None,
     tls: ServerTls | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     thread_prefix: str = "edgefed-rpc",
