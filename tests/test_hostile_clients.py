@@ -31,6 +31,7 @@ from edgefed.transport.clients import MISSED_HEARTBEATS
 from edgefed.transport.grpc_client import CHANNEL_MESSAGE_BYTES, GrpcClient
 from edgefed.transport.grpc_server import GrpcTransport
 from edgefed.transport.refusals import LINES_PER_WINDOW as REFUSAL_LINES
+from edgefed.transport.runtime_files import DOWNLOADS
 from edgefed.transport.servicer import FederationServicer, RunDescription, RuntimeOffer
 from edgefed.types import ClientUpdate, Evaluation, RoundResult
 from edgefed.wire.channels import ClientTls, ServerTls, open_channel, start_server
@@ -572,3 +573,41 @@ def test_one_client_refused_over_and_over_writes_a_few_lines_of_log(federation):
         refusal(lambda: federation.stub.Heartbeat(wrong, metadata=auth("client-0")))
     said = [line for line in federation.log if "wrong run id" in line]
     assert len(said) == REFUSAL_LINES and "go unlogged" in said[-1]
+
+
+def test_a_runtimes_files_are_downloaded_by_a_few_devices_at_a_time():
+    """Once made, the files go to DOWNLOADS devices at once; the next is told to come back (it retries)
+    rather than add one more stream of megabytes that the server's heartbeats would wait behind."""
+    files = bytes(8 << 20)  # more than a stream's window: a download nobody reads stays open
+    offers = {"torch": RuntimeOffer(), "big": RuntimeOffer(lambda: files)}
+    with serve_federation(runtimes=offers) as federation:
+        for client in CLIENTS:
+            federation.join(client, runtime="big")
+
+        def download(client: str):
+            request = pb.FetchRequest(run_id=RUN_ID, client_id=client)
+            return federation.stub.FetchRuntime(request, metadata=auth(client), timeout=30)
+
+        def fetched(client: str) -> bytes | None:
+            """The files, or None when told to come back."""
+            try:
+                received = reassemble(list(download(client)), Expected(RUN_ID, 0, None, client, 1 << 24))
+            except grpc.RpcError as error:
+                assert error.code() == Code.UNAVAILABLE
+                return None
+            return b"".join(received[0].parts)
+
+        deadline = time.monotonic() + 10
+        while fetched("client-2") is None and time.monotonic() < deadline:  # the first ask makes them
+            time.sleep(0.05)
+        held = [download(client) for client in ("client-0", "client-0", "client-1", "client-1")]
+        for call in held:
+            next(call)  # each download has begun, and is read no further
+        busy = refusal(lambda: next(download("client-2")))
+        assert busy.code() == Code.UNAVAILABLE and f"{DOWNLOADS} devices are downloading" in busy.details()
+        for call in held:
+            call.cancel()
+        deadline = time.monotonic() + 10
+        while (payload := fetched("client-2")) is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the cancelled downloads' handlers let go
+        assert payload == files

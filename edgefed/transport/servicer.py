@@ -245,8 +245,10 @@ class FederationServicer(pb_grpc.FederationServicer):
         runtime = self.clients.runtime_of.get(slot, DEFAULT_RUNTIME)
         if runtime not in self.runtime_files:
             raise Refusal(Code.FAILED_PRECONDITION, f"runtime {runtime}: its devices fetch no files")
-        payload = self.runtime_files[runtime].payload()
-        with self.streams.admit(self.caller(context), "FetchRuntime", context) as stream:
+        with (
+            self.runtime_files[runtime].download() as payload,
+            self.streams.admit(self.caller(context), "FetchRuntime", context) as stream,
+        ):
             yield from stream.follow(self._stream_down(payload, 0, slot, request.client_id))
 
     @refusing
