@@ -167,9 +167,13 @@ class ClientBook:
     # -- liveness ----------------------------------------------------------------------------------
 
     def seen(self, slot: int) -> None:
-        """The client in `slot` was heard from (call under the condition)."""
-        self.last_seen[slot] = time.monotonic()
-        self.condition.notify_all()
+        """The client in `slot` was heard from (call under the condition). Only a client that was not
+        connected wakes the server's waits (for clients, for a round): a thousand clients' heartbeats
+        each waking an open round's checks held the lock their heartbeats need (benchmarks/load.py)."""
+        now, before = time.monotonic(), self.last_seen.get(slot)
+        self.last_seen[slot] = now
+        if before is None or before < now - MISSED_HEARTBEATS * self.heartbeat_s:
+            self.condition.notify_all()
 
     def connected(self) -> list[int]:
         """Slots heard from within the last MISSED_HEARTBEATS intervals (call under the condition)."""
