@@ -516,7 +516,7 @@ def test_without_a_token_file_each_client_is_known_by_the_token_its_join_gave_it
             assert federation.join(client).session_token
         assert not federation.join("client-0").session_token, "a rejoin keeps its token"
         squatter = refusal(lambda: federation.stub.Join(pb.JoinRequest(client_id="client-0")))
-        assert squatter.code() == Code.UNAUTHENTICATED
+        assert squatter.code() == Code.UNAUTHENTICATED and "only its session token" in squatter.details()
         beat = pb.HeartbeatRequest(run_id=RUN_ID, client_id="client-0")
         assert refusal(lambda: federation.stub.Heartbeat(beat)).code() == Code.UNAUTHENTICATED
         impostor = refusal(lambda: federation.stub.Heartbeat(beat, metadata=federation.auth("client-1")))

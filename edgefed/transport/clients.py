@@ -80,6 +80,12 @@ class ClientBook:
     def check_joining(self, client_id: str, metadata: Sequence[tuple[str, str]]) -> None:
         """A Join: with a token file, the client's own token; else a client id nobody holds yet, or
         its own session token (a rejoin)."""
+        if self.sessions is not None and self.sessions.has(client_id) and self.owner(metadata) is None:
+            raise Refusal(
+                Code.UNAUTHENTICATED,
+                f"'{printable(client_id)}' has joined this run already, and only its session token may "
+                "rejoin it (a device that restarts keeps its identity with the server's --tokens)",
+            )
         if self.sessions is None or self.sessions.has(client_id):
             self.check_token(client_id, metadata)
 
