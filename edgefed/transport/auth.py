@@ -26,15 +26,29 @@ HEADER = "authorization"
 TOKEN_ENV = "EDGEFED_TOKEN"
 
 
-class TokenBook:
+class TokenOwners:
+    """Who holds which token, looked up by the token's sha256: one dict probe per call however many
+    clients, and what is compared is a digest, which says nothing about how close a guessed token came."""
+
+    _owners: dict[bytes, str]  # sha256 of a token -> its client
+
+    def client_of(self, token: str) -> str | None:
+        """The client a token belongs to, or None."""
+        return self._owners.get(token_key(token))
+
+    def caller(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+        """The client whose token a call carries, or None."""
+        token = bearer_token(metadata)
+        return None if token is None else self.client_of(token)
+
+
+class TokenBook(TokenOwners):
     def __init__(self, pairs: Sequence[tuple[str, str]]) -> None:
         self.clients = [client for client, _ in pairs]
         self.slots = {client: slot for slot, client in enumerate(self.clients)}
         self._tokens = dict(pairs)
         if len(self._tokens) != len(pairs):
             raise EdgefedError("token file: a client id appears twice")
-        # Looked up by the token's sha256: one dict probe per call however many clients, and what is
-        # compared is a digest, which says nothing about how close a guessed token came.
         self._owners = {token_key(token): client for client, token in pairs}
         if len(self._owners) != len(pairs):
             raise EdgefedError("token file: two clients share a token")
@@ -73,17 +87,8 @@ class TokenBook:
     def token_for(self, client: str) -> str:
         return self._tokens[client]
 
-    def client_of(self, token: str) -> str | None:
-        """The client a token belongs to, or None."""
-        return self._owners.get(token_key(token))
 
-    def caller(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
-        """The client whose token a call carries, or None."""
-        token = bearer_token(metadata)
-        return None if token is None else self.client_of(token)
-
-
-class SessionTokens:
+class SessionTokens(TokenOwners):
     """Tokens a server without a token file issues, one per client at its first Join. Only their
     sha256 is kept (`digests`, which a checkpoint holds, so clients carry on after a restart)."""
 
@@ -94,22 +99,15 @@ class SessionTokens:
         self._lock = threading.Lock()
 
     def issue(self, client: str) -> str:
-        """A new client's token (once per client id)."""
+        """A new client's token (the caller makes sure it has none)."""
         token = secrets.token_urlsafe(24)
         with self._lock:
-            if client in self._clients:
-                raise ValueError(f"{client} holds a session token already")
             self._owners[token_key(token)] = client
             self._clients.add(client)
         return token
 
     def has(self, client: str) -> bool:
         return client in self._clients
-
-    def caller(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
-        """The client whose token a call carries, or None."""
-        token = bearer_token(metadata)
-        return None if token is None else self._owners.get(token_key(token))
 
     def digests(self) -> dict[str, str]:
         with self._lock:
@@ -135,7 +133,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Refuses, before any handler runs, every call of every service without a known token, but for
     the `open` methods (a session server's Join, which hands out the tokens)."""
 
-    def __init__(self, tokens: TokenBook | SessionTokens, open_methods: Collection[str] = ()) -> None:
+    def __init__(self, tokens: TokenOwners, open_methods: Collection[str] = ()) -> None:
         self.tokens, self.open_methods = tokens, frozenset(open_methods)
 
     def intercept_service(self, continuation, handler_call_details):

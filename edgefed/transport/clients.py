@@ -14,7 +14,7 @@ import grpc
 from edgefed.devices.fleet import FleetPlans
 from edgefed.devices.planner import Plan
 from edgefed.errors import EdgefedError
-from edgefed.transport.auth import SessionTokens, TokenBook
+from edgefed.transport.auth import SessionTokens, TokenBook, TokenOwners
 from edgefed.transport.base import Roster
 from edgefed.wire.text import printable
 
@@ -64,7 +64,7 @@ class ClientBook:
     # -- who calls -------------------------------------------------------------------------------
 
     @property
-    def book(self) -> TokenBook | SessionTokens:
+    def book(self) -> TokenOwners:
         """The tokens calls are checked against: the token file's, or those issued at Join."""
         return self.tokens if self.tokens is not None else self.sessions
 
@@ -78,16 +78,17 @@ class ClientBook:
         return self.tokens.slots[owner] if self.tokens is not None else self.slots[owner]
 
     def check_joining(self, client_id: str, metadata: Sequence[tuple[str, str]]) -> None:
-        """A Join: with a token file, the client's own token; else a client id nobody holds yet, or
-        its own session token (a rejoin)."""
-        if self.sessions is not None and self.sessions.has(client_id) and self.owner(metadata) is None:
+        """A Join: with a token file, the client's own token; without, nothing for a client id nobody
+        holds yet (its Join gives it its token), else that client's session token (a rejoin)."""
+        if self.sessions is not None and not self.sessions.has(client_id):
+            return
+        if self.sessions is not None and self.owner(metadata) is None:
             raise Refusal(
                 Code.UNAUTHENTICATED,
                 f"'{printable(client_id)}' has joined this run already, and only its session token may "
                 "rejoin it (a device that restarts keeps its identity with the server's --tokens)",
             )
-        if self.sessions is None or self.sessions.has(client_id):
-            self.check_token(client_id, metadata)
+        self.check_token(client_id, metadata)
 
     def check_token(self, client_id: str, metadata: Sequence[tuple[str, str]]) -> None:
         owner = self.book.caller(metadata)

@@ -2,7 +2,7 @@
 
 Clients poll `Heartbeat` (also from a background thread while they train). When a round opens for
 them they `FetchGlobal`, train, and `PushUpdate`; a device whose runtime needs files of its own
-fetches them once (`FetchRuntime`; they are made in a thread of their own, never in a server worker).
+fetches them once (`FetchRuntime`; they are made in a child process, never in a server worker).
 Every pushed stream is reassembled and checked (edgefed/wire) before it can touch the round; a bad
 one is refused with a status and a message for the sender, and the server carries on. Who the
 clients are lives in the roster (clients.py), what the round waits for in the round book
@@ -100,10 +100,12 @@ def run_description(setup: RunSetup, run_id: str, run_dir: Path) -> RunDescripti
     for name in RUNTIMES.device_names():
         runtime = RUNTIMES.create(name)
         refusal = runtime.refusal(setup.config, setup.method.task)
-        recipe = FilesRecipe(
-            setup.config, setup.num_labels, setup.spec.head_modules, setup.setup, name, run_dir / name
-        )
-        files = functools.partial(make_files, recipe) if runtime.fetches_files else None
+        files = None
+        if runtime.fetches_files:
+            recipe = FilesRecipe(
+                setup.config, setup.num_labels, setup.spec.head_modules, setup.setup, name, run_dir / name
+            )
+            files = functools.partial(make_files, recipe)
         offers[name] = RuntimeOffer(refusal=refusal) if refusal else RuntimeOffer(files)
     return RunDescription(
         run_id,
