@@ -38,6 +38,8 @@ def replace_dir(staging: Path, final: Path) -> None:
                 os.fsync(handle.fileno())
     old = final.with_name(f"{final.name}.old")
     if final.exists():
+        # A `final.old` beside a whole `final` is what a kill after the swap left: superseded.
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(staging, final)
     shutil.rmtree(old, ignore_errors=True)
