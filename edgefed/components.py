@@ -26,6 +26,7 @@ from edgefed.data import parse_partition
 from edgefed.devices.fleet import check_fleet_settings
 from edgefed.errors import EdgefedError
 from edgefed.methods import METHODS, Method
+from edgefed.models import is_causal_lm
 from edgefed.runtimes import check_runtimes
 from edgefed.tasks import TASKS, DataSettings, Task
 from edgefed.types import AdapterSpec
@@ -110,9 +111,24 @@ def aggregator_of(config: RunConfig) -> Aggregator:
     return AGGREGATORS.create(config.aggregator, config.aggregator_settings)
 
 
+# What a method's task becomes on a decoder LM: fine-tuning answers prompts.
+DECODER_TASKS = {"classification": "instruction"}
+
+
 def task_of(config: RunConfig) -> Task:
-    """What the run trains for: the method's task, or few-shot multi-task with `tasks`."""
-    return TASKS.create("multitask" if config.tasks else method_of(config).task)
+    """What the run trains for: the method's task (on a decoder LM, its decoder form), or few-shot
+    multi-task with `tasks`."""
+    if config.tasks:
+        return TASKS.create("multitask")
+    method = method_of(config)
+    task = method.task
+    if is_causal_lm(config.model):
+        if task not in DECODER_TASKS or not method.trains_decoders:
+            raise EdgefedError(
+                f"{config.method} ({task}) does not train decoder LMs yet; use lora, federa, fft or bitfit"
+            )
+        return TASKS.create(DECODER_TASKS[task])
+    return TASKS.create(task)
 
 
 def data_settings(config: RunConfig) -> DataSettings:
@@ -129,6 +145,7 @@ def data_settings(config: RunConfig) -> DataSettings:
         config.shots,
         config.holdout_shots,
         config.unlabeled_pool,
+        config.prompt_template,
     )
 
 
@@ -136,4 +153,5 @@ def adapter_spec(config: RunConfig, method: Method, new_modules: tuple[str, ...]
     """What shapes the run's adapted model, whose checkpoint lacked `new_modules`: they train as its
     head (none new: its family's own head), and peft calls it as its family says."""
     family = task_of(config).model_family
-    return method.adapter_spec(tuple(new_modules) or family.head_modules, family.peft_task_type)
+    spec = method.adapter_spec(tuple(new_modules) or family.head_modules, family.peft_task_type)
+    return spec if spec.target_modules else dataclasses.replace(spec, target_modules=family.target_modules)

@@ -96,6 +96,11 @@ class RunConfig:
     max_grad_norm: float = option(1.0, "clip each local gradient's L2 norm to this; 0: no clipping")
     batch_size: int = option(16, "local batch size")
     max_seq_len: int = option(64, "tokens per example after truncation")
+    prompt_template: str = option(
+        "{text}\n\nWhich one of these fits the text above: {labels}? Answer with one of them.",
+        "decoder LMs: how a labelled text is posed as a prompt ({text}, and {labels}: the names from "
+        "labels.txt); its answer is the label's name",
+    )
     train_limit: int | None = option(None, "use only the first N training examples")
     eval_limit: int | None = option(None, "evaluate on the first N evaluation examples")
     target_accuracy: float | None = option(

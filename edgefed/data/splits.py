@@ -29,9 +29,9 @@ def load_splits(data: str | None, seed: int, unlabeled: bool = False) -> tuple[L
         eval_path = find_split(path, EVAL_SPLIT_NAMES, required=False, suffixes=suffixes)
         if eval_path is not None:
             return train, read(eval_path)
-        return _hold_out(train, seed)
+        return hold_out(train, seed)
     if path.is_file():
-        return _hold_out(read(path), seed)
+        return hold_out(read(path), seed)
     raise EdgefedError(f"{path}: no such data file or folder")
 
 
@@ -53,7 +53,7 @@ def find_split(
     return None
 
 
-def _hold_out(data: LabeledTexts, seed: int) -> tuple[LabeledTexts, LabeledTexts]:
+def hold_out(data: LabeledTexts, seed: int) -> tuple[LabeledTexts, LabeledTexts]:
     if len(data) < 10:
         raise EdgefedError(f"{data.source}: {len(data)} examples are too few to hold out an evaluation split")
     order = np.random.default_rng(seed).permutation(len(data)).tolist()

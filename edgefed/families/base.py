@@ -38,6 +38,8 @@ class ModelFamily(Configurable, ABC):
     # What trains as the head when the checkpoint lacked no module (a fine-tuned classifier's own).
     head_modules: ClassVar[tuple[str, ...]] = ()
     metrics: ClassVar[CurveMetrics] = CurveMetrics("accuracy", "eval loss")
+    # What LoRA and FeDeRA adapt where the run names no target modules (peft matches name suffixes).
+    target_modules: ClassVar[tuple[str, ...]] = ("query", "value")
 
     @abstractmethod
     def load(self, model_path: str, num_labels: int) -> tuple[nn.Module, list[str]]:

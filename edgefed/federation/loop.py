@@ -189,6 +189,8 @@ class FederatedServer:
             sim_slowest_client=simulated.slowest if simulated else None,
             exit_accuracy=evaluation.exit_accuracy,
             mlm_loss=evaluation.mlm_loss,
+            generated_accuracy=evaluation.generated_accuracy,
+            perplexity=evaluation.perplexity,
             split_bytes_up=split_up,
             split_bytes_down=split_down,
             task_accuracy=evaluation.task_accuracy,

@@ -60,6 +60,8 @@ class Method(Configurable, ABC):
     # Whether it can train a multi-task label-scoring model (edgefed/tasks/multitask.py): it adapts the
     # encoder and needs no head of its own.
     multitask: ClassVar[bool] = False
+    # Whether it trains a decoder language model (edgefed/tasks/instruction.py).
+    trains_decoders: ClassVar[bool] = False
 
     def check(self, config: RunConfig) -> None:
         """Refuse, in one line, a run configuration this method cannot train (its own settings check
@@ -162,6 +164,4 @@ class FullWeightsMethod(Method):
         model.save_pretrained(out_dir)
 
     def load(self, out_dir: Path, base: nn.Module, spec: AdapterSpec) -> nn.Module:
-        from transformers import AutoModelForSequenceClassification
-
-        return AutoModelForSequenceClassification.from_pretrained(out_dir, local_files_only=True)
+        return type(base).from_pretrained(out_dir, local_files_only=True)  # the run's model class

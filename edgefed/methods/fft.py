@@ -7,6 +7,7 @@ from edgefed.methods.base import METHODS, AdapterSpec, FullWeightsMethod
 class FullFineTuning(FullWeightsMethod):
     name = "fft"
     default_lr = 5e-5
+    trains_decoders = True
 
     def is_trainable(self, name: str, spec: AdapterSpec) -> bool:
         return True

@@ -21,6 +21,7 @@ class LoRA(Method):
     name = "lora"
     default_lr = 3e-3
     multitask = True
+    trains_decoders = True
     settings_type = LowRankSettings
 
     def accelerate(self, model: nn.Module) -> None:

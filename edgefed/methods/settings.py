@@ -26,8 +26,9 @@ class LowRankSettings(Settings):
     rank: int = option(AdapterSpec.rank, "LoRA/FeDeRA rank; adapters' bottleneck width")
     alpha: float = option(AdapterSpec.alpha, "LoRA/FeDeRA alpha; scale = alpha / rank")
     target_modules: tuple[str, ...] = option(
-        AdapterSpec.target_modules,
-        "comma-separated module names that LoRA/FeDeRA adapt",
+        (),
+        "comma-separated module names that LoRA/FeDeRA adapt (default: the model's kind's: query,value "
+        "on an encoder; q/k/v/o, gate, up and down projections on a decoder)",
         example="query,value",
     )
     fused_kernels: bool = option(
@@ -37,8 +38,8 @@ class LowRankSettings(Settings):
     def check(self) -> None:
         check_positive(rank=self.rank, alpha=self.alpha)
         check_at_most(MAX_COUNT, rank=self.rank)
-        if not self.target_modules:
-            raise EdgefedError("target-modules: name at least one module to adapt (e.g. query,value)")
+        if any(not name.strip() for name in self.target_modules):
+            raise EdgefedError("target-modules: an empty module name (e.g. query,value)")
 
 
 @dataclass(frozen=True)

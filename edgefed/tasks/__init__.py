@@ -2,6 +2,7 @@
 
 from edgefed.tasks.base import TASKS, DataSettings, Task
 from edgefed.tasks.classification import SequenceClassification
+from edgefed.tasks.instruction import InstructionTuning
 from edgefed.tasks.masked_lm import MaskedLanguageModeling
 from edgefed.tasks.multitask import FewShotMultiTask
 
@@ -9,6 +10,7 @@ __all__ = [
     "TASKS",
     "DataSettings",
     "FewShotMultiTask",
+    "InstructionTuning",
     "MaskedLanguageModeling",
     "SequenceClassification",
     "Task",

@@ -46,6 +46,7 @@ class DataSettings:
     shots: int = 16
     holdout_shots: int = 4
     unlabeled_pool: int = 256
+    prompt_template: str = "{text}"
 
 
 class Task(Configurable, ABC):
