@@ -20,7 +20,7 @@ import pytest
 
 from edgefed.models import load_tokenizer, resolve_model_path
 from tests.federation_harness import serve_federation
-from tests.tiny import tiny_bert_config
+from tests.tiny import tiny_bert_config, tiny_llama
 
 # What the tests read ships with the repository (tests/data/README.md says where each row comes from).
 TEST_DATA = Path(__file__).resolve().parent / "data"
@@ -69,6 +69,12 @@ def tiny_model_dir(tmp_path_factory, minilm_path) -> Path:
     BertModel(config).save_pretrained(folder)
     load_tokenizer(minilm_path).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, minilm_path) -> Path:
+    """A 2-layer, 32-wide random Llama with MiniLM's tokenizer and a chat template (tests/tiny.py)."""
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"), load_tokenizer(minilm_path), chat=True)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from edgefed.components import resolve_config, task_of
 from edgefed.data.files import LabeledTexts
@@ -25,33 +25,7 @@ from edgefed.errors import EdgefedError
 from edgefed.families.causal_lm import CausalLanguageModel
 from edgefed.federation.runner import run
 from edgefed.models import is_causal_lm, load_tokenizer
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} [SEP] {% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
-)
-
-
-def tiny_llama(folder: Path, tokenizer, chat: bool) -> Path:
-    """A 2-layer, 32-wide random Llama with MiniLM's tokenizer (its [SEP] ends an answer)."""
-    torch.manual_seed(1234)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.chat_template = CHAT_TEMPLATE if chat else None
-    tokenizer.save_pretrained(folder)
-    return folder
+from tests.tiny import tiny_llama
 
 
 @pytest.fixture(scope="module", params=["chat", "plain"])
