@@ -43,7 +43,7 @@ CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 def resolve_model_path(name_or_path: str) -> str:
     """A local folder, a packaged model's folder, or a hub name already in the local cache; a GGUF
     file (or a packaged one, by name) is converted once into a cached folder (`converted_gguf`)."""
-    if name_or_path in PACKAGED_GGUF or name_or_path.lower().endswith(".gguf"):
+    if names_gguf(name_or_path):
         return str(converted_gguf(gguf_file(name_or_path)))
     if Path(name_or_path).is_dir():
         if not (Path(name_or_path) / "config.json").is_file():
@@ -72,7 +72,7 @@ def resolve_model_path(name_or_path: str) -> str:
 def is_causal_lm(name_or_path: str) -> bool:
     """Whether `--model` names a decoder language model (a GGUF file, or a folder whose config names a
     causal-LM architecture), read from its config alone: cheap enough to choose a run's task."""
-    if name_or_path in PACKAGED_GGUF or name_or_path.lower().endswith(".gguf"):
+    if names_gguf(name_or_path):
         return True
     try:
         text = (Path(name_or_path) / "config.json").read_text(encoding="utf-8")
@@ -80,6 +80,11 @@ def is_causal_lm(name_or_path: str) -> bool:
     except (OSError, ValueError, AttributeError):
         return False  # a packaged encoder, a hub name, or no model: loading it says what is wrong
     return any(str(name).endswith(CAUSAL_LM_SUFFIXES) for name in architectures)
+
+
+def names_gguf(name_or_path: str) -> bool:
+    """Whether `--model` names a GGUF file: a packaged one by name, or a path."""
+    return name_or_path in PACKAGED_GGUF or name_or_path.lower().endswith(".gguf")
 
 
 def gguf_file(name_or_path: str) -> Path:

@@ -45,15 +45,16 @@ class CausalLanguageModel(ModelFamily):
     def evaluate(self, model: nn.Module, examples: PromptExamples, device: torch.device) -> Evaluation:
         model.eval()
         loss = answer_loss(model, examples, device)
+        perplexity = math.exp(min(loss, 700.0))  # exp overflows past ~709
         if not examples.label_names:
-            return Evaluation(0.0, loss, perplexity=math.exp(min(loss, 700.0)))
+            return Evaluation(0.0, loss, perplexity=perplexity)
         scored = likelihood_choices(model, examples, device)
         generated = generated_choices(model, examples, device)
         return Evaluation(
             share_right(scored, examples.labels),
             loss,
             generated_accuracy=share_right(generated, examples.labels),
-            perplexity=math.exp(min(loss, 700.0)),
+            perplexity=perplexity,
         )
 
 

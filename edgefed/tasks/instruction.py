@@ -34,8 +34,6 @@ class InstructionTuning(Task):
     def check(self, config: RunConfig) -> None:
         super().check(config)
         check_template(config.prompt_template)
-        if config.tasks:
-            raise EdgefedError("--tasks scores labels with a sentence encoder; a decoder LM answers prompts")
         if config.profiles:
             raise EdgefedError("--profiles plans encoder fine-tuning; a decoder LM's plans are not there yet")
         if set(config.client_runtime) != {"torch"}:
@@ -45,10 +43,9 @@ class InstructionTuning(Task):
 
     def load_data(self, settings: DataSettings) -> tuple[PromptAnswers, PromptAnswers]:
         path = SAMPLE_DIR if settings.data is None else Path(settings.data)
-        train, evaluation = (
-            instruction_splits(path, settings.seed) if holds_instructions(path) else (None, None)
-        )
-        if train is None:
+        if holds_instructions(path):
+            train, evaluation = instruction_splits(path, settings.seed)
+        else:
             labeled_train, labeled_eval = load_splits(str(path), settings.seed)
             names = label_names_for(str(path))
             train = posed(labeled_train, names, settings.prompt_template)
